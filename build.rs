@@ -1,0 +1,137 @@
+//! Compiles every `cuda/*.cu` to PTX with nvcc when one is found, otherwise embeds the
+//! committed `ptx/*.ptx`. Writes only into OUT_DIR. An nvcc that is found but fails is a
+//! hard error with nvcc's own output: a silent fallback would ship PTX that no longer
+//! matches the sources.
+//!
+//! nvcc is looked for, in order: $HYBRID_KERNELS_NVCC, `nvcc` on $PATH,
+//! $CUDA_HOME/bin/nvcc, $CUDA_PATH/bin/nvcc. HYBRID_KERNELS_USE_COMMITTED_PTX=1 (and
+//! docs.rs, which sets DOCS_RS) skip the search. The flags live in cuda/nvcc-flags.txt,
+//! shared with scripts/ptx.sh, which regenerates and checks the committed PTX.
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{exit, Command};
+
+const ENV_VARS: &[&str] =
+    &["HYBRID_KERNELS_NVCC", "HYBRID_KERNELS_USE_COMMITTED_PTX", "DOCS_RS", "PATH", "CUDA_HOME", "CUDA_PATH"];
+
+fn main() {
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let cuda_dir = manifest.join("cuda");
+    let ptx_dir = manifest.join("ptx");
+    println!("cargo:rerun-if-changed=cuda");
+    println!("cargo:rerun-if-changed=ptx");
+    for var in ENV_VARS {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+
+    let sources = cuda_sources(&cuda_dir);
+    let origin = match find_nvcc() {
+        Some(nvcc) => {
+            let flags = read_flags(&cuda_dir.join("nvcc-flags.txt"));
+            for src in &sources {
+                compile(&nvcc, &flags, src, &out_dir.join(ptx_name(src)));
+            }
+            format!("nvcc {} ({})", nvcc_release(&nvcc), nvcc.display())
+        }
+        None => {
+            for src in &sources {
+                let committed = ptx_dir.join(ptx_name(src));
+                if let Err(e) = fs::copy(&committed, out_dir.join(ptx_name(src))) {
+                    fail(&format!(
+                        "no nvcc found and the committed {} cannot be read ({e}); regenerate it with \
+                         scripts/ptx.sh regen, or point HYBRID_KERNELS_NVCC at an nvcc",
+                        committed.display()
+                    ));
+                }
+            }
+            "committed ptx/".to_string()
+        }
+    };
+    println!("cargo:rustc-env=HYBRID_KERNELS_PTX_ORIGIN={origin}");
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("error: {msg}");
+    exit(1);
+}
+
+fn cuda_sources(dir: &Path) -> Vec<PathBuf> {
+    let entries = fs::read_dir(dir).unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", dir.display())));
+    let mut v: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn ptx_name(src: &Path) -> String {
+    format!("{}.ptx", src.file_stem().expect("a .cu file has a stem").to_string_lossy())
+}
+
+fn env_flag(name: &str) -> bool {
+    env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+fn find_nvcc() -> Option<PathBuf> {
+    if env_flag("HYBRID_KERNELS_USE_COMMITTED_PTX") || env::var_os("DOCS_RS").is_some() {
+        return None;
+    }
+    if let Some(p) = env::var_os("HYBRID_KERNELS_NVCC") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            fail(&format!("HYBRID_KERNELS_NVCC={} is not a file", p.display()));
+        }
+        return Some(p);
+    }
+    if let Some(path) = env::var_os("PATH") {
+        if let Some(p) = env::split_paths(&path).map(|d| d.join("nvcc")).find(|p| p.is_file()) {
+            return Some(p);
+        }
+    }
+    ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(|v| env::var_os(v))
+        .map(|root| PathBuf::from(root).join("bin").join("nvcc"))
+        .find(|p| p.is_file())
+}
+
+fn read_flags(path: &Path) -> Vec<String> {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", path.display())));
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+fn compile(nvcc: &Path, flags: &[String], src: &Path, out: &Path) {
+    let output = Command::new(nvcc)
+        .args(flags)
+        .arg(src)
+        .arg("-o")
+        .arg(out)
+        .output()
+        .unwrap_or_else(|e| fail(&format!("cannot run {}: {e}", nvcc.display())));
+    if !output.status.success() {
+        fail(&format!(
+            "nvcc failed on {} ({}):\n{}{}",
+            src.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+}
+
+fn nvcc_release(nvcc: &Path) -> String {
+    let out = Command::new(nvcc).arg("--version").output().ok();
+    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.split(", V").nth(1))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| "unknown version".into())
+}

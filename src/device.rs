@@ -1,0 +1,256 @@
+//! Where tensors live and kernels run: the CPU (the f64 reference implementations) or
+//! one CUDA device, which owns its context, one stream and the kernel modules it has
+//! loaded (lazily, once each).
+
+use crate::error::{Error, Result};
+use crate::kernels::KernelModule;
+use cudarc::driver::sys::{self, CUresult};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use cudarc::nvrtc::Ptx;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// A place for tensors and computation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// The CPU: every op runs its f64-accumulating reference implementation.
+    Cpu,
+    Cuda(CudaDevice),
+}
+
+impl Device {
+    /// Opens CUDA device `ordinal`. Fails with a typed error, never a panic, when the
+    /// driver library is missing, the ordinal does not exist or the driver fails.
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        CudaDevice::new(ordinal).map(Device::Cuda)
+    }
+
+    /// CUDA device 0 when one can be opened, else the CPU together with the reason.
+    pub fn cuda_or_cpu() -> (Device, Option<Error>) {
+        match Device::cuda(0) {
+            Ok(d) => (d, None),
+            Err(e) => (Device::Cpu, Some(e)),
+        }
+    }
+
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, Device::Cuda(_))
+    }
+
+    pub fn as_cuda(&self) -> Option<&CudaDevice> {
+        match self {
+            Device::Cuda(d) => Some(d),
+            Device::Cpu => None,
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(d) => write!(f, "cuda:{}", d.ordinal()),
+        }
+    }
+}
+
+/// True when the CUDA driver library can be loaded. Cheap after the first call.
+pub fn driver_available() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: only dlopen()s candidate library names; calls no CUDA function.
+    *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() })
+}
+
+/// Initialises the driver once; every driver call in the crate goes through here first.
+fn init_driver() -> Result<()> {
+    if !driver_available() {
+        return Err(Error::DriverNotFound);
+    }
+    static INIT: OnceLock<std::result::Result<(), DriverError>> = OnceLock::new();
+    INIT.get_or_init(cudarc::driver::result::init)
+        .clone()
+        .map_err(|e| Error::driver("cuInit", e))
+}
+
+/// Number of CUDA devices (0 when the driver reports none).
+pub fn cuda_device_count() -> Result<usize> {
+    init_driver()?;
+    match CudaContext::device_count() {
+        Ok(n) => Ok(n.max(0) as usize),
+        Err(e) if e.0 == CUresult::CUDA_ERROR_NO_DEVICE => Ok(0),
+        Err(e) => Err(Error::driver("cuDeviceGetCount", e)),
+    }
+}
+
+/// The CUDA version the installed driver supports, as `major.minor` (e.g. "13.0").
+pub fn driver_version() -> Result<String> {
+    init_driver()?;
+    let mut v: std::ffi::c_int = 0;
+    // SAFETY: the driver library is loaded and initialised (init_driver); `v` is a
+    // valid out-pointer for the duration of the call.
+    unsafe { sys::cuDriverGetVersion(&mut v) }
+        .result()
+        .map_err(|e| Error::driver("cuDriverGetVersion", e))?;
+    Ok(format!("{}.{}", v / 1000, (v % 1000) / 10))
+}
+
+/// An open CUDA device: context, one stream, and the modules loaded on it so far.
+/// Cloning shares all of it.
+#[derive(Clone)]
+pub struct CudaDevice(Arc<CudaDeviceInner>);
+
+struct CudaDeviceInner {
+    ordinal: usize,
+    name: String,
+    compute_capability: (i32, i32),
+    multiprocessors: u32,
+    stream: Arc<CudaStream>,
+    modules: Mutex<HashMap<KernelModule, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<(KernelModule, &'static str), CudaFunction>>,
+}
+
+impl PartialEq for CudaDevice {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+impl Eq for CudaDevice {}
+
+impl fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (ma, mi) = self.0.compute_capability;
+        write!(f, "CudaDevice({}: {}, sm_{ma}{mi})", self.0.ordinal, self.0.name)
+    }
+}
+
+impl CudaDevice {
+    pub fn new(ordinal: usize) -> Result<CudaDevice> {
+        let count = cuda_device_count()?;
+        if ordinal >= count {
+            return Err(Error::NoDevice { ordinal, count });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| Error::driver("creating the CUDA context", e))?;
+        let attr = |a: sys::CUdevice_attribute| ctx.attribute(a).map_err(|e| Error::driver("cuDeviceGetAttribute", e));
+        use sys::CUdevice_attribute::*;
+        let compute_capability = (
+            attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        );
+        let multiprocessors = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as u32;
+        let name = ctx.name().map_err(|e| Error::driver("cuDeviceGetName", e))?;
+        let stream = ctx.new_stream().map_err(|e| Error::driver("creating a stream", e))?;
+        Ok(CudaDevice(Arc::new(CudaDeviceInner {
+            ordinal,
+            name,
+            compute_capability,
+            multiprocessors,
+            stream,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        })))
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.0.ordinal
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.0.compute_capability
+    }
+
+    pub fn multiprocessors(&self) -> u32 {
+        self.0.multiprocessors
+    }
+
+    /// The stream every operation on this device is queued on, in order.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.0.stream
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.0.stream.context().mem_get_info().map_err(|e| Error::driver("cuMemGetInfo", e))
+    }
+
+    /// Waits for all work queued on the device's stream.
+    pub fn synchronize(&self) -> Result<()> {
+        self.0.stream.synchronize().map_err(|e| self.map_err("synchronizing the stream", e))
+    }
+
+    /// Loads (once) and returns kernel `name` of `module`, checking the compute
+    /// capability first and explaining a PTX that the driver is too old for.
+    pub fn function(&self, module: KernelModule, name: &'static str) -> Result<CudaFunction> {
+        let key = (module, name);
+        if let Some(f) = lock(&self.0.functions).get(&key) {
+            return Ok(f.clone());
+        }
+        let m = self.module(module)?;
+        let f = m.load_function(name).map_err(|e| Error::driver("cuModuleGetFunction", e))?;
+        lock(&self.0.functions).insert(key, f.clone());
+        Ok(f)
+    }
+
+    /// Loads every embedded module, so that problems show up front (used by `info`).
+    pub fn load_all_modules(&self) -> Result<()> {
+        KernelModule::ALL.iter().try_for_each(|m| self.module(*m).map(drop))
+    }
+
+    fn module(&self, module: KernelModule) -> Result<Arc<CudaModule>> {
+        let mut modules = lock(&self.0.modules);
+        if let Some(m) = modules.get(&module) {
+            return Ok(m.clone());
+        }
+        let required = module.min_compute_capability();
+        if self.0.compute_capability < required {
+            return Err(Error::UnsupportedComputeCapability {
+                module: module.name(),
+                ordinal: self.0.ordinal,
+                required,
+                found: self.0.compute_capability,
+            });
+        }
+        let loaded = self.0.stream.context().load_module(Ptx::from_src(module.ptx())).map_err(|e| {
+            if e.0 == CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION {
+                Error::PtxTooNew {
+                    module: module.name(),
+                    ptx_isa: module.ptx_isa().to_string(),
+                    driver_version: driver_version().unwrap_or_else(|_| "unknown".into()),
+                }
+            } else {
+                self.map_err("loading a kernel module", e)
+            }
+        })?;
+        modules.insert(module, loaded.clone());
+        Ok(loaded)
+    }
+
+    /// Maps a driver error to the crate's error, naming out-of-memory as such.
+    pub(crate) fn map_err(&self, context: &'static str, e: DriverError) -> Error {
+        self.map_err_bytes(context, e, 0)
+    }
+
+    pub(crate) fn map_err_bytes(&self, context: &'static str, e: DriverError, requested_bytes: usize) -> Error {
+        if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            let info = self.memory_info().ok();
+            Error::OutOfMemory {
+                ordinal: self.0.ordinal,
+                requested_bytes,
+                free_bytes: info.map(|i| i.0),
+                total_bytes: info.map(|i| i.1),
+            }
+        } else {
+            Error::driver(context, e)
+        }
+    }
+}
+
+/// A poisoned lock only means another thread panicked while holding a cache map;
+/// the map itself is still consistent (inserts are single operations).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,85 @@
+//! The kernel modules embedded in the library: one per `cuda/<op>.cu`, compiled to PTX by
+//! build.rs (or taken from the committed `ptx/`), loaded lazily per device and cached.
+
+/// How the embedded PTX was produced: `nvcc <version> (<path>)` or `committed ptx/`.
+pub const PTX_ORIGIN: &str = env!("HYBRID_KERNELS_PTX_ORIGIN");
+
+/// A typed id for each kernel module; [`crate::device::CudaDevice`] loads each once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelModule {
+    Bspline,
+}
+
+impl KernelModule {
+    pub const ALL: &'static [KernelModule] = &[KernelModule::Bspline];
+
+    /// The source stem: `cuda/<name>.cu`, `ptx/<name>.ptx`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelModule::Bspline => "bspline",
+        }
+    }
+
+    pub fn ptx(self) -> &'static str {
+        match self {
+            KernelModule::Bspline => include_str!(concat!(env!("OUT_DIR"), "/bspline.ptx")),
+        }
+    }
+
+    /// Oldest compute capability the module's PTX target runs on (`.target sm_80`).
+    pub fn min_compute_capability(self) -> (i32, i32) {
+        let target = self.ptx_directive(".target").unwrap_or("sm_80");
+        parse_sm(target).unwrap_or((8, 0))
+    }
+
+    /// The PTX ISA version (`.version 9.0`), which decides the oldest driver that loads it.
+    pub fn ptx_isa(self) -> &'static str {
+        self.ptx_directive(".version").unwrap_or("unknown")
+    }
+
+    fn ptx_directive(self, directive: &str) -> Option<&'static str> {
+        self.ptx()
+            .lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(directive))
+            .map(|rest| rest.split([',', ' ']).find(|s| !s.is_empty()).unwrap_or(""))
+    }
+}
+
+/// `sm_80` / `sm_90a` → (8, 0) / (9, 0).
+fn parse_sm(target: &str) -> Option<(i32, i32)> {
+    let digits: String = target.strip_prefix("sm_")?.chars().take_while(char::is_ascii_digit).collect();
+    let n: i32 = digits.parse().ok()?;
+    Some((n / 10, n % 10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_cuda_source_has_a_module_id() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda");
+        let mut stems: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| {
+                let p = e.unwrap().path();
+                (p.extension()? == "cu").then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
+            })
+            .collect();
+        stems.sort();
+        let mut ids: Vec<String> = KernelModule::ALL.iter().map(|m| m.name().to_string()).collect();
+        ids.sort();
+        assert_eq!(stems, ids);
+    }
+
+    #[test]
+    fn embedded_ptx_targets_ampere_and_names_its_isa() {
+        for m in KernelModule::ALL {
+            assert_eq!(m.min_compute_capability(), (8, 0), "{m:?}");
+            let isa = m.ptx_isa();
+            assert!(isa.split('.').all(|p| p.parse::<u32>().is_ok()), "{m:?}: {isa}");
+        }
+        assert_eq!(parse_sm("sm_90a"), Some((9, 0)));
+    }
+}

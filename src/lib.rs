@@ -1,0 +1,38 @@
+//! # hybrid-kernels
+//!
+//! Hand-written CUDA kernels for the layers that hybrid sequence models mix, wrapped in a
+//! safe API and checked against f64 CPU references:
+//!
+//! - [`ops::bspline`]: B-spline basis evaluation and its derivative for KAN layers
+//!   (efficient-kan semantics).
+//!
+//! Kernels are compiled to PTX at build time (or taken from the committed `ptx/` when no
+//! nvcc is found) and embedded; they are loaded lazily, per device. Every op also runs
+//! on [`Device::Cpu`], through its reference implementation.
+//!
+//! ```
+//! use hybrid_kernels::{ops::bspline, DType, Device, Tensor};
+//! # fn main() -> hybrid_kernels::Result<()> {
+//! let device = Device::Cpu; // or Device::cuda(0)?
+//! let grid = bspline::KnotGrid::uniform(4, 5, 3, (-1.0, 1.0), &device)?;
+//! let x = Tensor::from_f32(&[0.1, -0.5, 0.9, 0.0, 0.3, 0.2, -0.7, 0.4], &[2, 4], DType::F32, &device)?;
+//! let bases = bspline::bspline_basis(&x, &grid)?;
+//! assert_eq!(bases.shape(), &[2, 4, 8]); // (batch, in, G + k)
+//! # Ok(())
+//! # }
+//! ```
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod bench;
+pub mod check;
+pub mod device;
+pub mod dtype;
+pub mod error;
+pub mod kernels;
+pub mod ops;
+pub mod tensor;
+
+pub use device::{CudaDevice, Device};
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};
+pub use tensor::{load_safetensors, save_safetensors, Tensor};

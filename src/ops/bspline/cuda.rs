@@ -1,0 +1,132 @@
+//! Launches of `cuda/bspline.cu`. All validation happened in `super`; this file only
+//! splits the work into launches of fewer than 2^32 elements and launches them.
+
+use super::{BasisDims, BasisKind, KnotGrid};
+use crate::device::CudaDevice;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::kernels::KernelModule;
+use crate::tensor::{CudaData, Storage, Tensor};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+
+/// Mirrors `struct BsplineParams` in cuda/bspline.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct BsplineParams {
+    n_elements: u32,
+    in_features: u32,
+    n_knots: u32,
+    order: u32,
+}
+
+// SAFETY: four u32 fields, repr(C), no padding: the same bytes as the C struct.
+unsafe impl DeviceRepr for BsplineParams {}
+
+const BLOCK_THREADS: u32 = 256;
+/// Resident blocks per SM to aim for with the grid-stride loop (8 x 256 threads fills one SM).
+const BLOCKS_PER_SM: u32 = 8;
+
+fn kernel_name(kind: BasisKind, dtype: DType) -> &'static str {
+    match (kind, dtype) {
+        (BasisKind::Value, DType::F32) => "bspline_basis_f32",
+        (BasisKind::Value, DType::BF16) => "bspline_basis_bf16",
+        (BasisKind::Value, DType::F16) => "bspline_basis_f16",
+        (BasisKind::Derivative, DType::F32) => "bspline_basis_derivative_f32",
+        (BasisKind::Derivative, DType::BF16) => "bspline_basis_derivative_bf16",
+        (BasisKind::Derivative, DType::F16) => "bspline_basis_derivative_f16",
+    }
+}
+
+/// An output tensor whose every element the following launch writes.
+pub(super) fn alloc_output(dev: &CudaDevice, dtype: DType, shape: Vec<usize>) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let bytes = n
+        .checked_mul(dtype.size_in_bytes())
+        .ok_or_else(|| Error::invalid("output", "a size in bytes that fits in usize", format!("{n} elements of {dtype}")))?;
+    let s = dev.stream();
+    let map = |e| dev.map_err_bytes("allocating the output", e, bytes);
+    // SAFETY: the memory is uninitialised device memory, never read as a Rust value on
+    // the host: evaluate_into, called right after by the only caller, launches a kernel
+    // that writes all n elements before the tensor is handed out.
+    let data = unsafe {
+        match dtype {
+            DType::F32 => CudaData::F32(s.alloc::<f32>(n).map_err(map)?),
+            DType::BF16 => CudaData::BF16(s.alloc::<half::bf16>(n).map_err(map)?),
+            DType::F16 => CudaData::F16(s.alloc::<half::f16>(n).map_err(map)?),
+        }
+    };
+    Ok(Tensor::from_cuda(shape, dev.clone(), data))
+}
+
+pub(super) fn evaluate_into(kind: BasisKind, dev: &CudaDevice, x: &Tensor, grid: &KnotGrid, dims: BasisDims, out: &mut Tensor) -> Result<()> {
+    let not_on_device = |arg| Error::DeviceMismatch { arg, expected: format!("cuda:{}", dev.ordinal()), found: "cpu".into() };
+    let Storage::Cuda(_, xd) = x.storage() else { return Err(not_on_device("x")) };
+    let Storage::Cuda(_, CudaData::F32(knots)) = grid.knots().storage() else { return Err(not_on_device("grid")) };
+    let Storage::Cuda(_, od) = out.storage_mut() else { return Err(not_on_device("out")) };
+    if dims.rows == 0 {
+        return Ok(());
+    }
+    let func = dev.function(KernelModule::Bspline, kernel_name(kind, x.dtype()))?;
+
+    // Each launch covers whole batch rows and fewer than 2^32 outputs (32-bit indexing).
+    let outputs_per_batch_row = dims.in_features * dims.n_bases;
+    if outputs_per_batch_row > u32::MAX as usize {
+        return Err(Error::invalid(
+            "x",
+            format!("in_features * n_bases < 2^32 (one batch row per launch), with n_bases = {}", dims.n_bases),
+            format!("in_features = {}", dims.in_features),
+        ));
+    }
+    let batch_rows = dims.rows / dims.in_features;
+    let batch_rows_per_launch = u32::MAX as usize / outputs_per_batch_row;
+    for b0 in (0..batch_rows).step_by(batch_rows_per_launch) {
+        let b1 = (b0 + batch_rows_per_launch).min(batch_rows);
+        let (r0, r1) = (b0 * dims.in_features, b1 * dims.in_features);
+        let nb = dims.n_bases;
+        let n_elements = (r1 - r0) * nb;
+        let params = BsplineParams {
+            n_elements: n_elements as u32,
+            in_features: dims.in_features as u32,
+            n_knots: dims.n_knots as u32,
+            order: dims.order as u32,
+        };
+        let blocks = (n_elements.div_ceil(BLOCK_THREADS as usize) as u32).min(dev.multiprocessors() * BLOCKS_PER_SM * 4);
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK_THREADS, 1, 1), shared_mem_bytes: 0 };
+        match (xd, &mut *od) {
+            (CudaData::F32(xs), CudaData::F32(os)) => launch(dev, &func, xs.slice(r0..r1), knots, os.slice_mut(r0 * nb..r1 * nb), params, cfg)?,
+            (CudaData::BF16(xs), CudaData::BF16(os)) => launch(dev, &func, xs.slice(r0..r1), knots, os.slice_mut(r0 * nb..r1 * nb), params, cfg)?,
+            (CudaData::F16(xs), CudaData::F16(os)) => launch(dev, &func, xs.slice(r0..r1), knots, os.slice_mut(r0 * nb..r1 * nb), params, cfg)?,
+            _ => return Err(Error::DTypeMismatch { arg: "out", expected: x.dtype().to_string(), found: out_dtype(od).to_string() }),
+        }
+    }
+    Ok(())
+}
+
+fn out_dtype(d: &CudaData) -> DType {
+    match d {
+        CudaData::F32(_) => DType::F32,
+        CudaData::BF16(_) => DType::BF16,
+        CudaData::F16(_) => DType::F16,
+    }
+}
+
+fn launch<T>(
+    dev: &CudaDevice,
+    func: &CudaFunction,
+    x: CudaView<'_, T>,
+    knots: &CudaSlice<f32>,
+    mut out: CudaViewMut<'_, T>,
+    params: BsplineParams,
+    cfg: LaunchConfig,
+) -> Result<()> {
+    let mut args = dev.stream().launch_builder(func);
+    args.arg(&x).arg(knots).arg(&mut out).arg(&params);
+    // SAFETY: the arguments match `bspline_*_<dtype>(const T*, const float*, T*,
+    // BsplineParams)` in cuda/bspline.cu, with T the element type of both x and out.
+    // Sizes were checked before: x holds n_elements / n_bases values, out n_elements,
+    // knots in_features * n_knots (KnotGrid), and order <= MAX_SPLINE_ORDER, so every
+    // index the kernel forms — out[e], x[e / n_bases], knots[f * n_knots + j + a] with
+    // j + a <= n_bases + order = n_knots - 1 — is in bounds.
+    unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching a B-spline kernel", e))?;
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! B-spline basis evaluation for KAN layers, with efficient-kan's `b_splines` semantics.
+//!
+//! For input `x` of shape `(..., in)` and a [`KnotGrid`] of `in` knot vectors with
+//! `n_knots = G + 2k + 1` knots each (uniform or not), [`bspline_basis`] returns the
+//! `(..., in, G + k)` B-spline bases of order `k` (Cox–de Boor), and
+//! [`bspline_basis_derivative`] their derivatives with respect to `x`.
+//!
+//! Conventions, the same on the CPU and the GPU:
+//! - bases are zero outside `[t_0, t_last)` (so ±inf give zeros); the half-open
+//!   intervals make `x == t_last` outside, as in efficient-kan;
+//! - a zero-width knot span (repeated knots) contributes 0 where efficient-kan would
+//!   compute 0/0 = NaN; with distinct knots the two agree;
+//! - `x = NaN` gives NaN for all bases (and derivatives) of that element;
+//! - the derivative at a knot is the one-sided derivative from the right.
+//!
+//! Storage types f32, bf16, f16 for `x` and the output; knots are f32; arithmetic is f32
+//! on the GPU and f64 on the CPU (the reference in [`cpu`]).
+
+pub mod cpu;
+mod cuda;
+
+use crate::device::Device;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::tensor::{elem_count, Tensor};
+
+/// The highest spline order the kernels are instantiated for.
+pub const MAX_SPLINE_ORDER: usize = 7;
+
+/// Validated knot vectors: f32, shape `(in_features, n_knots)`, every value finite and
+/// each row non-decreasing, with at least one basis (`n_knots >= order + 2`).
+#[derive(Clone, Debug)]
+pub struct KnotGrid {
+    knots: Tensor,
+    order: usize,
+}
+
+impl KnotGrid {
+    /// efficient-kan's grid: `G + 2k + 1` uniformly spaced knots per feature, `k`
+    /// extensions beyond `range` on each side (`arange(-k, G + k + 1) * h + lo`,
+    /// `h = (hi - lo) / G`, computed in f64 and rounded to f32).
+    pub fn uniform(in_features: usize, grid_size: usize, order: usize, range: (f32, f32), device: &Device) -> Result<KnotGrid> {
+        check_order(order)?;
+        if grid_size == 0 {
+            return Err(Error::invalid("grid_size", "at least 1 interval", "0"));
+        }
+        if in_features == 0 {
+            return Err(Error::invalid("in_features", "at least 1", "0"));
+        }
+        let (lo, hi) = range;
+        if !(lo.is_finite() && hi.is_finite() && lo < hi) {
+            return Err(Error::invalid("range", "finite (lo, hi) with lo < hi", format!("({lo}, {hi})")));
+        }
+        let h = (hi as f64 - lo as f64) / grid_size as f64;
+        let row: Vec<f32> = (-(order as i64)..=(grid_size + order) as i64).map(|i| (i as f64 * h + lo as f64) as f32).collect();
+        let n_knots = row.len();
+        let knots: Vec<f32> = row.iter().copied().cycle().take(n_knots * in_features).collect();
+        KnotGrid::from_knots(&Tensor::from_vec(knots, &[in_features, n_knots], device)?, order)
+    }
+
+    /// Validates user knots (copied to the host once for the check; grids are small).
+    pub fn from_knots(knots: &Tensor, order: usize) -> Result<KnotGrid> {
+        check_order(order)?;
+        knots.expect_dtype("knots", DType::F32)?;
+        let &[in_features, n_knots] = knots.shape() else {
+            return Err(Error::invalid("knots", "a 2-D (in_features, n_knots) tensor", format!("shape {:?}", knots.shape())));
+        };
+        if in_features == 0 {
+            return Err(Error::invalid("knots", "at least one feature (row)", "0 rows"));
+        }
+        if n_knots < order + 2 {
+            return Err(Error::invalid(
+                "knots",
+                format!("at least order + 2 = {} knots per feature for spline order {order}", order + 2),
+                format!("{n_knots}"),
+            ));
+        }
+        let values = knots.to_vec::<f32>()?;
+        if let Some((index, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::NonFinite { arg: "knots", index, value: *v as f64 });
+        }
+        for (f, row) in values.chunks_exact(n_knots).enumerate() {
+            if let Some(j) = row.windows(2).position(|w| w[1] < w[0]) {
+                return Err(Error::invalid(
+                    "knots",
+                    "non-decreasing knots in every row",
+                    format!("row {f}: knot {} = {} < knot {} = {}", j + 1, row[j + 1], j, row[j]),
+                ));
+            }
+        }
+        Ok(KnotGrid { knots: knots.clone(), order })
+    }
+
+    pub fn order(&self) -> usize {
+        self.order
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.knots.shape()[0]
+    }
+
+    pub fn n_knots(&self) -> usize {
+        self.knots.shape()[1]
+    }
+
+    /// Bases per feature: `n_knots - 1 - order` (`G + k` for an efficient-kan grid).
+    pub fn n_bases(&self) -> usize {
+        self.n_knots() - 1 - self.order
+    }
+
+    pub fn knots(&self) -> &Tensor {
+        &self.knots
+    }
+
+    pub fn device(&self) -> Device {
+        self.knots.device()
+    }
+
+    /// The same grid on `device` (already validated; no re-check).
+    pub fn to_device(&self, device: &Device) -> Result<KnotGrid> {
+        Ok(KnotGrid { knots: self.knots.to_device(device)?, order: self.order })
+    }
+}
+
+fn check_order(order: usize) -> Result<()> {
+    if order > MAX_SPLINE_ORDER {
+        return Err(Error::invalid("order", format!("a spline order in 0..={MAX_SPLINE_ORDER}"), order.to_string()));
+    }
+    Ok(())
+}
+
+/// Which quantity to evaluate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BasisKind {
+    /// `B_j(x)`
+    Value,
+    /// `dB_j/dx (x)`
+    Derivative,
+}
+
+/// The B-spline bases of `x` (`(..., in)`) on `grid`: shape `(..., in, n_bases)`, same
+/// element type and device as `x`.
+pub fn bspline_basis(x: &Tensor, grid: &KnotGrid) -> Result<Tensor> {
+    evaluate(BasisKind::Value, x, grid)
+}
+
+/// The derivatives with respect to `x` of the bases of [`bspline_basis`].
+pub fn bspline_basis_derivative(x: &Tensor, grid: &KnotGrid) -> Result<Tensor> {
+    evaluate(BasisKind::Derivative, x, grid)
+}
+
+/// [`bspline_basis`] into a caller-provided output (shape `(..., in, n_bases)`, the
+/// element type and device of `x`); every element of `out` is written.
+pub fn bspline_basis_into(x: &Tensor, grid: &KnotGrid, out: &mut Tensor) -> Result<()> {
+    evaluate_into(BasisKind::Value, x, grid, out)
+}
+
+/// [`bspline_basis_derivative`] into a caller-provided output.
+pub fn bspline_basis_derivative_into(x: &Tensor, grid: &KnotGrid, out: &mut Tensor) -> Result<()> {
+    evaluate_into(BasisKind::Derivative, x, grid, out)
+}
+
+/// Checked sizes of one evaluation.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BasisDims {
+    /// Leading elements of x: product of all dims but the last, times in_features.
+    pub rows: usize,
+    pub in_features: usize,
+    pub n_knots: usize,
+    pub n_bases: usize,
+    pub order: usize,
+}
+
+fn check_inputs(x: &Tensor, grid: &KnotGrid) -> Result<(BasisDims, Vec<usize>)> {
+    let Some(&last) = x.shape().last() else {
+        return Err(Error::invalid("x", "a tensor of shape (..., in_features) with rank >= 1", "a scalar (rank 0)"));
+    };
+    if last != grid.in_features() {
+        return Err(Error::invalid("x", format!("last dimension = in_features of the grid = {}", grid.in_features()), format!("shape {:?}", x.shape())));
+    }
+    x.expect_device("grid", &grid.device()).map_err(|_| Error::DeviceMismatch {
+        arg: "grid",
+        expected: x.device().to_string(),
+        found: grid.device().to_string(),
+    })?;
+    let mut out_shape = x.shape().to_vec();
+    out_shape.push(grid.n_bases());
+    elem_count("output", &out_shape)?;
+    let dims = BasisDims {
+        rows: x.elem_count(),
+        in_features: grid.in_features(),
+        n_knots: grid.n_knots(),
+        n_bases: grid.n_bases(),
+        order: grid.order(),
+    };
+    Ok((dims, out_shape))
+}
+
+fn evaluate(kind: BasisKind, x: &Tensor, grid: &KnotGrid) -> Result<Tensor> {
+    let (dims, out_shape) = check_inputs(x, grid)?;
+    match x.device() {
+        Device::Cpu => cpu::evaluate(kind, x, grid, dims, out_shape),
+        Device::Cuda(dev) => {
+            let mut out = cuda::alloc_output(&dev, x.dtype(), out_shape)?;
+            cuda::evaluate_into(kind, &dev, x, grid, dims, &mut out)?;
+            Ok(out)
+        }
+    }
+}
+
+fn evaluate_into(kind: BasisKind, x: &Tensor, grid: &KnotGrid, out: &mut Tensor) -> Result<()> {
+    let (dims, out_shape) = check_inputs(x, grid)?;
+    out.expect_shape("out", &out_shape)?;
+    out.expect_dtype("out", x.dtype())?;
+    out.expect_device("out", &x.device())?;
+    match x.device() {
+        Device::Cpu => {
+            *out = cpu::evaluate(kind, x, grid, dims, out_shape)?;
+            Ok(())
+        }
+        Device::Cuda(dev) => cuda::evaluate_into(kind, &dev, x, grid, dims, out),
+    }
+}

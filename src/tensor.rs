@@ -1,0 +1,325 @@
+//! A minimal typed tensor: element type, shape, contiguous row-major storage on the host
+//! or on one CUDA device. It exists to carry kernel inputs and outputs; arithmetic lives
+//! in the ops.
+
+use crate::device::{CudaDevice, Device};
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use cudarc::driver::CudaSlice;
+use half::{bf16, f16};
+use std::collections::HashMap;
+use std::path::Path;
+
+#[derive(Clone, Debug)]
+pub(crate) enum HostData {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum CudaData {
+    F32(CudaSlice<f32>),
+    BF16(CudaSlice<bf16>),
+    F16(CudaSlice<f16>),
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum Storage {
+    Host(HostData),
+    Cuda(CudaDevice, CudaData),
+}
+
+/// Contiguous row-major tensor of f32, bf16 or f16.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    storage: Storage,
+}
+
+macro_rules! by_dtype {
+    ($data:expr, $v:ident => $body:expr) => {
+        match $data {
+            HostData::F32($v) => $body,
+            HostData::BF16($v) => $body,
+            HostData::F16($v) => $body,
+        }
+    };
+}
+
+/// Element count of `shape`, or an error naming `arg` when the product overflows usize.
+pub fn elem_count(arg: &'static str, shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::invalid(arg, "a shape whose element count fits in usize", format!("{shape:?}")))
+}
+
+impl Tensor {
+    /// Takes ownership of `data` as a tensor of `shape` on `device` (copied there if CUDA).
+    pub fn from_vec<T: Element>(data: Vec<T>, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let n = elem_count("shape", shape)?;
+        if n != data.len() {
+            return Err(Error::invalid("data", format!("{n} elements for shape {shape:?}"), format!("{} elements", data.len())));
+        }
+        let host = Tensor { shape: shape.to_vec(), storage: Storage::Host(T::wrap(data)) };
+        host.to_device(device)
+    }
+
+    /// Converts f32 values to `dtype` (round to nearest even) and places them on `device`.
+    pub fn from_f32(data: &[f32], shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        match dtype {
+            DType::F32 => Tensor::from_vec(data.to_vec(), shape, device),
+            DType::BF16 => Tensor::from_vec(data.iter().map(|&v| bf16::from_f32(v)).collect(), shape, device),
+            DType::F16 => Tensor::from_vec(data.iter().map(|&v| f16::from_f32(v)).collect(), shape, device),
+        }
+    }
+
+    /// A tensor with every element equal to `value` (NaN poisons outputs in tests).
+    pub fn full(value: f32, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let n = elem_count("shape", shape)?;
+        Tensor::from_f32(&vec![value; n], shape, dtype, device)
+    }
+
+    pub(crate) fn from_cuda(shape: Vec<usize>, device: CudaDevice, data: CudaData) -> Tensor {
+        Tensor { shape, storage: Storage::Cuda(device, data) }
+    }
+
+    pub(crate) fn from_host(shape: Vec<usize>, data: HostData) -> Tensor {
+        Tensor { shape, storage: Storage::Host(data) }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    pub fn elem_count(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        self.elem_count() * self.dtype().size_in_bytes()
+    }
+
+    pub fn dtype(&self) -> DType {
+        match &self.storage {
+            Storage::Host(h) => h.dtype(),
+            Storage::Cuda(_, c) => c.dtype(),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match &self.storage {
+            Storage::Host(_) => Device::Cpu,
+            Storage::Cuda(d, _) => Device::Cuda(d.clone()),
+        }
+    }
+
+    pub(crate) fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    pub(crate) fn storage_mut(&mut self) -> &mut Storage {
+        &mut self.storage
+    }
+
+    /// The same values with a new shape of equal element count.
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
+        let n = elem_count("shape", shape)?;
+        if n != self.elem_count() {
+            return Err(Error::invalid("shape", format!("{} elements (from {:?})", self.elem_count(), self.shape), format!("{shape:?}")));
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+
+    /// Copies to `device` (a clone when already there).
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        let storage = match (&self.storage, device) {
+            (Storage::Host(h), Device::Cpu) => Storage::Host(h.clone()),
+            (Storage::Host(h), Device::Cuda(d)) => Storage::Cuda(d.clone(), h.upload(d)?),
+            (Storage::Cuda(_, c), Device::Cpu) => Storage::Host(c.download()?),
+            (Storage::Cuda(src, c), Device::Cuda(dst)) if src == dst => Storage::Cuda(dst.clone(), c.clone()),
+            (Storage::Cuda(_, c), Device::Cuda(dst)) => Storage::Cuda(dst.clone(), c.download()?.upload(dst)?),
+        };
+        Ok(Tensor { shape: self.shape.clone(), storage })
+    }
+
+    /// The elements as `T`, which must be the tensor's element type (copied from the device).
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        let host = match &self.storage {
+            Storage::Host(h) => h.clone(),
+            Storage::Cuda(_, c) => c.download()?,
+        };
+        T::unwrap(host).map_err(|found| Error::DTypeMismatch { arg: "to_vec", expected: T::DTYPE.to_string(), found: found.to_string() })
+    }
+
+    /// The elements widened to f64, whatever the element type.
+    pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
+        let host = match &self.storage {
+            Storage::Host(h) => std::borrow::Cow::Borrowed(h),
+            Storage::Cuda(_, c) => std::borrow::Cow::Owned(c.download()?),
+        };
+        Ok(by_dtype!(host.as_ref(), v => v.iter().map(|x| x.to_f64()).collect()))
+    }
+
+    /// The elements widened to f32, whatever the element type.
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        Ok(self.to_f64_vec()?.into_iter().map(|v| v as f32).collect())
+    }
+
+    /// Converts to another element type (round to nearest even), on the host.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if dtype == self.dtype() {
+            return Ok(self.clone());
+        }
+        let values = self.to_f32_vec()?;
+        Tensor::from_f32(&values, &self.shape, dtype, &self.device())
+    }
+
+    /// Checks that `self`, the argument `arg`, has element type `dtype`.
+    pub(crate) fn expect_dtype(&self, arg: &'static str, dtype: DType) -> Result<()> {
+        if self.dtype() != dtype {
+            return Err(Error::DTypeMismatch { arg, expected: dtype.to_string(), found: self.dtype().to_string() });
+        }
+        Ok(())
+    }
+
+    /// Checks that `self`, the argument `arg`, lives on `device`.
+    pub(crate) fn expect_device(&self, arg: &'static str, device: &Device) -> Result<()> {
+        let here = self.device();
+        if &here != device {
+            return Err(Error::DeviceMismatch { arg, expected: device.to_string(), found: here.to_string() });
+        }
+        Ok(())
+    }
+
+    /// Checks that `self`, the argument `arg`, has exactly `shape`.
+    pub(crate) fn expect_shape(&self, arg: &'static str, shape: &[usize]) -> Result<()> {
+        if self.shape != shape {
+            return Err(Error::invalid(arg, format!("shape {shape:?}"), format!("shape {:?}", self.shape)));
+        }
+        Ok(())
+    }
+}
+
+impl HostData {
+    fn dtype(&self) -> DType {
+        match self {
+            HostData::F32(_) => DType::F32,
+            HostData::BF16(_) => DType::BF16,
+            HostData::F16(_) => DType::F16,
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        by_dtype!(self, v => bytemuck::cast_slice(v.as_slice()))
+    }
+
+    fn upload(&self, device: &CudaDevice) -> Result<CudaData> {
+        let s = device.stream();
+        let bytes = self.bytes().len();
+        let map = |e| device.map_err_bytes("copying host to device", e, bytes);
+        Ok(match self {
+            HostData::F32(v) => CudaData::F32(s.clone_htod(v).map_err(map)?),
+            HostData::BF16(v) => CudaData::BF16(s.clone_htod(v).map_err(map)?),
+            HostData::F16(v) => CudaData::F16(s.clone_htod(v).map_err(map)?),
+        })
+    }
+}
+
+impl CudaData {
+    fn dtype(&self) -> DType {
+        match self {
+            CudaData::F32(_) => DType::F32,
+            CudaData::BF16(_) => DType::BF16,
+            CudaData::F16(_) => DType::F16,
+        }
+    }
+
+    fn download(&self) -> Result<HostData> {
+        let map = |e| crate::error::Error::driver("copying device to host", e);
+        Ok(match self {
+            CudaData::F32(v) => HostData::F32(v.stream().clone_dtoh(v).map_err(map)?),
+            CudaData::BF16(v) => HostData::BF16(v.stream().clone_dtoh(v).map_err(map)?),
+            CudaData::F16(v) => HostData::F16(v.stream().clone_dtoh(v).map_err(map)?),
+        })
+    }
+}
+
+/// Moving typed vectors in and out of [`HostData`] without a match at each call site.
+trait HostElement: Sized {
+    fn wrap(v: Vec<Self>) -> HostData;
+    fn unwrap(h: HostData) -> std::result::Result<Vec<Self>, DType>;
+}
+
+impl<T: Element> HostElement for T {
+    fn wrap(v: Vec<T>) -> HostData {
+        // Element is sealed to exactly these three types; the casts are identities.
+        match T::DTYPE {
+            DType::F32 => HostData::F32(bytemuck::allocation::cast_vec(v)),
+            DType::BF16 => HostData::BF16(bytemuck::allocation::cast_vec(v)),
+            DType::F16 => HostData::F16(bytemuck::allocation::cast_vec(v)),
+        }
+    }
+
+    fn unwrap(h: HostData) -> std::result::Result<Vec<T>, DType> {
+        let found = h.dtype();
+        if found != T::DTYPE {
+            return Err(found);
+        }
+        Ok(by_dtype!(h, v => bytemuck::allocation::cast_vec(v)))
+    }
+}
+
+/// Writes named tensors to a safetensors file (copied to the host first).
+pub fn save_safetensors<P: AsRef<Path>>(path: P, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    let mut host: Vec<(String, HostData, Vec<usize>)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let data = match &t.storage {
+            Storage::Host(h) => h.clone(),
+            Storage::Cuda(_, c) => c.download()?,
+        };
+        host.push((name.to_string(), data, t.shape.clone()));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = host
+        .iter()
+        .map(|(name, data, shape)| {
+            safetensors::tensor::TensorView::new(data.dtype().to_safetensors(), shape.clone(), data.bytes())
+                .map(|v| (name.clone(), v))
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    let path = path.as_ref();
+    safetensors::serialize_to_file(views, &None, path)?;
+    Ok(())
+}
+
+/// Reads every tensor of a safetensors file onto `device`. Element types other than
+/// f32, bf16 and f16 are an error naming the tensor.
+pub fn load_safetensors<P: AsRef<Path>>(path: P, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let dtype = DType::from_safetensors(view.dtype()).ok_or_else(|| Error::DTypeMismatch {
+            arg: "safetensors tensor",
+            expected: "F32, BF16 or F16".into(),
+            found: format!("{:?} for `{name}`", view.dtype()),
+        })?;
+        let raw = view.data();
+        // safetensors data is little-endian and not necessarily aligned: copy out by value.
+        let host = match dtype {
+            DType::F32 => HostData::F32(raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+            DType::BF16 => HostData::BF16(raw.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect()),
+            DType::F16 => HostData::F16(raw.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect()),
+        };
+        let t = Tensor { shape: view.shape().to_vec(), storage: Storage::Host(host) };
+        out.insert(name, t.to_device(device)?);
+    }
+    Ok(out)
+}
