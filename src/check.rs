@@ -1,0 +1,195 @@
+//! Correctness checking shared by the CLI's `check` and the test suites: a small seeded
+//! PRNG, random input generators, the relative-error measure and the documented
+//! tolerances.
+//!
+//! Error measure: `‖out − ref‖₂ / ‖ref‖₂` over all elements, where `ref` is the f64 CPU
+//! reference evaluated on the same (already rounded) inputs. A NaN in `out` where `ref`
+//! has none (or the reverse) is an infinite error, so unwritten NaN-poisoned outputs
+//! always fail.
+//!
+//! Tolerances ([`tolerance`]): the kernels compute in f32 and round once to the storage
+//! type, so the error is the f32 arithmetic error plus one rounding of the output:
+//!
+//! | op | f32 | bf16 | f16 |
+//! |---|---|---|---|
+//! | B-spline basis | 1e-6 | 4e-3 | 1e-3 |
+//! | B-spline basis derivative | 1e-5 | 4e-3 | 1e-3 |
+//!
+//! bf16 keeps 8 significant bits (rounding error ≤ 2⁻⁹ ≈ 2.0e-3 relative), f16 11 bits
+//! (≤ 2⁻¹¹ ≈ 4.9e-4); the tolerances are twice those. The derivative subtracts two
+//! terms of size ~k/h, so its f32 error is larger than the basis'.
+
+use crate::device::Device;
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::ops::bspline::{self, BasisKind, KnotGrid};
+use crate::tensor::Tensor;
+
+/// SplitMix64: small, seedable, good enough for test inputs.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    /// Seeded from the clock: fresh inputs on every run (the seed is printed by callers).
+    pub fn from_time() -> Rng {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        Rng(nanos ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.unit()
+    }
+
+    /// Uniform integer in `0..n` (n > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+/// How the knot vectors of a random case are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GridLayout {
+    /// efficient-kan's uniform grid on a random range.
+    Uniform,
+    /// Random positive spacings, different per feature.
+    NonUniform,
+    /// Non-uniform with some interior knots repeated (zero-width spans).
+    Repeated,
+}
+
+/// Random knots of `layout`: `(in_features, grid_size + 2 * order + 1)`, f32, row-major.
+pub fn random_knots(rng: &mut Rng, in_features: usize, grid_size: usize, order: usize, layout: GridLayout) -> Vec<f32> {
+    let n_knots = grid_size + 2 * order + 1;
+    let mut out = Vec::with_capacity(in_features * n_knots);
+    for _ in 0..in_features {
+        let lo = rng.uniform(-3.0, 0.0);
+        match layout {
+            GridLayout::Uniform => {
+                let h = rng.uniform(0.05, 1.0);
+                out.extend((0..n_knots).map(|i| (lo + i as f64 * h) as f32));
+            }
+            GridLayout::NonUniform | GridLayout::Repeated => {
+                let mut t = lo;
+                let mut row = Vec::with_capacity(n_knots);
+                for i in 0..n_knots {
+                    row.push(t as f32);
+                    let repeat = layout == GridLayout::Repeated && i > 0 && i + 2 < n_knots && rng.below(4) == 0;
+                    t += if repeat { 0.0 } else { rng.uniform(0.02, 1.0) };
+                }
+                out.extend(row);
+            }
+        }
+    }
+    out
+}
+
+/// Random inputs for the rows of `knots`: mostly inside the grid, some exactly on a
+/// knot, some outside it (including exactly the last knot, which is outside).
+pub fn random_inputs(rng: &mut Rng, batch: usize, knots: &[f32], n_knots: usize) -> Vec<f32> {
+    let in_features = knots.len() / n_knots;
+    let mut x = Vec::with_capacity(batch * in_features);
+    for _ in 0..batch {
+        for f in 0..in_features {
+            let t = &knots[f * n_knots..(f + 1) * n_knots];
+            let (lo, hi) = (t[0] as f64, t[n_knots - 1] as f64);
+            let v = match rng.below(10) {
+                0 => t[rng.below(n_knots)] as f64,
+                1 => {
+                    if rng.below(2) == 0 {
+                        lo - rng.uniform(0.0, 2.0)
+                    } else {
+                        hi + rng.uniform(0.0, 2.0) * rng.below(2) as f64
+                    }
+                }
+                _ => rng.uniform(lo, hi),
+            };
+            x.push(v as f32);
+        }
+    }
+    x
+}
+
+/// `‖out − ref‖₂ / ‖ref‖₂`; infinite when NaNs do not line up; the absolute norm of
+/// `out` when `ref` is all zeros.
+pub fn relative_error(out: &[f64], reference: &[f64]) -> f64 {
+    if out.len() != reference.len() {
+        return f64::INFINITY;
+    }
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (&o, &r) in out.iter().zip(reference) {
+        if o.is_nan() != r.is_nan() || o.is_infinite() != r.is_infinite() {
+            return f64::INFINITY;
+        }
+        if r.is_nan() || (r.is_infinite() && o == r) {
+            continue;
+        }
+        diff += (o - r) * (o - r);
+        norm += r * r;
+    }
+    if norm == 0.0 {
+        diff.sqrt()
+    } else {
+        (diff / norm).sqrt()
+    }
+}
+
+/// The documented tolerance of `relative_error` for one op and element type.
+pub fn tolerance(kind: BasisKind, dtype: DType) -> f64 {
+    match (kind, dtype) {
+        (BasisKind::Value, DType::F32) => 1e-6,
+        (BasisKind::Derivative, DType::F32) => 1e-5,
+        (_, DType::BF16) => 4e-3,
+        (_, DType::F16) => 1e-3,
+    }
+}
+
+/// One random B-spline case run on `device` against the f64 reference.
+#[derive(Clone, Debug)]
+pub struct BasisCase {
+    pub batch: usize,
+    pub in_features: usize,
+    pub grid_size: usize,
+    pub order: usize,
+    pub layout: GridLayout,
+    pub dtype: DType,
+    pub kind: BasisKind,
+}
+
+impl BasisCase {
+    /// Runs the case on `device` with fresh inputs from `rng`, the output NaN-poisoned
+    /// first; returns the relative error against the f64 reference.
+    pub fn run(&self, rng: &mut Rng, device: &Device) -> Result<f64> {
+        let knots = random_knots(rng, self.in_features, self.grid_size, self.order, self.layout);
+        let n_knots = self.grid_size + 2 * self.order + 1;
+        let x = random_inputs(rng, self.batch, &knots, n_knots);
+        let grid = KnotGrid::from_knots(&Tensor::from_vec(knots.clone(), &[self.in_features, n_knots], device)?, self.order)?;
+        let xt = Tensor::from_f32(&x, &[self.batch, self.in_features], self.dtype, device)?;
+        let mut out = Tensor::full(f32::NAN, &[self.batch, self.in_features, grid.n_bases()], self.dtype, device)?;
+        match self.kind {
+            BasisKind::Value => bspline::bspline_basis_into(&xt, &grid, &mut out)?,
+            BasisKind::Derivative => bspline::bspline_basis_derivative_into(&xt, &grid, &mut out)?,
+        }
+        // The reference sees exactly the values the kernel saw: x rounded to its dtype.
+        let x_rounded = xt.to_f64_vec()?;
+        let knots64: Vec<f64> = knots.iter().map(|&v| v as f64).collect();
+        let reference = bspline::cpu::evaluate_f64(self.kind, &x_rounded, &knots64, n_knots, self.order);
+        Ok(relative_error(&out.to_f64_vec()?, &reference))
+    }
+}

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# run.sh of the GPU bundle (copied there by scripts/gpu-bundle.sh). On a GPU host:
+#   ./run.sh            tests (GPU required), the GPU tests under compute-sanitizer
+#                       memcheck/racecheck/initcheck/synccheck, `check`, `bench`
+# Env: OUT (log folder, default ./out), SANITIZER_TOOLS (default: all four),
+#      SANITIZER_CASES (proptest cases under the sanitizer, default 12),
+#      CRITERION=1 also runs the criterion benches.
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+cd "$here"
+out=${OUT:-$here/out}
+mkdir -p "$out"
+export HYBRID_KERNELS_REQUIRE_GPU=1
+export HYBRID_KERNELS_BIN=$here/bin/hybrid-kernels  # for the CLI tests, built elsewhere
+san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+summary=()
+failed=0
+note() { summary+=("$(printf '%-44s %s' "$1" "$2")"); }
+
+for t in tests/*; do
+  name=$(basename "$t")
+  "$t" --test-threads=4 >"$out/test-$name.log" 2>&1
+  rc=$?
+  counts=$(grep -E '^test result:' "$out/test-$name.log" | tail -1 | sed 's/test result: //; s/; finished.*//')
+  skipped=$(grep -c '^SKIPPED' "$out/test-$name.log")
+  [ $rc = 0 ] || failed=1
+  [ "$skipped" = 0 ] || failed=1
+  note "test $name" "rc=$rc $counts; skipped: $skipped"
+done
+
+for tool in ${SANITIZER_TOOLS:-memcheck racecheck initcheck synccheck}; do
+  for name in bspline_gpu tensor; do
+    log="$out/sanitizer-$tool-$name.log"
+    PROPTEST_CASES=${SANITIZER_CASES:-12} "$san" --tool "$tool" --error-exitcode 99 --print-limit 20 \
+      "tests/$name" --test-threads=1 >"$log" 2>&1
+    rc=$?
+    [ $rc = 0 ] || failed=1
+    note "compute-sanitizer $tool $name" "rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)"
+  done
+done
+
+bin/hybrid-kernels info >"$out/info.log" 2>&1 || failed=1
+bin/hybrid-kernels check >"$out/check.log" 2>&1 || failed=1
+note "check" "$(grep -E '^check:' "$out/check.log")"
+bin/hybrid-kernels bench --json >"$out/bench.json" 2>"$out/bench-json.err" || failed=1
+bin/hybrid-kernels bench >"$out/bench.log" 2>&1 || failed=1
+if [ "${CRITERION:-0}" = 1 ]; then
+  for b in benches/*; do "$b" --bench >"$out/criterion-$(basename "$b").log" 2>&1 || failed=1; done
+fi
+
+cat "$out/info.log" "$out/check.log" "$out/bench.log"
+echo "== summary"
+printf '%s\n' "${summary[@]}"
+echo "bundle: $([ $failed = 0 ] && echo PASS || echo FAIL)"
+exit $failed

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Builds the release test binaries, the benchmarks and the CLI into gpu-bundle/ (git-ignored)
+# with a run.sh, so a GPU host without a Rust toolchain runs the whole GPU suite (GPU
+# required: nothing skips), the suite under compute-sanitizer, then `check` and `bench`.
+#   scripts/gpu-bundle.sh            build gpu-bundle/
+#   gpu-bundle/run.sh                on the GPU host (logs in $OUT or gpu-bundle/out)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+bundle=gpu-bundle
+rm -rf "$bundle"
+mkdir -p "$bundle/tests" "$bundle/benches" "$bundle/bin"
+
+executables() { # cargo JSON messages -> "name path" for each executable artifact
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["target"]["name"], m["target"]["kind"][0], m["executable"])'
+}
+
+cargo build --release --bins
+cp target/release/hybrid-kernels "$bundle/bin/"
+cargo test --release --no-run --message-format=json 2>/dev/null | executables | while read -r name kind path; do
+  case "$kind" in
+    test) cp "$path" "$bundle/tests/$name" ;;          # integration tests
+    lib) cp "$path" "$bundle/tests/unit-$name" ;;      # the library's unit tests
+  esac
+done
+cargo bench --no-run --message-format=json 2>/dev/null | executables | while read -r name kind path; do
+  if [ "$kind" = bench ]; then cp "$path" "$bundle/benches/$name"; fi
+done
+cp scripts/bundle-run.sh "$bundle/run.sh"
+chmod +x "$bundle/run.sh"
+du -sh "$bundle"
+ls -l "$bundle"/*/
