@@ -13,7 +13,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr,
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 struct BsplineParams {
-    n_elements: u32,
+    n_rows: u32,
     in_features: u32,
     n_knots: u32,
     order: u32,
@@ -22,9 +22,13 @@ struct BsplineParams {
 // SAFETY: four u32 fields, repr(C), no padding: the same bytes as the C struct.
 unsafe impl DeviceRepr for BsplineParams {}
 
+/// 8 warps of 32 rows each (WARPS_PER_BLOCK, ROWS_PER_WARP in cuda/bspline.cu).
 const BLOCK_THREADS: u32 = 256;
-/// Resident blocks per SM to aim for with the grid-stride loop (8 x 256 threads fills one SM).
+const ROWS_PER_BLOCK: usize = 256;
+/// Blocks per SM for the grid-stride loop over row tiles: 8 x 256 threads fill an SM.
 const BLOCKS_PER_SM: u32 = 8;
+/// Rows per launch: row indices stay well inside u32 in the kernel.
+const MAX_ROWS_PER_LAUNCH: usize = 1 << 31;
 
 fn kernel_name(kind: BasisKind, dtype: DType) -> &'static str {
     match (kind, dtype) {
@@ -68,29 +72,23 @@ pub(super) fn evaluate_into(kind: BasisKind, dev: &CudaDevice, x: &Tensor, grid:
     }
     let func = dev.function(KernelModule::Bspline, kernel_name(kind, x.dtype()))?;
 
-    // Each launch covers whole batch rows and fewer than 2^32 outputs (32-bit indexing).
-    let outputs_per_batch_row = dims.in_features * dims.n_bases;
-    if outputs_per_batch_row > u32::MAX as usize {
-        return Err(Error::invalid(
-            "x",
-            format!("in_features * n_bases < 2^32 (one batch row per launch), with n_bases = {}", dims.n_bases),
-            format!("in_features = {}", dims.in_features),
-        ));
+    // Each launch covers whole batch rows and at most 2^31 rows (32-bit row indices).
+    if dims.in_features > MAX_ROWS_PER_LAUNCH {
+        return Err(Error::invalid("x", format!("in_features <= {MAX_ROWS_PER_LAUNCH}"), format!("in_features = {}", dims.in_features)));
     }
     let batch_rows = dims.rows / dims.in_features;
-    let batch_rows_per_launch = u32::MAX as usize / outputs_per_batch_row;
+    let batch_rows_per_launch = MAX_ROWS_PER_LAUNCH / dims.in_features;
     for b0 in (0..batch_rows).step_by(batch_rows_per_launch) {
         let b1 = (b0 + batch_rows_per_launch).min(batch_rows);
         let (r0, r1) = (b0 * dims.in_features, b1 * dims.in_features);
         let nb = dims.n_bases;
-        let n_elements = (r1 - r0) * nb;
         let params = BsplineParams {
-            n_elements: n_elements as u32,
+            n_rows: (r1 - r0) as u32,
             in_features: dims.in_features as u32,
             n_knots: dims.n_knots as u32,
             order: dims.order as u32,
         };
-        let blocks = (n_elements.div_ceil(BLOCK_THREADS as usize) as u32).min(dev.multiprocessors() * BLOCKS_PER_SM * 4);
+        let blocks = ((r1 - r0).div_ceil(ROWS_PER_BLOCK) as u32).min(dev.multiprocessors() * BLOCKS_PER_SM);
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK_THREADS, 1, 1), shared_mem_bytes: 0 };
         match (xd, &mut *od) {
             (CudaData::F32(xs), CudaData::F32(os)) => launch(dev, &func, xs.slice(r0..r1), knots, os.slice_mut(r0 * nb..r1 * nb), params, cfg)?,
@@ -123,10 +121,10 @@ fn launch<T>(
     args.arg(&x).arg(knots).arg(&mut out).arg(&params);
     // SAFETY: the arguments match `bspline_*_<dtype>(const T*, const float*, T*,
     // BsplineParams)` in cuda/bspline.cu, with T the element type of both x and out.
-    // Sizes were checked before: x holds n_elements / n_bases values, out n_elements,
-    // knots in_features * n_knots (KnotGrid), and order <= MAX_SPLINE_ORDER, so every
-    // index the kernel forms — out[e], x[e / n_bases], knots[f * n_knots + j + a] with
-    // j + a <= n_bases + order = n_knots - 1 — is in bounds.
+    // Sizes were checked before: x holds n_rows values, out n_rows * n_bases, knots
+    // in_features * n_knots (KnotGrid, n_knots >= order + 2), and order <=
+    // MAX_SPLINE_ORDER. The kernel reads x[row] and writes out[row * n_bases + j] for
+    // row < n_rows, j < n_bases only, and clamps every knot index into its feature's row.
     unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching a B-spline kernel", e))?;
     Ok(())
 }
