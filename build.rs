@@ -60,10 +60,8 @@ fn fail(msg: &str) -> ! {
 
 fn cuda_sources(dir: &Path) -> Vec<PathBuf> {
     let entries = fs::read_dir(dir).unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", dir.display())));
-    let mut v: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-        .collect();
+    let mut v: Vec<PathBuf> =
+        entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "cu")).collect();
     v.sort();
     v
 }
@@ -94,18 +92,14 @@ fn find_nvcc() -> Option<PathBuf> {
     }
     ["CUDA_HOME", "CUDA_PATH"]
         .iter()
-        .filter_map(|v| env::var_os(v))
+        .filter_map(env::var_os)
         .map(|root| PathBuf::from(root).join("bin").join("nvcc"))
         .find(|p| p.is_file())
 }
 
 fn read_flags(path: &Path) -> Vec<String> {
     let text = fs::read_to_string(path).unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", path.display())));
-    text.lines()
-        .map(|l| l.split('#').next().unwrap_or("").trim())
-        .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect()
+    text.lines().map(|l| l.split('#').next().unwrap_or("").trim()).filter(|l| !l.is_empty()).map(String::from).collect()
 }
 
 fn compile(nvcc: &Path, flags: &[String], src: &Path, out: &Path) {

@@ -20,8 +20,13 @@ fn basis(c: &mut Criterion) {
         let shape = if device.is_cuda() { shape } else { BasisShape { batch: 16, ..shape } };
         for kind in [BasisKind::Value, BasisKind::Derivative] {
             for dtype in [DType::F32, DType::BF16] {
-                let name = format!("{kind:?}/{dtype}/{}x{}/G{}k{}", shape.batch, shape.in_features, shape.grid_size, shape.order);
-                let bytes = (shape.batch * shape.in_features * (1 + shape.grid_size + shape.order) * dtype.size_in_bytes()) as u64;
+                let name = format!(
+                    "{kind:?}/{dtype}/{}x{}/G{}k{}",
+                    shape.batch, shape.in_features, shape.grid_size, shape.order
+                );
+                let bytes =
+                    (shape.batch * shape.in_features * (1 + shape.grid_size + shape.order) * dtype.size_in_bytes())
+                        as u64;
                 group.throughput(Throughput::Bytes(bytes));
                 group.bench_function(name, |b| {
                     b.iter_custom(|iters| {

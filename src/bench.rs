@@ -3,12 +3,12 @@
 //! device-to-device copy bandwidth measured on the spot as the memory ceiling.
 //! Used by the CLI's `bench` and by `benches/`.
 
+use crate::check::{random_inputs, random_knots, GridLayout, Rng};
 use crate::device::{CudaDevice, Device};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::bspline::{self, BasisKind, KnotGrid};
 use crate::tensor::Tensor;
-use crate::check::{random_inputs, random_knots, GridLayout, Rng};
 use cudarc::driver::sys::CUevent_flags;
 use std::time::Instant;
 
@@ -148,11 +148,19 @@ pub fn basis_flops(kind: BasisKind, rows: usize, order: usize) -> f64 {
 }
 
 /// Benchmarks one B-spline op at `shape` on `device`.
-pub fn bench_basis(device: &Device, kind: BasisKind, dtype: DType, shape: BasisShape, reps: Repeats, copy_gbs: Option<f64>) -> Result<BenchRow> {
+pub fn bench_basis(
+    device: &Device,
+    kind: BasisKind,
+    dtype: DType,
+    shape: BasisShape,
+    reps: Repeats,
+    copy_gbs: Option<f64>,
+) -> Result<BenchRow> {
     let mut rng = Rng::new(0x5EED ^ shape.batch as u64);
     let n_knots = shape.grid_size + 2 * shape.order + 1;
     let knots = random_knots(&mut rng, shape.in_features, shape.grid_size, shape.order, GridLayout::Uniform);
-    let grid = KnotGrid::from_knots(&Tensor::from_vec(knots.clone(), &[shape.in_features, n_knots], device)?, shape.order)?;
+    let grid =
+        KnotGrid::from_knots(&Tensor::from_vec(knots.clone(), &[shape.in_features, n_knots], device)?, shape.order)?;
     let nb = grid.n_bases();
     let rows = shape.batch * shape.in_features;
     let set_bytes = (rows + rows * nb) * dtype.size_in_bytes();

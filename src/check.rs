@@ -36,7 +36,8 @@ impl Rng {
 
     /// Seeded from the clock: fresh inputs on every run (the seed is printed by callers).
     pub fn from_time() -> Rng {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         Rng(nanos ^ 0x9E37_79B9_7F4A_7C15)
     }
 
@@ -179,7 +180,8 @@ impl BasisCase {
         let knots = random_knots(rng, self.in_features, self.grid_size, self.order, self.layout);
         let n_knots = self.grid_size + 2 * self.order + 1;
         let x = random_inputs(rng, self.batch, &knots, n_knots);
-        let grid = KnotGrid::from_knots(&Tensor::from_vec(knots.clone(), &[self.in_features, n_knots], device)?, self.order)?;
+        let grid =
+            KnotGrid::from_knots(&Tensor::from_vec(knots.clone(), &[self.in_features, n_knots], device)?, self.order)?;
         let xt = Tensor::from_f32(&x, &[self.batch, self.in_features], self.dtype, device)?;
         let mut out = Tensor::full(f32::NAN, &[self.batch, self.in_features, grid.n_bases()], self.dtype, device)?;
         match self.kind {

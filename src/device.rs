@@ -68,9 +68,7 @@ fn init_driver() -> Result<()> {
         return Err(Error::DriverNotFound);
     }
     static INIT: OnceLock<std::result::Result<(), DriverError>> = OnceLock::new();
-    INIT.get_or_init(cudarc::driver::result::init)
-        .clone()
-        .map_err(|e| Error::driver("cuInit", e))
+    (*INIT.get_or_init(cudarc::driver::result::init)).map_err(|e| Error::driver("cuInit", e))
 }
 
 /// Number of CUDA devices (0 when the driver reports none).
@@ -89,9 +87,7 @@ pub fn driver_version() -> Result<String> {
     let mut v: std::ffi::c_int = 0;
     // SAFETY: the driver library is loaded and initialised (init_driver); `v` is a
     // valid out-pointer for the duration of the call.
-    unsafe { sys::cuDriverGetVersion(&mut v) }
-        .result()
-        .map_err(|e| Error::driver("cuDriverGetVersion", e))?;
+    unsafe { sys::cuDriverGetVersion(&mut v) }.result().map_err(|e| Error::driver("cuDriverGetVersion", e))?;
     Ok(format!("{}.{}", v / 1000, (v % 1000) / 10))
 }
 
@@ -133,10 +129,8 @@ impl CudaDevice {
         let ctx = CudaContext::new(ordinal).map_err(|e| Error::driver("creating the CUDA context", e))?;
         let attr = |a: sys::CUdevice_attribute| ctx.attribute(a).map_err(|e| Error::driver("cuDeviceGetAttribute", e));
         use sys::CUdevice_attribute::*;
-        let compute_capability = (
-            attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
-            attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
-        );
+        let compute_capability =
+            (attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?, attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?);
         let multiprocessors = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as u32;
         let name = ctx.name().map_err(|e| Error::driver("cuDeviceGetName", e))?;
         let stream = ctx.new_stream().map_err(|e| Error::driver("creating a stream", e))?;

@@ -4,8 +4,7 @@
 use cudarc::driver::{sys::CUresult, DriverError};
 
 /// What the committed PTX needs from the driver. Printed in [`Error::PtxTooNew`].
-pub const COMMITTED_PTX_DRIVER: &str =
-    "r580 or newer (CUDA 13.0; the committed PTX is ISA 9.0 from nvcc 13.0)";
+pub const COMMITTED_PTX_DRIVER: &str = "r580 or newer (CUDA 13.0; the committed PTX is ISA 9.0 from nvcc 13.0)";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -25,12 +24,7 @@ pub enum Error {
         "kernel module `{module}` needs compute capability {}.{} or newer; device {ordinal} has {}.{}",
         required.0, required.1, found.0, found.1
     )]
-    UnsupportedComputeCapability {
-        module: &'static str,
-        ordinal: usize,
-        required: (i32, i32),
-        found: (i32, i32),
-    },
+    UnsupportedComputeCapability { module: &'static str, ordinal: usize, required: (i32, i32), found: (i32, i32) },
 
     #[error(
         "the driver cannot load kernel module `{module}` (PTX ISA {ptx_isa}): its PTX is newer than \
@@ -43,12 +37,7 @@ pub enum Error {
     PtxTooNew { module: &'static str, ptx_isa: String, driver_version: String },
 
     #[error("out of device memory: asked for {requested_bytes} bytes on device {ordinal}{}", free_total(*free_bytes, *total_bytes))]
-    OutOfMemory {
-        ordinal: usize,
-        requested_bytes: usize,
-        free_bytes: Option<usize>,
-        total_bytes: Option<usize>,
-    },
+    OutOfMemory { ordinal: usize, requested_bytes: usize, free_bytes: Option<usize>, total_bytes: Option<usize> },
 
     /// A shape, length or value of argument `arg` is not what the operation needs.
     #[error("invalid `{arg}`: expected {expected}, found {found}")]

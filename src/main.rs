@@ -57,7 +57,11 @@ fn dispatch(args: &[String]) -> Result<bool> {
         Some("check") => check(&device, opts.seed),
         Some("bench") => bench_cmd(&device, opts.json, opts.short).map(|_| true),
         Some("run") => run(&device, &mut opts).map(|_| true),
-        Some(other) => Err(Error::InvalidArgument { arg: "command", expected: "info, check, bench or run".into(), found: other.into() }),
+        Some(other) => Err(Error::InvalidArgument {
+            arg: "command",
+            expected: "info, check, bench or run".into(),
+            found: other.into(),
+        }),
     }
 }
 
@@ -81,7 +85,11 @@ impl Options {
         let mut it = args.iter();
         while let Some(a) = it.next() {
             let mut value = |name: &'static str| {
-                it.next().cloned().ok_or_else(|| Error::InvalidArgument { arg: name, expected: "a value".into(), found: "nothing".into() })
+                it.next().cloned().ok_or_else(|| Error::InvalidArgument {
+                    arg: name,
+                    expected: "a value".into(),
+                    found: "nothing".into(),
+                })
             };
             match a.as_str() {
                 "-h" | "--help" | "help" => o.help = true,
@@ -93,7 +101,11 @@ impl Options {
                 "--order" => o.order = Some(parse_num("--order", &value("--order")?)?),
                 "--seed" => o.seed = Some(parse_num("--seed", &value("--seed")?)?),
                 s if s.starts_with('-') => {
-                    return Err(Error::InvalidArgument { arg: "option", expected: "see --help".into(), found: s.into() })
+                    return Err(Error::InvalidArgument {
+                        arg: "option",
+                        expected: "see --help".into(),
+                        found: s.into(),
+                    })
                 }
                 s if o.command.is_none() => o.command = Some(s.into()),
                 s => o.positional.push(s.into()),
@@ -114,7 +126,9 @@ impl Options {
             Some("cpu") => Ok(Device::Cpu),
             Some(s) => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
                 Some(n) => Device::cuda(n),
-                None => Err(Error::InvalidArgument { arg: "--device", expected: "cpu or cuda:N".into(), found: s.into() }),
+                None => {
+                    Err(Error::InvalidArgument { arg: "--device", expected: "cpu or cuda:N".into(), found: s.into() })
+                }
             },
         }
     }
@@ -200,7 +214,11 @@ fn check(device: &Device, seed: Option<u64>) -> Result<bool> {
             let ok = worst <= tol;
             all_ok &= ok;
             let name = if kind == BasisKind::Value { "bspline_basis" } else { "bspline_basis_derivative" };
-            println!("{name:<26} {dtype:<6} {:>7} {worst:>12.3e} {tol:>10.0e}  {}", cases.len(), if ok { "pass" } else { "FAIL" });
+            println!(
+                "{name:<26} {dtype:<6} {:>7} {worst:>12.3e} {tol:>10.0e}  {}",
+                cases.len(),
+                if ok { "pass" } else { "FAIL" }
+            );
         }
     }
     println!("check: {}\n", if all_ok { "all kernels pass" } else { "FAILURES above" });
@@ -234,7 +252,9 @@ fn bench_cmd(device: &Device, json: bool, short: bool) -> Result<()> {
 
 fn print_table(device: &Device, rows: &[BenchRow], copy_gbs: Option<f64>) {
     match device {
-        Device::Cuda(_) => println!("== bench on {device} (median of CUDA-event times per launch; inputs rotated beyond L2)"),
+        Device::Cuda(_) => {
+            println!("== bench on {device} (median of CUDA-event times per launch; inputs rotated beyond L2)")
+        }
         Device::Cpu => println!("== bench on cpu (median of host-clock times)"),
     }
     match copy_gbs {
@@ -296,12 +316,17 @@ fn run(device: &Device, opts: &mut Options) -> Result<()> {
         expected: "bspline_basis or bspline_basis_derivative".into(),
         found: "nothing".into(),
     })?;
-    let missing = |arg: &'static str| Error::InvalidArgument { arg, expected: "a path".into(), found: "nothing".into() };
+    let missing =
+        |arg: &'static str| Error::InvalidArgument { arg, expected: "a path".into(), found: "nothing".into() };
     let input = opts.input.take().ok_or_else(|| missing("--input"))?;
     let output = opts.output.take().ok_or_else(|| missing("--output"))?;
     let tensors = load_safetensors(&input, device)?;
     let get = |name: &'static str| {
-        tensors.get(name).ok_or_else(|| Error::InvalidArgument { arg: name, expected: format!("a tensor `{name}` in {input}"), found: "none".into() })
+        tensors.get(name).ok_or_else(|| Error::InvalidArgument {
+            arg: name,
+            expected: format!("a tensor `{name}` in {input}"),
+            found: "none".into(),
+        })
     };
     let order = opts.order.unwrap_or(3);
     let grid = KnotGrid::from_knots(get("grid")?, order)?;
@@ -310,7 +335,11 @@ fn run(device: &Device, opts: &mut Options) -> Result<()> {
         "bspline_basis" => bspline::bspline_basis(x, &grid)?,
         "bspline_basis_derivative" => bspline::bspline_basis_derivative(x, &grid)?,
         other => {
-            return Err(Error::InvalidArgument { arg: "OP", expected: "bspline_basis or bspline_basis_derivative".into(), found: other.into() })
+            return Err(Error::InvalidArgument {
+                arg: "OP",
+                expected: "bspline_basis or bspline_basis_derivative".into(),
+                found: other.into(),
+            })
         }
     };
     save_safetensors(&output, &[("out", &out)])?;

@@ -60,7 +60,11 @@ impl Tensor {
     pub fn from_vec<T: Element>(data: Vec<T>, shape: &[usize], device: &Device) -> Result<Tensor> {
         let n = elem_count("shape", shape)?;
         if n != data.len() {
-            return Err(Error::invalid("data", format!("{n} elements for shape {shape:?}"), format!("{} elements", data.len())));
+            return Err(Error::invalid(
+                "data",
+                format!("{n} elements for shape {shape:?}"),
+                format!("{} elements", data.len()),
+            ));
         }
         let host = Tensor { shape: shape.to_vec(), storage: Storage::Host(T::wrap(data)) };
         host.to_device(device)
@@ -131,7 +135,11 @@ impl Tensor {
     pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
         let n = elem_count("shape", shape)?;
         if n != self.elem_count() {
-            return Err(Error::invalid("shape", format!("{} elements (from {:?})", self.elem_count(), self.shape), format!("{shape:?}")));
+            return Err(Error::invalid(
+                "shape",
+                format!("{} elements (from {:?})", self.elem_count(), self.shape),
+                format!("{shape:?}"),
+            ));
         }
         self.shape = shape.to_vec();
         Ok(self)
@@ -155,7 +163,11 @@ impl Tensor {
             Storage::Host(h) => h.clone(),
             Storage::Cuda(_, c) => c.download()?,
         };
-        T::unwrap(host).map_err(|found| Error::DTypeMismatch { arg: "to_vec", expected: T::DTYPE.to_string(), found: found.to_string() })
+        T::unwrap(host).map_err(|found| Error::DTypeMismatch {
+            arg: "to_vec",
+            expected: T::DTYPE.to_string(),
+            found: found.to_string(),
+        })
     }
 
     /// The elements widened to f64, whatever the element type.
@@ -314,7 +326,9 @@ pub fn load_safetensors<P: AsRef<Path>>(path: P, device: &Device) -> Result<Hash
         let raw = view.data();
         // safetensors data is little-endian and not necessarily aligned: copy out by value.
         let host = match dtype {
-            DType::F32 => HostData::F32(raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+            DType::F32 => {
+                HostData::F32(raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+            }
             DType::BF16 => HostData::BF16(raw.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect()),
             DType::F16 => HostData::F16(raw.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect()),
         };

@@ -224,7 +224,10 @@ fn bad_inputs_are_typed_errors() {
     let mut wrong_shape = Tensor::full(0.0, &[2, 4, 7], DType::F32, &cpu).unwrap();
     expect_invalid(bspline::bspline_basis_into(&x, &grid, &mut wrong_shape), "out");
     let mut wrong_dtype = Tensor::full(0.0, &[2, 4, 8], DType::BF16, &cpu).unwrap();
-    assert!(matches!(bspline::bspline_basis_into(&x, &grid, &mut wrong_dtype), Err(Error::DTypeMismatch { arg: "out", .. })));
+    assert!(matches!(
+        bspline::bspline_basis_into(&x, &grid, &mut wrong_dtype),
+        Err(Error::DTypeMismatch { arg: "out", .. })
+    ));
     let huge = Tensor::full(0.0, &[1, 4], DType::F32, &cpu).unwrap().reshape(&[usize::MAX, 4]);
     expect_invalid(huge, "shape");
 }

@@ -54,7 +54,15 @@ fn every_order_up_to_the_maximum() {
     let mut rng = Rng::from_time();
     for order in 0..=bspline::MAX_SPLINE_ORDER {
         for kind in [BasisKind::Value, BasisKind::Derivative] {
-            let case = BasisCase { batch: 65, in_features: 31, grid_size: 9, order, layout: GridLayout::NonUniform, dtype: DType::F32, kind };
+            let case = BasisCase {
+                batch: 65,
+                in_features: 31,
+                grid_size: 9,
+                order,
+                layout: GridLayout::NonUniform,
+                dtype: DType::F32,
+                kind,
+            };
             let err = case.run(&mut rng, &gpu).unwrap();
             assert!(err <= tolerance(kind, DType::F32), "order {order} {kind:?}: {err:e}");
         }
@@ -66,7 +74,8 @@ fn special_values_agree_with_cpu() {
     let Some(gpu) = common::gpu("special_values_agree_with_cpu") else { return };
     let grid = KnotGrid::uniform(1, 5, 3, (-1.0, 1.0), &Device::Cpu).unwrap();
     let t = grid.knots().to_f32_vec().unwrap();
-    let mut xs: Vec<f32> = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN, 0.0, -0.0, f32::MIN_POSITIVE];
+    let mut xs: Vec<f32> =
+        vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN, 0.0, -0.0, f32::MIN_POSITIVE];
     xs.extend(&t); // every knot exactly, including the last (outside)
     xs.extend(t.iter().map(|k| k.next_down_approx()));
     for dtype in [DType::F32, DType::BF16] {
@@ -119,7 +128,15 @@ fn repeated_launches_are_bitwise_identical() {
 fn large_batch_matches_cpu() {
     let Some(gpu) = common::gpu("large_batch_matches_cpu") else { return };
     // 4096 x 1024 x 8 outputs (134 MB in f32): many blocks per SM through the grid-stride loop.
-    let case = BasisCase { batch: 4096, in_features: 1024, grid_size: 5, order: 3, layout: GridLayout::Uniform, dtype: DType::F32, kind: BasisKind::Value };
+    let case = BasisCase {
+        batch: 4096,
+        in_features: 1024,
+        grid_size: 5,
+        order: 3,
+        layout: GridLayout::Uniform,
+        dtype: DType::F32,
+        kind: BasisKind::Value,
+    };
     let err = case.run(&mut Rng::from_time(), &gpu).unwrap();
     assert!(err <= tolerance(BasisKind::Value, DType::F32), "{err:e}");
 }
@@ -134,7 +151,8 @@ fn empty_batch_and_leading_dims() {
     assert!(out.to_vec::<half::bf16>().unwrap().is_empty());
     let x = Tensor::from_f32(&[0.25; 30], &[2, 5, 3], DType::F32, &gpu).unwrap();
     let g = bspline::bspline_basis(&x, &grid).unwrap();
-    let c = bspline::bspline_basis(&x.to_device(&Device::Cpu).unwrap(), &grid.to_device(&Device::Cpu).unwrap()).unwrap();
+    let c =
+        bspline::bspline_basis(&x.to_device(&Device::Cpu).unwrap(), &grid.to_device(&Device::Cpu).unwrap()).unwrap();
     assert_eq!(g.shape(), &[2, 5, 3, 6]);
     assert!(hybrid_kernels::check::relative_error(&g.to_f64_vec().unwrap(), &c.to_f64_vec().unwrap()) <= 1e-6);
 }
@@ -147,6 +165,9 @@ fn mixing_devices_is_a_typed_error() {
     assert!(matches!(bspline::bspline_basis(&x_gpu, &grid_cpu), Err(Error::DeviceMismatch { arg: "grid", .. })));
     let grid_gpu = grid_cpu.to_device(&gpu).unwrap();
     let mut out_cpu = Tensor::full(0.0, &[2, 3, 6], DType::F32, &Device::Cpu).unwrap();
-    assert!(matches!(bspline::bspline_basis_into(&x_gpu, &grid_gpu, &mut out_cpu), Err(Error::DeviceMismatch { arg: "out", .. })));
+    assert!(matches!(
+        bspline::bspline_basis_into(&x_gpu, &grid_gpu, &mut out_cpu),
+        Err(Error::DeviceMismatch { arg: "out", .. })
+    ));
     assert!(matches!(Device::cuda(4096), Err(Error::NoDevice { ordinal: 4096, .. })));
 }

@@ -30,7 +30,13 @@ fn run_writes_the_op_output() {
     assert_eq!(got.shape(), &[2, 3, 8]);
     assert_eq!(got.to_f64_vec().unwrap(), expect.to_f64_vec().unwrap());
 
-    let bad = Command::new(bin()).args(["run", "no_such_op", "--device", "cpu", "--input"]).arg(&input).arg("--output").arg(&output).output().unwrap();
+    let bad = Command::new(bin())
+        .args(["run", "no_such_op", "--device", "cpu", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("no_such_op"));
     std::fs::remove_dir_all(dir).ok();

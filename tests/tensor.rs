@@ -19,10 +19,10 @@ fn from_vec_checks_the_length() {
 
 #[test]
 fn dtype_conversions_round_to_nearest() {
-    let t = Tensor::from_f32(&[1.0, 1.0 + 1.0 / 256.0, 3.14159], &[3], DType::F32, &Device::Cpu).unwrap();
+    let t = Tensor::from_f32(&[1.0, 1.0 + 1.0 / 256.0, 3.3], &[3], DType::F32, &Device::Cpu).unwrap();
     let b = t.to_dtype(DType::BF16).unwrap();
     assert_eq!(b.dtype(), DType::BF16);
-    assert_eq!(b.to_f32_vec().unwrap(), vec![1.0, 1.0, 3.140625]);
+    assert_eq!(b.to_f32_vec().unwrap(), vec![1.0, 1.0, 3.296875]);
     assert!(matches!(b.to_vec::<f32>(), Err(Error::DTypeMismatch { .. })));
 }
 

@@ -26,7 +26,8 @@ pub fn gpu(test: &str) -> Option<Device> {
             said.push(test.to_string());
             // Written to the process's stderr directly: the test harness captures only
             // the print macros, and a skip must be visible.
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no GPU ({e}); set {REQUIRE_GPU_VAR}=1 to fail instead");
+            let _ =
+                writeln!(std::io::stderr(), "SKIPPED {test}: no GPU ({e}); set {REQUIRE_GPU_VAR}=1 to fail instead");
             None
         }
     }

@@ -27,7 +27,8 @@ fn bases_of_order(x: f64, knots: &[f64], level: usize) -> Vec<f64> {
     let mut n: Vec<f64> = t.windows(2).map(|w| if x >= w[0] && x < w[1] { 1.0 } else { 0.0 }).collect();
     for d in 1..=level {
         for a in 0..t.len() - 1 - d {
-            n[a] = span_ratio(x - t[a], t[a + d] - t[a]) * n[a] + span_ratio(t[a + d + 1] - x, t[a + d + 1] - t[a + 1]) * n[a + 1];
+            n[a] = span_ratio(x - t[a], t[a + d] - t[a]) * n[a]
+                + span_ratio(t[a + d + 1] - x, t[a + d + 1] - t[a + 1]) * n[a + 1];
         }
         n.pop();
     }
@@ -63,7 +64,13 @@ pub fn basis_derivatives(x: f64, knots: &[f64], order: usize, out: &mut [f64]) {
 }
 
 /// The whole op on host tensors, rows split across threads.
-pub(super) fn evaluate(kind: BasisKind, x: &Tensor, grid: &KnotGrid, dims: BasisDims, out_shape: Vec<usize>) -> Result<Tensor> {
+pub(super) fn evaluate(
+    kind: BasisKind,
+    x: &Tensor,
+    grid: &KnotGrid,
+    dims: BasisDims,
+    out_shape: Vec<usize>,
+) -> Result<Tensor> {
     let xs = x.to_f64_vec()?;
     let knots = grid.knots().to_f64_vec()?;
     let data = match x.dtype() {
@@ -89,7 +96,14 @@ fn fill<T: Element>(kind: BasisKind, xs: &[f64], knots: &[f64], dims: BasisDims)
     out
 }
 
-fn for_rows<T: Send>(kind: BasisKind, xs: &[f64], knots: &[f64], dims: BasisDims, out: &mut [T], convert: impl Fn(f64) -> T + Sync) {
+fn for_rows<T: Send>(
+    kind: BasisKind,
+    xs: &[f64],
+    knots: &[f64],
+    dims: BasisDims,
+    out: &mut [T],
+    convert: impl Fn(f64) -> T + Sync,
+) {
     let nb = dims.n_bases;
     if nb == 0 || xs.is_empty() {
         return;

@@ -44,9 +44,9 @@ fn kernel_name(kind: BasisKind, dtype: DType) -> &'static str {
 /// An output tensor whose every element the following launch writes.
 pub(super) fn alloc_output(dev: &CudaDevice, dtype: DType, shape: Vec<usize>) -> Result<Tensor> {
     let n: usize = shape.iter().product();
-    let bytes = n
-        .checked_mul(dtype.size_in_bytes())
-        .ok_or_else(|| Error::invalid("output", "a size in bytes that fits in usize", format!("{n} elements of {dtype}")))?;
+    let bytes = n.checked_mul(dtype.size_in_bytes()).ok_or_else(|| {
+        Error::invalid("output", "a size in bytes that fits in usize", format!("{n} elements of {dtype}"))
+    })?;
     let s = dev.stream();
     let map = |e| dev.map_err_bytes("allocating the output", e, bytes);
     // SAFETY: the memory is uninitialised device memory, never read as a Rust value on
@@ -62,8 +62,16 @@ pub(super) fn alloc_output(dev: &CudaDevice, dtype: DType, shape: Vec<usize>) ->
     Ok(Tensor::from_cuda(shape, dev.clone(), data))
 }
 
-pub(super) fn evaluate_into(kind: BasisKind, dev: &CudaDevice, x: &Tensor, grid: &KnotGrid, dims: BasisDims, out: &mut Tensor) -> Result<()> {
-    let not_on_device = |arg| Error::DeviceMismatch { arg, expected: format!("cuda:{}", dev.ordinal()), found: "cpu".into() };
+pub(super) fn evaluate_into(
+    kind: BasisKind,
+    dev: &CudaDevice,
+    x: &Tensor,
+    grid: &KnotGrid,
+    dims: BasisDims,
+    out: &mut Tensor,
+) -> Result<()> {
+    let not_on_device =
+        |arg| Error::DeviceMismatch { arg, expected: format!("cuda:{}", dev.ordinal()), found: "cpu".into() };
     let Storage::Cuda(_, xd) = x.storage() else { return Err(not_on_device("x")) };
     let Storage::Cuda(_, CudaData::F32(knots)) = grid.knots().storage() else { return Err(not_on_device("grid")) };
     let Storage::Cuda(_, od) = out.storage_mut() else { return Err(not_on_device("out")) };
@@ -74,7 +82,11 @@ pub(super) fn evaluate_into(kind: BasisKind, dev: &CudaDevice, x: &Tensor, grid:
 
     // Each launch covers whole batch rows and at most 2^31 rows (32-bit row indices).
     if dims.in_features > MAX_ROWS_PER_LAUNCH {
-        return Err(Error::invalid("x", format!("in_features <= {MAX_ROWS_PER_LAUNCH}"), format!("in_features = {}", dims.in_features)));
+        return Err(Error::invalid(
+            "x",
+            format!("in_features <= {MAX_ROWS_PER_LAUNCH}"),
+            format!("in_features = {}", dims.in_features),
+        ));
     }
     let batch_rows = dims.rows / dims.in_features;
     let batch_rows_per_launch = MAX_ROWS_PER_LAUNCH / dims.in_features;
@@ -91,10 +103,22 @@ pub(super) fn evaluate_into(kind: BasisKind, dev: &CudaDevice, x: &Tensor, grid:
         let blocks = ((r1 - r0).div_ceil(ROWS_PER_BLOCK) as u32).min(dev.multiprocessors() * BLOCKS_PER_SM);
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK_THREADS, 1, 1), shared_mem_bytes: 0 };
         match (xd, &mut *od) {
-            (CudaData::F32(xs), CudaData::F32(os)) => launch(dev, &func, xs.slice(r0..r1), knots, os.slice_mut(r0 * nb..r1 * nb), params, cfg)?,
-            (CudaData::BF16(xs), CudaData::BF16(os)) => launch(dev, &func, xs.slice(r0..r1), knots, os.slice_mut(r0 * nb..r1 * nb), params, cfg)?,
-            (CudaData::F16(xs), CudaData::F16(os)) => launch(dev, &func, xs.slice(r0..r1), knots, os.slice_mut(r0 * nb..r1 * nb), params, cfg)?,
-            _ => return Err(Error::DTypeMismatch { arg: "out", expected: x.dtype().to_string(), found: out_dtype(od).to_string() }),
+            (CudaData::F32(xs), CudaData::F32(os)) => {
+                launch(dev, &func, xs.slice(r0..r1), knots, os.slice_mut(r0 * nb..r1 * nb), params, cfg)?
+            }
+            (CudaData::BF16(xs), CudaData::BF16(os)) => {
+                launch(dev, &func, xs.slice(r0..r1), knots, os.slice_mut(r0 * nb..r1 * nb), params, cfg)?
+            }
+            (CudaData::F16(xs), CudaData::F16(os)) => {
+                launch(dev, &func, xs.slice(r0..r1), knots, os.slice_mut(r0 * nb..r1 * nb), params, cfg)?
+            }
+            _ => {
+                return Err(Error::DTypeMismatch {
+                    arg: "out",
+                    expected: x.dtype().to_string(),
+                    found: out_dtype(od).to_string(),
+                })
+            }
         }
     }
     Ok(())

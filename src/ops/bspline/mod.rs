@@ -39,7 +39,13 @@ impl KnotGrid {
     /// efficient-kan's grid: `G + 2k + 1` uniformly spaced knots per feature, `k`
     /// extensions beyond `range` on each side (`arange(-k, G + k + 1) * h + lo`,
     /// `h = (hi - lo) / G`, computed in f64 and rounded to f32).
-    pub fn uniform(in_features: usize, grid_size: usize, order: usize, range: (f32, f32), device: &Device) -> Result<KnotGrid> {
+    pub fn uniform(
+        in_features: usize,
+        grid_size: usize,
+        order: usize,
+        range: (f32, f32),
+        device: &Device,
+    ) -> Result<KnotGrid> {
         check_order(order)?;
         if grid_size == 0 {
             return Err(Error::invalid("grid_size", "at least 1 interval", "0"));
@@ -52,7 +58,8 @@ impl KnotGrid {
             return Err(Error::invalid("range", "finite (lo, hi) with lo < hi", format!("({lo}, {hi})")));
         }
         let h = (hi as f64 - lo as f64) / grid_size as f64;
-        let row: Vec<f32> = (-(order as i64)..=(grid_size + order) as i64).map(|i| (i as f64 * h + lo as f64) as f32).collect();
+        let row: Vec<f32> =
+            (-(order as i64)..=(grid_size + order) as i64).map(|i| (i as f64 * h + lo as f64) as f32).collect();
         let n_knots = row.len();
         let knots: Vec<f32> = row.iter().copied().cycle().take(n_knots * in_features).collect();
         KnotGrid::from_knots(&Tensor::from_vec(knots, &[in_features, n_knots], device)?, order)
@@ -63,7 +70,11 @@ impl KnotGrid {
         check_order(order)?;
         knots.expect_dtype("knots", DType::F32)?;
         let &[in_features, n_knots] = knots.shape() else {
-            return Err(Error::invalid("knots", "a 2-D (in_features, n_knots) tensor", format!("shape {:?}", knots.shape())));
+            return Err(Error::invalid(
+                "knots",
+                "a 2-D (in_features, n_knots) tensor",
+                format!("shape {:?}", knots.shape()),
+            ));
         };
         if in_features == 0 {
             return Err(Error::invalid("knots", "at least one feature (row)", "0 rows"));
@@ -176,7 +187,11 @@ fn check_inputs(x: &Tensor, grid: &KnotGrid) -> Result<(BasisDims, Vec<usize>)> 
         return Err(Error::invalid("x", "a tensor of shape (..., in_features) with rank >= 1", "a scalar (rank 0)"));
     };
     if last != grid.in_features() {
-        return Err(Error::invalid("x", format!("last dimension = in_features of the grid = {}", grid.in_features()), format!("shape {:?}", x.shape())));
+        return Err(Error::invalid(
+            "x",
+            format!("last dimension = in_features of the grid = {}", grid.in_features()),
+            format!("shape {:?}", x.shape()),
+        ));
     }
     x.expect_device("grid", &grid.device()).map_err(|_| Error::DeviceMismatch {
         arg: "grid",
