@@ -17,7 +17,9 @@
 //  - x = NaN gives NaN for every basis of that row.
 #include "common.cuh"
 
-namespace {
+// A named namespace, not an anonymous one: names with internal linkage are mangled with a
+// per-compilation hash, which would make the committed PTX differ from build to build.
+namespace hk_bspline {
 
 constexpr int MAX_SPLINE_ORDER = 7;  // src/ops/bspline/mod.rs: MAX_SPLINE_ORDER
 constexpr int WARPS_PER_BLOCK = 8;
@@ -174,18 +176,18 @@ __device__ __forceinline__ void bspline_dispatch(const T* x, const float* grid, 
     static_assert(MAX_SPLINE_ORDER == 7, "extend the switch with the maximum order");
 }
 
-}  // namespace
+}  // namespace hk_bspline
 
 #define BSPLINE_KERNELS(SUFFIX, T)                                                                  \
     extern "C" __global__ void __launch_bounds__(256) bspline_basis_##SUFFIX(                      \
         const T* __restrict__ x, const float* __restrict__ grid, T* __restrict__ out,              \
-        BsplineParams p) {                                                                         \
-        bspline_dispatch<T, false>(x, grid, out, p);                                               \
+        hk_bspline::BsplineParams p) {                                                                         \
+        hk_bspline::bspline_dispatch<T, false>(x, grid, out, p);                                               \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(256) bspline_basis_derivative_##SUFFIX(           \
         const T* __restrict__ x, const float* __restrict__ grid, T* __restrict__ out,              \
-        BsplineParams p) {                                                                         \
-        bspline_dispatch<T, true>(x, grid, out, p);                                                \
+        hk_bspline::BsplineParams p) {                                                                         \
+        hk_bspline::bspline_dispatch<T, true>(x, grid, out, p);                                                \
     }
 
 BSPLINE_KERNELS(f32, float)
