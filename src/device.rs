@@ -104,6 +104,7 @@ struct CudaDeviceInner {
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<KernelModule, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(KernelModule, &'static str), CudaFunction>>,
+    resident_blocks: Mutex<HashMap<(KernelModule, &'static str, u32), u32>>,
 }
 
 impl PartialEq for CudaDevice {
@@ -142,6 +143,7 @@ impl CudaDevice {
             stream,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            resident_blocks: Mutex::new(HashMap::new()),
         })))
     }
 
@@ -187,6 +189,23 @@ impl CudaDevice {
         let f = m.load_function(name).map_err(|e| Error::driver("cuModuleGetFunction", e))?;
         lock(&self.0.functions).insert(key, f.clone());
         Ok(f)
+    }
+
+    /// Blocks of `block_threads` threads of kernel `name` that fit on the whole device at
+    /// once (occupancy per SM x SMs, at least one per SM): the grid of a grid-stride
+    /// kernel that runs in exactly one wave.
+    pub fn resident_blocks(&self, module: KernelModule, name: &'static str, block_threads: u32) -> Result<u32> {
+        let key = (module, name, block_threads);
+        if let Some(&n) = lock(&self.0.resident_blocks).get(&key) {
+            return Ok(n);
+        }
+        let per_sm = self
+            .function(module, name)?
+            .occupancy_max_active_blocks_per_multiprocessor(block_threads, 0, None)
+            .map_err(|e| Error::driver("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
+        let n = per_sm.max(1) * self.0.multiprocessors;
+        lock(&self.0.resident_blocks).insert(key, n);
+        Ok(n)
     }
 
     /// Loads every embedded module, so that problems show up front (used by `info`).

@@ -200,6 +200,8 @@ fn check(device: &Device, seed: Option<u64>) -> Result<bool> {
         (17, 1025, 7, 4, GridLayout::NonUniform),
         (5, 64, 100, 5, GridLayout::Uniform),
         (3, 9, 4, 7, GridLayout::NonUniform),
+        // More than 128 bases per row: the kernel's row-broadcast write path.
+        (5, 7, 300, 3, GridLayout::NonUniform),
     ];
     println!("{:<26} {:<6} {:>7} {:>12} {:>10}  result", "kernel", "dtype", "cases", "max rel err", "tolerance");
     let mut all_ok = true;

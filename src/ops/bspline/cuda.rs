@@ -25,8 +25,6 @@ unsafe impl DeviceRepr for BsplineParams {}
 /// 8 warps of 32 rows each (WARPS_PER_BLOCK, ROWS_PER_WARP in cuda/bspline.cu).
 const BLOCK_THREADS: u32 = 256;
 const ROWS_PER_BLOCK: usize = 256;
-/// Blocks per SM for the grid-stride loop over row tiles: 8 x 256 threads fill an SM.
-const BLOCKS_PER_SM: u32 = 8;
 /// Rows per launch: row indices stay well inside u32 in the kernel.
 const MAX_ROWS_PER_LAUNCH: usize = 1 << 31;
 
@@ -78,7 +76,10 @@ pub(super) fn evaluate_into(
     if dims.rows == 0 {
         return Ok(());
     }
-    let func = dev.function(KernelModule::Bspline, kernel_name(kind, x.dtype()))?;
+    let name = kernel_name(kind, x.dtype());
+    let func = dev.function(KernelModule::Bspline, name)?;
+    // One full wave of resident blocks; the kernel's grid-stride loop covers the rest.
+    let resident = dev.resident_blocks(KernelModule::Bspline, name, BLOCK_THREADS)?;
 
     // Each launch covers whole batch rows and at most 2^31 rows (32-bit row indices).
     if dims.in_features > MAX_ROWS_PER_LAUNCH {
@@ -100,7 +101,7 @@ pub(super) fn evaluate_into(
             n_knots: dims.n_knots as u32,
             order: dims.order as u32,
         };
-        let blocks = ((r1 - r0).div_ceil(ROWS_PER_BLOCK) as u32).min(dev.multiprocessors() * BLOCKS_PER_SM);
+        let blocks = ((r1 - r0).div_ceil(ROWS_PER_BLOCK) as u32).min(resident);
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK_THREADS, 1, 1), shared_mem_bytes: 0 };
         match (xd, &mut *od) {
             (CudaData::F32(xs), CudaData::F32(os)) => {
