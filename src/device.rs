@@ -219,7 +219,7 @@ impl CudaDevice {
             return Ok(m.clone());
         }
         let required = module.min_compute_capability();
-        if self.0.compute_capability < required {
+        if !module.runs_on(self.0.compute_capability) {
             return Err(Error::UnsupportedComputeCapability {
                 module: module.name(),
                 ordinal: self.0.ordinal,

@@ -21,7 +21,8 @@ pub enum Error {
     NoDevice { ordinal: usize, count: usize },
 
     #[error(
-        "kernel module `{module}` needs compute capability {}.{} or newer; device {ordinal} has {}.{}",
+        "kernel module `{module}` is built for compute capability {}.{} (or newer, unless its target is \
+         architecture-specific like sm_90a); device {ordinal} has {}.{}",
         required.0, required.1, found.0, found.1
     )]
     UnsupportedComputeCapability { module: &'static str, ordinal: usize, required: (i32, i32), found: (i32, i32) },

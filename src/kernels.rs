@@ -32,6 +32,22 @@ impl KernelModule {
         parse_sm(target).unwrap_or((8, 0))
     }
 
+    /// True for architecture-specific targets (`sm_90a`): such PTX runs only on exactly
+    /// that compute capability, not on later ones.
+    pub fn arch_specific(self) -> bool {
+        self.ptx_directive(".target").is_some_and(|t| t.ends_with('a'))
+    }
+
+    /// Whether the module can load on a device of compute capability `cc`.
+    pub fn runs_on(self, cc: (i32, i32)) -> bool {
+        let min = self.min_compute_capability();
+        if self.arch_specific() {
+            cc == min
+        } else {
+            cc >= min
+        }
+    }
+
     /// The PTX ISA version (`.version 9.0`), which decides the oldest driver that loads it.
     pub fn ptx_isa(self) -> &'static str {
         self.ptx_directive(".version").unwrap_or("unknown")
@@ -81,5 +97,7 @@ mod tests {
             assert!(isa.split('.').all(|p| p.parse::<u32>().is_ok()), "{m:?}: {isa}");
         }
         assert_eq!(parse_sm("sm_90a"), Some((9, 0)));
+        assert!(KernelModule::Bspline.runs_on((8, 0)) && KernelModule::Bspline.runs_on((10, 0)));
+        assert!(!KernelModule::Bspline.runs_on((7, 5)));
     }
 }
