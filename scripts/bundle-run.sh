@@ -11,6 +11,7 @@ cd "$here"
 out=${OUT:-$here/out}
 mkdir -p "$out"
 export HYBRID_KERNELS_REQUIRE_GPU=1
+export HYBRID_KERNELS_POISON=1   # every output allocation starts as NaN bytes
 export HYBRID_KERNELS_BIN=$here/bin/hybrid-kernels  # for the CLI tests, built elsewhere
 san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 summary=()
@@ -29,7 +30,7 @@ for t in tests/*; do
 done
 
 for tool in ${SANITIZER_TOOLS:-memcheck racecheck initcheck synccheck}; do
-  for name in bspline_gpu tensor; do
+  for name in bspline_gpu kan_gpu tensor; do
     log="$out/sanitizer-$tool-$name.log"
     PROPTEST_CASES=${SANITIZER_CASES:-12} "$san" --tool "$tool" --error-exitcode 99 --print-limit 20 \
       "tests/$name" --test-threads=1 >"$log" 2>&1

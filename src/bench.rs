@@ -104,6 +104,10 @@ pub struct BenchRow {
     pub flops: f64,
     /// Copy bandwidth the GB/s is compared with (None on the CPU).
     pub copy_gbs: Option<f64>,
+    /// The project's speed target for this row, if it has one (H100 numbers).
+    pub target_us: Option<f64>,
+    /// Peak device memory the op allocated beyond its inputs and parameters.
+    pub peak_extra_bytes: Option<u64>,
 }
 
 impl BenchRow {
@@ -197,5 +201,129 @@ pub fn bench_basis(
         bytes: (set_bytes + knots.len() * 4) as f64,
         flops: basis_flops(kind, rows, shape.order),
         copy_gbs,
+        target_us: None,
+        peak_extra_bytes: None,
+    })
+}
+
+/// A KANLinear benchmark case.
+#[derive(Clone, Copy, Debug)]
+pub struct KanShape {
+    pub batch: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub grid_size: usize,
+    pub order: usize,
+}
+
+/// What to time of a KANLinear layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KanPass {
+    Forward,
+    ForwardBackward,
+}
+
+/// The project's KANLinear shapes: 4096x1024->1024 with G = 5 and 20 (k = 3), and the
+/// latency case 100x1000->1000.
+pub const KAN_SHAPES: &[KanShape] = &[
+    KanShape { batch: 4096, in_features: 1024, out_features: 1024, grid_size: 5, order: 3 },
+    KanShape { batch: 4096, in_features: 1024, out_features: 1024, grid_size: 20, order: 3 },
+    KanShape { batch: 100, in_features: 1000, out_features: 1000, grid_size: 5, order: 3 },
+];
+
+/// The targets of the KAN issue (H100), in microseconds.
+pub fn kan_target_us(shape: KanShape, pass: KanPass, dtype: DType, tf32: bool) -> Option<f64> {
+    let main = shape.batch == 4096 && shape.in_features == 1024 && shape.out_features == 1024 && shape.grid_size == 5;
+    let latency = shape.batch == 100 && shape.in_features == 1000;
+    match (main, latency, pass, dtype, tf32) {
+        (true, _, KanPass::Forward, DType::BF16, _) => Some(240.0),
+        (true, _, KanPass::ForwardBackward, DType::BF16, _) => Some(900.0),
+        (true, _, KanPass::Forward, DType::F32, false) => Some(2000.0),
+        (true, _, KanPass::ForwardBackward, DType::F32, false) => Some(6000.0),
+        (_, true, KanPass::Forward, DType::F32, false) => Some(60.0),
+        _ => None,
+    }
+}
+
+/// Benchmarks a KANLinear pass; FLOPs count the GEMMs (forward: 2 rows out in (G + k + 1),
+/// forward + backward: three times that), bytes the inputs, parameters and outputs once.
+pub fn bench_kan(
+    device: &Device,
+    pass: KanPass,
+    dtype: DType,
+    tf32: bool,
+    shape: KanShape,
+    reps: Repeats,
+) -> Result<BenchRow> {
+    use crate::ops::kan::{KanLinear, KanLinearConfig};
+    let mut cfg = KanLinearConfig::new(shape.in_features, shape.out_features);
+    cfg.grid_size = shape.grid_size;
+    cfg.spline_order = shape.order;
+    let mut layer = KanLinear::new(cfg, dtype, device, 1)?;
+    layer.set_allow_tf32(tf32);
+    let mut rng = Rng::new(0xC0FFEE);
+    let sets = if device.is_cuda() { 4 } else { 1 };
+    let mut xs = Vec::with_capacity(sets);
+    let mut dys = Vec::with_capacity(sets);
+    for _ in 0..sets {
+        let x: Vec<f32> = (0..shape.batch * shape.in_features).map(|_| rng.uniform(-1.0, 1.0) as f32).collect();
+        let dy: Vec<f32> = (0..shape.batch * shape.out_features).map(|_| rng.uniform(-1.0, 1.0) as f32).collect();
+        xs.push(Tensor::from_f32(&x, &[shape.batch, shape.in_features], dtype, device)?);
+        dys.push(Tensor::from_f32(&dy, &[shape.batch, shape.out_features], dtype, device)?);
+    }
+    let step = |i: usize| -> Result<()> {
+        let s = i % sets;
+        match pass {
+            KanPass::Forward => layer.forward(&xs[s]).map(drop),
+            KanPass::ForwardBackward => {
+                layer.forward(&xs[s])?;
+                layer.backward(&xs[s], &dys[s]).map(drop)
+            }
+        }
+    };
+    let (timing, peak) = match device {
+        Device::Cuda(dev) => {
+            step(0)?; // warm-up outside the peak measurement: module loads, cuBLAS handle
+            dev.synchronize()?;
+            let (before, _) = dev.pool_usage()?;
+            dev.reset_pool_peak()?;
+            step(1)?;
+            dev.synchronize()?;
+            let (_, high) = dev.pool_usage()?;
+            (time_cuda(dev, reps, step)?, Some(high.saturating_sub(before)))
+        }
+        Device::Cpu => (time_host(Repeats { warmup: 0, iters: reps.iters.min(3) }, step)?, None),
+    };
+    let nb = shape.grid_size + shape.order;
+    let (rows, inf, outf) = (shape.batch as f64, shape.in_features as f64, shape.out_features as f64);
+    let gemm = 2.0 * rows * outf * inf * (nb as f64 + 1.0);
+    let params = outf * inf * (nb as f64 + 2.0);
+    let es = dtype.size_in_bytes() as f64;
+    let (flops, bytes) = match pass {
+        KanPass::Forward => (gemm, es * (rows * inf + params + rows * outf)),
+        KanPass::ForwardBackward => (3.0 * gemm, es * (2.0 * rows * inf + 2.0 * params + 2.0 * rows * outf)),
+    };
+    let op = match pass {
+        KanPass::Forward => "kan_linear forward",
+        KanPass::ForwardBackward => "kan_linear fwd+bwd",
+    };
+    Ok(BenchRow {
+        op: op.into(),
+        dtype,
+        shape: format!(
+            "{}x{}->{} G={}{}",
+            shape.batch,
+            shape.in_features,
+            shape.out_features,
+            shape.grid_size,
+            if tf32 { " tf32" } else { "" }
+        ),
+        device: device.to_string(),
+        timing,
+        bytes,
+        flops,
+        copy_gbs: None,
+        target_us: kan_target_us(shape, pass, dtype, tf32),
+        peak_extra_bytes: peak,
     })
 }

@@ -161,6 +161,18 @@ pub fn tolerance(kind: BasisKind, dtype: DType) -> f64 {
     }
 }
 
+/// Tolerance of KANLinear's forward and gradients against the f64 reference. f32 runs
+/// SGEMM-accurate (1e-5); TF32 rounds GEMM operands to 10 mantissa bits (5e-3); bf16 and
+/// f16 round SiLU(x), the bases and the GEMM outputs to the storage type (1.5e-2, 5e-3).
+pub fn kan_tolerance(dtype: DType, tf32: bool) -> f64 {
+    match (dtype, tf32) {
+        (DType::F32, false) => 1e-5,
+        (DType::F32, true) => 5e-3,
+        (DType::BF16, _) => 1.5e-2,
+        (DType::F16, _) => 5e-3,
+    }
+}
+
 /// One random B-spline case run on `device` against the f64 reference.
 #[derive(Clone, Debug)]
 pub struct BasisCase {
@@ -193,5 +205,85 @@ impl BasisCase {
         let knots64: Vec<f64> = knots.iter().map(|&v| v as f64).collect();
         let reference = bspline::cpu::evaluate_f64(self.kind, &x_rounded, &knots64, n_knots, self.order);
         Ok(relative_error(&out.to_f64_vec()?, &reference))
+    }
+}
+
+/// One random KANLinear case: forward and all gradients on `device` against the f64
+/// reference, parameters and inputs rounded to `dtype` first so both see the same values.
+#[derive(Clone, Debug)]
+pub struct KanCase {
+    pub batch: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub grid_size: usize,
+    pub order: usize,
+    pub scaler: bool,
+    pub dtype: DType,
+    pub tf32: bool,
+}
+
+/// Relative errors of one [`KanCase`].
+#[derive(Clone, Copy, Debug)]
+pub struct KanErrors {
+    pub y: f64,
+    pub dx: f64,
+    pub base_weight: f64,
+    pub spline_weight: f64,
+    pub spline_scaler: f64,
+}
+
+impl KanErrors {
+    pub fn max(&self) -> f64 {
+        [self.y, self.dx, self.base_weight, self.spline_weight, self.spline_scaler].into_iter().fold(0.0, f64::max)
+    }
+
+    pub fn named(&self) -> [(&'static str, f64); 5] {
+        [
+            ("y", self.y),
+            ("dx", self.dx),
+            ("dW_base", self.base_weight),
+            ("dW_spline", self.spline_weight),
+            ("dscaler", self.spline_scaler),
+        ]
+    }
+}
+
+impl KanCase {
+    pub fn run(&self, seed: u64, device: &Device) -> Result<KanErrors> {
+        use crate::ops::kan::{cpu, KanLinear, KanLinearConfig};
+        let mut c = KanLinearConfig::new(self.in_features, self.out_features);
+        c.grid_size = self.grid_size;
+        c.spline_order = self.order;
+        c.standalone_scale_spline = self.scaler;
+        c.scale_noise = 1.0; // spline weights of order one, so the spline branch matters
+        let layer_host = KanLinear::new(c, self.dtype, &Device::Cpu, seed)?;
+        let mut layer = layer_host.to_device(device)?;
+        layer.set_allow_tf32(self.tf32);
+        let mut rng = Rng::new(seed ^ 0xABCD);
+        // Mostly inside the grid, some far outside it.
+        let x: Vec<f32> = (0..self.batch * self.in_features)
+            .map(|_| if rng.below(10) == 0 { rng.uniform(-6.0, 6.0) } else { rng.uniform(-1.2, 1.2) } as f32)
+            .collect();
+        let dy: Vec<f32> = (0..self.batch * self.out_features).map(|_| rng.uniform(-1.0, 1.0) as f32).collect();
+        let xt = Tensor::from_f32(&x, &[self.batch, self.in_features], self.dtype, device)?;
+        let dyt = Tensor::from_f32(&dy, &[self.batch, self.out_features], self.dtype, device)?;
+        let p = layer_host.params64()?;
+        let (x64, dy64) = (xt.to_f64_vec()?, dyt.to_f64_vec()?);
+        let y_ref = cpu::forward(&p, &x64);
+        let g_ref = cpu::backward(&p, &x64, &dy64);
+        let y = layer.forward(&xt)?.to_f64_vec()?;
+        let g = layer.backward(&xt, &dyt)?;
+        let spline_scaler = match (&g.spline_scaler, &g_ref.spline_scaler) {
+            (Some(a), Some(b)) => relative_error(&a.to_f64_vec()?, b),
+            (None, None) => 0.0,
+            _ => f64::INFINITY,
+        };
+        Ok(KanErrors {
+            y: relative_error(&y, &y_ref),
+            dx: relative_error(&g.dx.to_f64_vec()?, &g_ref.dx),
+            base_weight: relative_error(&g.base_weight.to_f64_vec()?, &g_ref.base_weight),
+            spline_weight: relative_error(&g.spline_weight.to_f64_vec()?, &g_ref.spline_weight),
+            spline_scaler,
+        })
     }
 }

@@ -105,6 +105,7 @@ struct CudaDeviceInner {
     modules: Mutex<HashMap<KernelModule, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(KernelModule, &'static str), CudaFunction>>,
     resident_blocks: Mutex<HashMap<(KernelModule, &'static str, u32), u32>>,
+    blas: Mutex<Option<Arc<cudarc::cublas::CudaBlas>>>,
 }
 
 impl PartialEq for CudaDevice {
@@ -144,6 +145,7 @@ impl CudaDevice {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             resident_blocks: Mutex::new(HashMap::new()),
+            blas: Mutex::new(None),
         })))
     }
 
@@ -171,6 +173,50 @@ impl CudaDevice {
     /// (free, total) device memory in bytes.
     pub fn memory_info(&self) -> Result<(usize, usize)> {
         self.0.stream.context().mem_get_info().map_err(|e| Error::driver("cuMemGetInfo", e))
+    }
+
+    /// Bytes in use from the device's default memory pool (where this crate allocates):
+    /// (now, highest since the last [`CudaDevice::reset_pool_peak`]).
+    pub fn pool_usage(&self) -> Result<(u64, u64)> {
+        let pool = self.default_pool()?;
+        let read = |attr| -> Result<u64> {
+            let mut v: u64 = 0;
+            // SAFETY: `pool` is the device's default pool; these attributes are u64 values
+            // and `v` is a valid u64 out-pointer.
+            unsafe { sys::cuMemPoolGetAttribute(pool, attr, (&mut v) as *mut u64 as *mut _) }
+                .result()
+                .map_err(|e| Error::driver("cuMemPoolGetAttribute", e))?;
+            Ok(v)
+        };
+        use sys::CUmemPool_attribute::*;
+        Ok((read(CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?, read(CU_MEMPOOL_ATTR_USED_MEM_HIGH)?))
+    }
+
+    /// Resets the high-water mark of [`CudaDevice::pool_usage`] (after synchronizing).
+    pub fn reset_pool_peak(&self) -> Result<()> {
+        self.synchronize()?;
+        let pool = self.default_pool()?;
+        let mut zero: u64 = 0;
+        // SAFETY: USED_MEM_HIGH may only be reset to zero, with a u64 value pointer.
+        unsafe {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut zero) as *mut u64 as *mut _,
+            )
+        }
+        .result()
+        .map_err(|e| Error::driver("cuMemPoolSetAttribute", e))
+    }
+
+    fn default_pool(&self) -> Result<sys::CUmemoryPool> {
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let dev = self.0.stream.context().cu_device();
+        // SAFETY: `dev` is this context's device handle and `pool` a valid out-pointer.
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, dev) }
+            .result()
+            .map_err(|e| Error::driver("cuDeviceGetDefaultMemPool", e))?;
+        Ok(pool)
     }
 
     /// Waits for all work queued on the device's stream.
@@ -206,6 +252,24 @@ impl CudaDevice {
         let n = per_sm.max(1) * self.0.multiprocessors;
         lock(&self.0.resident_blocks).insert(key, n);
         Ok(n)
+    }
+
+    /// The device's cuBLAS handle, bound to its stream; created on first use. The library
+    /// is probed first: the bindings abort the process when it is missing.
+    pub(crate) fn blas(&self) -> Result<Arc<cudarc::cublas::CudaBlas>> {
+        let mut slot = lock(&self.0.blas);
+        if let Some(b) = slot.as_ref() {
+            return Ok(b.clone());
+        }
+        // SAFETY: only dlopen()s candidate library names; calls no cuBLAS function.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::LibraryNotFound { library: "cuBLAS", looked_for: "libcublas.so" });
+        }
+        let blas = cudarc::cublas::CudaBlas::new(self.0.stream.clone())
+            .map_err(|e| Error::Cublas { context: "creating the cuBLAS handle", source: e })?;
+        let blas = Arc::new(blas);
+        *slot = Some(blas.clone());
+        Ok(blas)
     }
 
     /// Loads every embedded module, so that problems show up front (used by `info`).

@@ -60,6 +60,20 @@ pub enum Error {
         source: DriverError,
     },
 
+    #[error(
+        "{library} library not found (looked for {looked_for} on the loader path); it ships with the \
+         CUDA toolkit and with PyTorch's CUDA wheels: add its folder to LD_LIBRARY_PATH, or create a \
+         `{looked_for}` link to the versioned file"
+    )]
+    LibraryNotFound { library: &'static str, looked_for: &'static str },
+
+    #[error("cuBLAS error in {context}: {source}")]
+    Cublas {
+        context: &'static str,
+        #[source]
+        source: cudarc::cublas::result::CublasError,
+    },
+
     #[error("safetensors: {0}")]
     Safetensors(#[from] safetensors::SafeTensorError),
 

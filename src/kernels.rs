@@ -8,21 +8,24 @@ pub const PTX_ORIGIN: &str = env!("HYBRID_KERNELS_PTX_ORIGIN");
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KernelModule {
     Bspline,
+    Kan,
 }
 
 impl KernelModule {
-    pub const ALL: &'static [KernelModule] = &[KernelModule::Bspline];
+    pub const ALL: &'static [KernelModule] = &[KernelModule::Bspline, KernelModule::Kan];
 
     /// The source stem: `cuda/<name>.cu`, `ptx/<name>.ptx`.
     pub fn name(self) -> &'static str {
         match self {
             KernelModule::Bspline => "bspline",
+            KernelModule::Kan => "kan",
         }
     }
 
     pub fn ptx(self) -> &'static str {
         match self {
             KernelModule::Bspline => include_str!(concat!(env!("OUT_DIR"), "/bspline.ptx")),
+            KernelModule::Kan => include_str!(concat!(env!("OUT_DIR"), "/kan.ptx")),
         }
     }
 

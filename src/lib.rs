@@ -5,6 +5,8 @@
 //!
 //! - [`ops::bspline`]: B-spline basis evaluation and its derivative for KAN layers
 //!   (efficient-kan semantics).
+//! - [`ops::kan`]: KANLinear forward, backward, grid update and regularization
+//!   (efficient-kan semantics), on the basis kernel and cuBLAS.
 //!
 //! Kernels are compiled to PTX at build time (or taken from the committed `ptx/` when no
 //! nvcc is found) and embedded; they are loaded lazily, per device. Every op also runs
@@ -28,6 +30,7 @@ pub mod check;
 pub mod device;
 pub mod dtype;
 pub mod error;
+mod gemm;
 pub mod kernels;
 pub mod ops;
 pub mod tensor;

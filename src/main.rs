@@ -1,8 +1,8 @@
 //! `hybrid-kernels`: device info, kernel checks against the CPU references, benchmarks,
 //! and running one op on user tensors. With no arguments: `info`, `check`, short `bench`.
 
-use hybrid_kernels::bench::{self, BenchRow, Repeats, BASIS_SHAPES};
-use hybrid_kernels::check::{tolerance, BasisCase, GridLayout, Rng};
+use hybrid_kernels::bench::{self, BenchRow, KanPass, Repeats, BASIS_SHAPES, KAN_SHAPES};
+use hybrid_kernels::check::{kan_tolerance, tolerance, BasisCase, GridLayout, KanCase, Rng};
 use hybrid_kernels::device::{cuda_device_count, driver_available, driver_version};
 use hybrid_kernels::kernels::{KernelModule, PTX_ORIGIN};
 use hybrid_kernels::ops::bspline::{self, BasisKind, KnotGrid};
@@ -217,11 +217,38 @@ fn check(device: &Device, seed: Option<u64>) -> Result<bool> {
             all_ok &= ok;
             let name = if kind == BasisKind::Value { "bspline_basis" } else { "bspline_basis_derivative" };
             println!(
-                "{name:<26} {dtype:<6} {:>7} {worst:>12.3e} {tol:>10.0e}  {}",
+                "{name:<26} {dtype:<6} {:>7} {worst:>12.3e} {tol:>10.1e}  {}",
                 cases.len(),
                 if ok { "pass" } else { "FAIL" }
             );
         }
+    }
+    // KANLinear: forward and every gradient (worst of y, dx, dW_base, dW_spline, dscaler).
+    let kan_cases: &[(usize, usize, usize, usize, usize, bool)] = &[
+        // (batch, in, out, G, k, scaler)
+        (1, 1, 1, 1, 1, false),
+        (33, 7, 33, 5, 3, true),
+        (65, 33, 17, 20, 2, true),
+        (7, 12, 5, 100, 3, false),
+    ];
+    for (dtype, tf32) in [(DType::F32, false), (DType::F32, true), (DType::BF16, false), (DType::F16, false)] {
+        if tf32 && !device.is_cuda() {
+            continue;
+        }
+        let mut worst = 0.0f64;
+        for &(batch, in_features, out_features, grid_size, order, scaler) in kan_cases {
+            let case = KanCase { batch, in_features, out_features, grid_size, order, scaler, dtype, tf32 };
+            worst = worst.max(case.run(rng.next_u64(), device)?.max());
+        }
+        let tol = kan_tolerance(dtype, tf32);
+        let ok = worst <= tol;
+        all_ok &= ok;
+        let name = if tf32 { "kan_linear fwd+grads tf32" } else { "kan_linear fwd+grads" };
+        println!(
+            "{name:<26} {dtype:<6} {:>7} {worst:>12.3e} {tol:>10.1e}  {}",
+            kan_cases.len(),
+            if ok { "pass" } else { "FAIL" }
+        );
     }
     println!("check: {}\n", if all_ok { "all kernels pass" } else { "FAILURES above" });
     Ok(all_ok)
@@ -241,6 +268,25 @@ fn bench_cmd(device: &Device, json: bool, short: bool) -> Result<()> {
         for kind in [BasisKind::Value, BasisKind::Derivative] {
             for &dtype in dtypes {
                 rows.push(bench::bench_basis(device, kind, dtype, shape, reps, copy_gbs)?);
+            }
+        }
+    }
+    for &shape in KAN_SHAPES {
+        // The f64 CPU reference is far too slow for these shapes: scale them down there.
+        let shape = if device.is_cuda() {
+            shape
+        } else {
+            bench::KanShape { batch: 16, in_features: 64, out_features: 64, ..shape }
+        };
+        for pass in [KanPass::Forward, KanPass::ForwardBackward] {
+            for (dtype, tf32) in [(DType::BF16, false), (DType::F32, false), (DType::F32, true)] {
+                if short && (dtype, tf32) == (DType::F32, true) {
+                    continue;
+                }
+                if tf32 && !device.is_cuda() {
+                    continue;
+                }
+                rows.push(bench::bench_kan(device, pass, dtype, tf32, shape, reps)?);
             }
         }
     }
@@ -264,13 +310,17 @@ fn print_table(device: &Device, rows: &[BenchRow], copy_gbs: Option<f64>) {
         None => println!("(CPU path: host clock, reference implementation, batch capped at 64)"),
     }
     println!(
-        "{:<26} {:<5} {:<24} {:>10} {:>10} {:>9} {:>8} {:>8}",
-        "op", "dtype", "shape", "median us", "min us", "GB/s", "TFLOP/s", "% copy"
+        "{:<26} {:<5} {:<28} {:>10} {:>10} {:>9} {:>8} {:>7} {:>14} {:>10}",
+        "op", "dtype", "shape", "median us", "min us", "GB/s", "TFLOP/s", "% copy", "target us", "peak MiB"
     );
     for r in rows {
         let pct = r.pct_of_copy().map_or("-".to_string(), |p| format!("{p:.0}%"));
+        let target = r
+            .target_us
+            .map_or("-".to_string(), |t| format!("{t:.0} {}", if r.timing.median_us <= t { "met" } else { "MISSED" }));
+        let peak = r.peak_extra_bytes.map_or("-".to_string(), |b| format!("{:.1}", b as f64 / (1u64 << 20) as f64));
         println!(
-            "{:<26} {:<5} {:<24} {:>10.1} {:>10.1} {:>9.1} {:>8.3} {:>8}",
+            "{:<26} {:<5} {:<28} {:>10.1} {:>10.1} {:>9.1} {:>8.3} {:>7} {:>14} {:>10}",
             r.op,
             r.dtype,
             r.shape,
@@ -278,7 +328,9 @@ fn print_table(device: &Device, rows: &[BenchRow], copy_gbs: Option<f64>) {
             r.timing.min_us,
             r.gbs(),
             r.tflops(),
-            pct
+            pct,
+            target,
+            peak
         );
     }
     println!();
@@ -293,7 +345,7 @@ fn to_json(rows: &[BenchRow], copy_gbs: Option<f64>) -> String {
             s.push(',');
         }
         s += &format!(
-            "{{\"op\":\"{}\",\"dtype\":\"{}\",\"shape\":\"{}\",\"device\":\"{}\",\"median_us\":{:.3},\"min_us\":{:.3},\"max_us\":{:.3},\"samples\":{},\"bytes\":{},\"flops\":{},\"gbs\":{:.2},\"tflops\":{:.4},\"pct_of_copy\":{}}}",
+            "{{\"op\":\"{}\",\"dtype\":\"{}\",\"shape\":\"{}\",\"device\":\"{}\",\"median_us\":{:.3},\"min_us\":{:.3},\"max_us\":{:.3},\"samples\":{},\"bytes\":{},\"flops\":{},\"gbs\":{:.2},\"tflops\":{:.4},\"pct_of_copy\":{},\"target_us\":{},\"peak_extra_bytes\":{}}}",
             r.op,
             r.dtype,
             r.shape,
@@ -306,7 +358,9 @@ fn to_json(rows: &[BenchRow], copy_gbs: Option<f64>) -> String {
             r.flops,
             r.gbs(),
             r.tflops(),
-            r.pct_of_copy().map_or("null".into(), |p| format!("{p:.1}"))
+            r.pct_of_copy().map_or("null".into(), |p| format!("{p:.1}")),
+            r.target_us.map_or("null".into(), |t| format!("{t:.1}")),
+            r.peak_extra_bytes.map_or("null".into(), |b| b.to_string())
         );
     }
     s + "]}"

@@ -5,7 +5,7 @@
 use crate::device::{CudaDevice, Device};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, DevicePtr};
 use half::{bf16, f16};
 use std::collections::HashMap;
 use std::path::Path;
@@ -245,7 +245,7 @@ impl HostData {
 }
 
 impl CudaData {
-    fn dtype(&self) -> DType {
+    pub(crate) fn dtype(&self) -> DType {
         match self {
             CudaData::F32(_) => DType::F32,
             CudaData::BF16(_) => DType::BF16,
@@ -261,6 +261,116 @@ impl CudaData {
             CudaData::F16(v) => HostData::F16(v.stream().clone_dtoh(v).map_err(map)?),
         })
     }
+}
+
+/// Typed access to device storage, so launch code can be written once over `T`.
+pub(crate) trait CudaElement: Element {
+    fn slice(d: &CudaData) -> Option<&CudaSlice<Self>>;
+    fn slice_mut(d: &mut CudaData) -> Option<&mut CudaSlice<Self>>;
+}
+
+macro_rules! cuda_element {
+    ($t:ty, $variant:ident) => {
+        impl CudaElement for $t {
+            fn slice(d: &CudaData) -> Option<&CudaSlice<Self>> {
+                match d {
+                    CudaData::$variant(s) => Some(s),
+                    _ => None,
+                }
+            }
+            fn slice_mut(d: &mut CudaData) -> Option<&mut CudaSlice<Self>> {
+                match d {
+                    CudaData::$variant(s) => Some(s),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+cuda_element!(f32, F32);
+cuda_element!(bf16, BF16);
+cuda_element!(f16, F16);
+
+impl Tensor {
+    /// The device slice of a CUDA tensor of element type `T`, or an error naming `arg`.
+    pub(crate) fn cuda_slice<T: CudaElement>(&self, arg: &'static str) -> Result<&CudaSlice<T>> {
+        match &self.storage {
+            Storage::Cuda(_, d) => T::slice(d).ok_or_else(|| Error::DTypeMismatch {
+                arg,
+                expected: T::DTYPE.to_string(),
+                found: d.dtype().to_string(),
+            }),
+            Storage::Host(_) => {
+                Err(Error::DeviceMismatch { arg, expected: "a CUDA device".into(), found: "cpu".into() })
+            }
+        }
+    }
+
+    pub(crate) fn cuda_slice_mut<T: CudaElement>(&mut self, arg: &'static str) -> Result<&mut CudaSlice<T>> {
+        match &mut self.storage {
+            Storage::Cuda(_, d) => {
+                let found = d.dtype();
+                T::slice_mut(d).ok_or_else(|| Error::DTypeMismatch {
+                    arg,
+                    expected: T::DTYPE.to_string(),
+                    found: found.to_string(),
+                })
+            }
+            Storage::Host(_) => {
+                Err(Error::DeviceMismatch { arg, expected: "a CUDA device".into(), found: "cpu".into() })
+            }
+        }
+    }
+
+    /// A CUDA tensor of `shape` whose memory is not initialised.
+    ///
+    /// # Safety
+    /// The caller must fully write the tensor (by a kernel or copy queued on the device's
+    /// stream) before anything reads it; until then its bytes are arbitrary.
+    pub(crate) unsafe fn cuda_uninit(dev: &CudaDevice, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        let n = elem_count("shape", shape)?;
+        let bytes = n.checked_mul(dtype.size_in_bytes()).ok_or_else(|| {
+            Error::invalid("shape", "a size in bytes that fits in usize", format!("{n} elements of {dtype}"))
+        })?;
+        let s = dev.stream();
+        let map = |e| dev.map_err_bytes("allocating device memory", e, bytes);
+        // SAFETY: forwarded to the caller (see # Safety).
+        let data = unsafe {
+            match dtype {
+                DType::F32 => CudaData::F32(s.alloc::<f32>(n).map_err(map)?),
+                DType::BF16 => CudaData::BF16(s.alloc::<bf16>(n).map_err(map)?),
+                DType::F16 => CudaData::F16(s.alloc::<f16>(n).map_err(map)?),
+            }
+        };
+        let t = Tensor::from_cuda(shape.to_vec(), dev.clone(), data);
+        if poison_allocations() && bytes > 0 {
+            t.fill_bytes(0xFF)?;
+        }
+        Ok(t)
+    }
+
+    /// Sets every byte of a CUDA tensor (0xFF: NaN in f32, bf16 and f16).
+    fn fill_bytes(&self, byte: u8) -> Result<()> {
+        let Storage::Cuda(dev, data) = &self.storage else { return Ok(()) };
+        let s = dev.stream();
+        let (ptr, _record) = match data {
+            CudaData::F32(v) => v.device_ptr(s),
+            CudaData::BF16(v) => v.device_ptr(s),
+            CudaData::F16(v) => v.device_ptr(s),
+        };
+        // SAFETY: ptr is the start of this tensor's allocation of size_in_bytes() bytes,
+        // valid on `s`, where the memset is queued in order with every other use.
+        unsafe { cudarc::driver::sys::cuMemsetD8Async(ptr, byte, self.size_in_bytes(), s.cu_stream()) }
+            .result()
+            .map_err(|e| dev.map_err("cuMemsetD8Async", e))
+    }
+}
+
+/// HYBRID_KERNELS_POISON=1: fill every uninitialised device allocation with NaN bytes, so
+/// tests of ops that allocate their outputs still prove every element is written.
+fn poison_allocations() -> bool {
+    static POISON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *POISON.get_or_init(|| std::env::var("HYBRID_KERNELS_POISON").is_ok_and(|v| !v.is_empty() && v != "0"))
 }
 
 /// Moving typed vectors in and out of [`HostData`] without a match at each call site.

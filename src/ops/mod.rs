@@ -3,3 +3,4 @@
 //! `cuda.rs`), `tests/<op>*.rs` and `benches/<op>.rs`.
 
 pub mod bspline;
+pub mod kan;

@@ -41,23 +41,9 @@ fn kernel_name(kind: BasisKind, dtype: DType) -> &'static str {
 
 /// An output tensor whose every element the following launch writes.
 pub(super) fn alloc_output(dev: &CudaDevice, dtype: DType, shape: Vec<usize>) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let bytes = n.checked_mul(dtype.size_in_bytes()).ok_or_else(|| {
-        Error::invalid("output", "a size in bytes that fits in usize", format!("{n} elements of {dtype}"))
-    })?;
-    let s = dev.stream();
-    let map = |e| dev.map_err_bytes("allocating the output", e, bytes);
-    // SAFETY: the memory is uninitialised device memory, never read as a Rust value on
-    // the host: evaluate_into, called right after by the only caller, launches a kernel
-    // that writes all n elements before the tensor is handed out.
-    let data = unsafe {
-        match dtype {
-            DType::F32 => CudaData::F32(s.alloc::<f32>(n).map_err(map)?),
-            DType::BF16 => CudaData::BF16(s.alloc::<half::bf16>(n).map_err(map)?),
-            DType::F16 => CudaData::F16(s.alloc::<half::f16>(n).map_err(map)?),
-        }
-    };
-    Ok(Tensor::from_cuda(shape, dev.clone(), data))
+    // SAFETY: evaluate_into, called right after by the only caller, launches the kernel
+    // that writes every element before the tensor is handed out.
+    unsafe { Tensor::cuda_uninit(dev, dtype, &shape) }
 }
 
 pub(super) fn evaluate_into(
@@ -117,20 +103,12 @@ pub(super) fn evaluate_into(
                 return Err(Error::DTypeMismatch {
                     arg: "out",
                     expected: x.dtype().to_string(),
-                    found: out_dtype(od).to_string(),
+                    found: od.dtype().to_string(),
                 })
             }
         }
     }
     Ok(())
-}
-
-fn out_dtype(d: &CudaData) -> DType {
-    match d {
-        CudaData::F32(_) => DType::F32,
-        CudaData::BF16(_) => DType::BF16,
-        CudaData::F16(_) => DType::F16,
-    }
 }
 
 fn launch<T>(

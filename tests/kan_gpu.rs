@@ -1,0 +1,78 @@
+//! KANLinear on the GPU against the f64 CPU reference: forward and every gradient, on
+//! random shapes (odd sizes), grid sizes {1, 3, 5, 20, 100}, orders 1..=3, with and without
+//! the scaler, inputs inside and outside the grid, f32 / TF32 / bf16 / f16. Skips without
+//! a GPU unless HYBRID_KERNELS_REQUIRE_GPU=1. Run with HYBRID_KERNELS_POISON=1 to NaN-fill
+//! every output allocation first (the bundle does).
+
+mod common;
+
+use hybrid_kernels::check::{kan_tolerance, relative_error, KanCase, KanErrors, Rng};
+use hybrid_kernels::ops::kan::{KanLinear, KanLinearConfig};
+use hybrid_kernels::{DType, Tensor};
+use proptest::prelude::*;
+
+fn assert_within(case: &KanCase, errs: KanErrors) {
+    let tol = kan_tolerance(case.dtype, case.tf32);
+    for (n, e) in errs.named() {
+        assert!(e <= tol, "{n}: relative error {e:e} > {tol:e} in {case:?}");
+    }
+}
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn kan_gpu_matches_cpu_reference(
+        seed in any::<u64>(),
+        batch in prop_oneof![Just(1usize), Just(7), Just(33), 1usize..80],
+        inf in prop_oneof![Just(1usize), Just(7), Just(33), 1usize..40],
+        outf in prop_oneof![Just(1usize), Just(7), Just(33), 1usize..40],
+        g in prop_oneof![Just(1usize), Just(3), Just(5), Just(20), Just(100)],
+        k in 1usize..=3,
+        scaler in any::<bool>(),
+        dtype in prop_oneof![Just(DType::F32), Just(DType::BF16), Just(DType::F16)],
+        tf32 in any::<bool>(),
+    ) {
+        let Some(gpu) = common::gpu("kan_gpu_matches_cpu_reference") else { return Ok(()) };
+        let case = KanCase { batch, in_features: inf, out_features: outf, grid_size: g, order: k, scaler, dtype, tf32: tf32 && dtype == DType::F32 };
+        assert_within(&case, case.run(seed, &gpu).unwrap());
+    }
+}
+
+#[test]
+fn kan_at_a_layer_sized_shape() {
+    let Some(gpu) = common::gpu("kan_at_a_layer_sized_shape") else { return };
+    for dtype in [DType::F32, DType::BF16] {
+        let case = KanCase {
+            batch: 257,
+            in_features: 128,
+            out_features: 96,
+            grid_size: 5,
+            order: 3,
+            scaler: true,
+            dtype,
+            tf32: false,
+        };
+        assert_within(&case, case.run(77, &gpu).unwrap());
+    }
+}
+
+#[test]
+fn kan_update_grid_on_gpu_preserves_output() {
+    let Some(gpu) = common::gpu("kan_update_grid_on_gpu_preserves_output") else { return };
+    let mut c = KanLinearConfig::new(8, 4);
+    c.scale_noise = 1.0;
+    let mut layer = KanLinear::new(c, DType::F32, &gpu, 3).unwrap();
+    let mut rng = Rng::new(4);
+    let x: Vec<f32> = (0..1024 * 8).map(|_| rng.uniform(-0.95, 0.95) as f32).collect();
+    let x = Tensor::from_vec(x, &[1024, 8], &gpu).unwrap();
+    let before = layer.forward(&x).unwrap().to_f64_vec().unwrap();
+    layer.update_grid(&x, 0.01).unwrap();
+    assert_eq!(layer.device(), gpu);
+    let after = layer.forward(&x).unwrap().to_f64_vec().unwrap();
+    assert!(relative_error(&after, &before) < 2e-2);
+}
