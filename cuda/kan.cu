@@ -1,11 +1,12 @@
-// KANLinear (efficient-kan semantics) pieces around the two cuBLAS GEMMs:
-//   y = SiLU(x) W_base^T + B(x)_flat (W_spline * scaler)^T
-// Forward: kan_silu (the base branch's input), the bspline.cu basis kernel, kan_scale_spline
-// (W_spline * scaler, flattened), then the GEMMs. Backward: the GEMMs give dW_base,
-// d(W_spline * scaler), d SiLU(x) and dB (written over the basis buffer, so the backward
-// holds one basis-sized buffer); kan_spline_weight_grads splits d(W_spline * scaler) into
-// dW_spline and dscaler; kan_input_grad turns d SiLU(x) and dB into dx, recomputing the
-// k + 1 non-zero basis derivatives of each row instead of storing them.
+// KANLinear (efficient-kan semantics) as one GEMM:
+//   y = A W_cat^T, A = [SiLU(x) | B(x)] (rows, in, 1 + nb), W_cat = [W_base | W_spline * scaler]
+//   (out, in, 1 + nb).
+// Forward: kan_features writes A (the B-spline tile machinery of bspline_device.cuh with a
+// leading SiLU column), kan_fold_weights writes W_cat, then one cuBLAS GEMM with
+// K = in (1 + nb). Backward: dW_cat = dy^T A, then dA = dy W_cat written over A (so the
+// backward holds the one features buffer); kan_split_grads turns dW_cat into dW_base,
+// dW_spline and dscaler; kan_input_grad turns dA into dx, recomputing the k + 1 non-zero
+// basis derivatives of each row instead of storing them.
 #include "bspline_device.cuh"
 
 namespace hk_kan {
@@ -19,66 +20,70 @@ struct InputGradParams {
     uint32_t order;
 };
 
-__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
-
 // d/dx x sigmoid(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))
 __device__ __forceinline__ float silu_grad(float x) {
-    const float s = sigmoid(x);
+    const float s = hk::sigmoid(x);
     return s * (1.f + x * (1.f - s));
 }
 
+// W_cat[oi, 0] = W_base[oi]; W_cat[oi, 1 + j] = W_spline[oi, j] * scaler[oi] (scaler: 1 when
+// has_scaler is 0; the pointer is then not read).
 template <typename T>
-__device__ __forceinline__ void silu(const T* __restrict__ x, T* __restrict__ out, uint64_t n) {
+__device__ __forceinline__ void fold_weights(const T* __restrict__ w_base, const T* __restrict__ w_spline,
+                                             const T* __restrict__ scaler, uint32_t has_scaler, T* __restrict__ w_cat,
+                                             uint32_t n_oi, uint32_t nb) {
+    const uint64_t n = uint64_t(n_oi) * (nb + 1);
     for (uint64_t e = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += uint64_t(gridDim.x) * blockDim.x) {
-        const float v = hk::to_f32(x[e]);
-        out[e] = hk::from_f32<T>(v * sigmoid(v));
+        const uint32_t oi = uint32_t(e / (nb + 1));
+        const uint32_t c = uint32_t(e - uint64_t(oi) * (nb + 1));
+        float v;
+        if (c == 0) {
+            v = hk::to_f32(w_base[oi]);
+        } else {
+            v = hk::to_f32(w_spline[size_t(oi) * nb + (c - 1)]);
+            if (has_scaler) v *= hk::to_f32(scaler[oi]);
+        }
+        w_cat[e] = hk::from_f32<T>(v);
     }
 }
 
-// out[oi * nb + j] = w[oi * nb + j] * scaler[oi]
+// From dW_cat (oi, 1 + nb): dW_base[oi] = dW_cat[oi, 0]; dW_spline[oi, j] = dW_cat[oi, 1 + j] *
+// scaler[oi]; dscaler[oi] = sum_j dW_cat[oi, 1 + j] W_spline[oi, j] (f32 sum). One thread per oi.
 template <typename T>
-__device__ __forceinline__ void scale_spline(const T* __restrict__ w, const T* __restrict__ scaler, T* __restrict__ out,
-                                             uint64_t n, uint32_t nb) {
-    for (uint64_t e = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += uint64_t(gridDim.x) * blockDim.x) {
-        out[e] = hk::from_f32<T>(hk::to_f32(w[e]) * hk::to_f32(scaler[e / nb]));
-    }
-}
-
-// For each (o, i): dW[j] = dS[j] * scaler, dscaler = sum_j dS[j] * W[j], where dS is the
-// gradient of the scaled weights W * scaler. One thread per (o, i), f32 sum over j.
-template <typename T>
-__device__ __forceinline__ void spline_weight_grads(const T* __restrict__ d_scaled, const T* __restrict__ w,
-                                                    const T* __restrict__ scaler, T* __restrict__ d_w,
-                                                    T* __restrict__ d_scaler, uint32_t n_oi, uint32_t nb) {
+__device__ __forceinline__ void split_grads(const T* __restrict__ d_cat, const T* __restrict__ w_spline,
+                                           const T* __restrict__ scaler, uint32_t has_scaler, T* __restrict__ d_base,
+                                           T* __restrict__ d_spline, T* __restrict__ d_scaler, uint32_t n_oi, uint32_t nb) {
     for (uint32_t oi = blockIdx.x * blockDim.x + threadIdx.x; oi < n_oi; oi += gridDim.x * blockDim.x) {
-        const float s = hk::to_f32(scaler[oi]);
-        const size_t base = size_t(oi) * nb;
+        const T* g = d_cat + size_t(oi) * (nb + 1);
+        d_base[oi] = g[0];
+        const float s = has_scaler ? hk::to_f32(scaler[oi]) : 1.f;
         float acc = 0.f;
         for (uint32_t j = 0; j < nb; ++j) {
-            const float g = hk::to_f32(d_scaled[base + j]);
-            d_w[base + j] = hk::from_f32<T>(g * s);
-            acc = fmaf(g, hk::to_f32(w[base + j]), acc);
+            const float gj = hk::to_f32(g[1 + j]);
+            d_spline[size_t(oi) * nb + j] = hk::from_f32<T>(gj * s);
+            acc = fmaf(gj, hk::to_f32(w_spline[size_t(oi) * nb + j]), acc);
         }
-        d_scaler[oi] = hk::from_f32<T>(acc);
+        if (has_scaler) d_scaler[oi] = hk::from_f32<T>(acc);
     }
 }
 
-// dx[row] = dsilu[row] * SiLU'(x) + sum_j dB[row, j] * B'_j(x); only the k + 1 bases of
-// the row's interval have non-zero derivatives, so only those entries of dB are read.
+// dx[row] = dA[row, 0] SiLU'(x) + sum_j dA[row, 1 + j] B'_j(x); only the k + 1 bases of the
+// row's interval have non-zero derivatives, so only those entries of dA are read.
 template <typename T, int K>
 __device__ __forceinline__ void input_grad_rows(const T* __restrict__ x, const float* __restrict__ grid,
-                                                const T* __restrict__ d_silu, const T* __restrict__ d_bases,
-                                                T* __restrict__ dx, const InputGradParams& p) {
+                                                const T* __restrict__ d_features, T* __restrict__ dx,
+                                                const InputGradParams& p) {
     const uint32_t n_bases = p.n_knots - 1u - uint32_t(K);
     for (uint32_t row = blockIdx.x * blockDim.x + threadIdx.x; row < p.n_rows; row += gridDim.x * blockDim.x) {
         const float xv = hk::to_f32(x[row]);
         const float* t = grid + size_t(row % p.in_features) * p.n_knots;
         const hk_bspline::RowResult<K> r = hk_bspline::evaluate_row<K, true>(xv, t, int(p.n_knots));
-        float g = hk::to_f32(d_silu[row]) * silu_grad(xv);
+        const T* da = d_features + size_t(row) * (n_bases + 1);
+        float g = hk::to_f32(da[0]) * silu_grad(xv);
         if (r.kind == hk_bspline::ROW_NAN) {
             g = xv;
         } else if (r.kind == hk_bspline::ROW_BASES) {
-            const T* db = d_bases + size_t(row) * n_bases;
+            const T* db = da + 1;
 #pragma unroll
             for (int a = 0; a <= K; ++a) {
                 const int j = r.first + a;
@@ -90,41 +95,61 @@ __device__ __forceinline__ void input_grad_rows(const T* __restrict__ x, const f
 }
 
 template <typename T>
-__device__ __forceinline__ void input_grad(const T* x, const float* grid, const T* d_silu, const T* d_bases, T* dx,
+__device__ __forceinline__ void input_grad(const T* x, const float* grid, const T* d_features, T* dx,
                                            const InputGradParams& p) {
     switch (p.order) {
-        case 0: input_grad_rows<T, 0>(x, grid, d_silu, d_bases, dx, p); break;
-        case 1: input_grad_rows<T, 1>(x, grid, d_silu, d_bases, dx, p); break;
-        case 2: input_grad_rows<T, 2>(x, grid, d_silu, d_bases, dx, p); break;
-        case 3: input_grad_rows<T, 3>(x, grid, d_silu, d_bases, dx, p); break;
-        case 4: input_grad_rows<T, 4>(x, grid, d_silu, d_bases, dx, p); break;
-        case 5: input_grad_rows<T, 5>(x, grid, d_silu, d_bases, dx, p); break;
-        case 6: input_grad_rows<T, 6>(x, grid, d_silu, d_bases, dx, p); break;
-        case 7: input_grad_rows<T, 7>(x, grid, d_silu, d_bases, dx, p); break;
+        case 0: input_grad_rows<T, 0>(x, grid, d_features, dx, p); break;
+        case 1: input_grad_rows<T, 1>(x, grid, d_features, dx, p); break;
+        case 2: input_grad_rows<T, 2>(x, grid, d_features, dx, p); break;
+        case 3: input_grad_rows<T, 3>(x, grid, d_features, dx, p); break;
+        case 4: input_grad_rows<T, 4>(x, grid, d_features, dx, p); break;
+        case 5: input_grad_rows<T, 5>(x, grid, d_features, dx, p); break;
+        case 6: input_grad_rows<T, 6>(x, grid, d_features, dx, p); break;
+        case 7: input_grad_rows<T, 7>(x, grid, d_features, dx, p); break;
         default: break;  // rejected on the host
     }
     static_assert(MAX_SPLINE_ORDER == 7, "extend the switch with the maximum order");
 }
 
+template <typename T>
+__device__ __forceinline__ void features(const T* x, const float* grid, T* out, const hk_bspline::BsplineParams& p) {
+    using hk_bspline::bspline_rows;
+    __shared__ hk_bspline::Stage<T> stage;
+    switch (p.order) {
+        case 0: bspline_rows<T, false, 0, 1>(x, grid, out, p, stage); break;
+        case 1: bspline_rows<T, false, 1, 1>(x, grid, out, p, stage); break;
+        case 2: bspline_rows<T, false, 2, 1>(x, grid, out, p, stage); break;
+        case 3: bspline_rows<T, false, 3, 1>(x, grid, out, p, stage); break;
+        case 4: bspline_rows<T, false, 4, 1>(x, grid, out, p, stage); break;
+        case 5: bspline_rows<T, false, 5, 1>(x, grid, out, p, stage); break;
+        case 6: bspline_rows<T, false, 6, 1>(x, grid, out, p, stage); break;
+        case 7: bspline_rows<T, false, 7, 1>(x, grid, out, p, stage); break;
+        default: break;  // rejected on the host
+    }
+}
+
 }  // namespace hk_kan
 
-#define KAN_KERNELS(SUFFIX, T)                                                                                  \
-    extern "C" __global__ void kan_silu_##SUFFIX(const T* __restrict__ x, T* __restrict__ out, uint64_t n) {     \
-        hk_kan::silu(x, out, n);                                                                                \
-    }                                                                                                           \
-    extern "C" __global__ void kan_scale_spline_##SUFFIX(const T* __restrict__ w, const T* __restrict__ scaler,  \
-                                                         T* __restrict__ out, uint64_t n, uint32_t nb) {        \
-        hk_kan::scale_spline(w, scaler, out, n, nb);                                                            \
-    }                                                                                                           \
-    extern "C" __global__ void kan_spline_weight_grads_##SUFFIX(                                                \
-        const T* __restrict__ d_scaled, const T* __restrict__ w, const T* __restrict__ scaler,                  \
-        T* __restrict__ d_w, T* __restrict__ d_scaler, uint32_t n_oi, uint32_t nb) {                            \
-        hk_kan::spline_weight_grads(d_scaled, w, scaler, d_w, d_scaler, n_oi, nb);                              \
-    }                                                                                                           \
-    extern "C" __global__ void kan_input_grad_##SUFFIX(const T* __restrict__ x, const float* __restrict__ grid,   \
-                                                       const T* __restrict__ d_silu, const T* __restrict__ d_bases, \
-                                                       T* __restrict__ dx, hk_kan::InputGradParams p) {          \
-        hk_kan::input_grad(x, grid, d_silu, d_bases, dx, p);                                                    \
+#define KAN_KERNELS(SUFFIX, T)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256, 3) kan_features_##SUFFIX(                                     \
+        const T* __restrict__ x, const float* __restrict__ grid, T* __restrict__ out, hk_bspline::BsplineParams p) { \
+        hk_kan::features(x, grid, out, p);                                                                       \
+    }                                                                                                            \
+    extern "C" __global__ void kan_fold_weights_##SUFFIX(const T* __restrict__ w_base, const T* __restrict__ w_spline, \
+                                                         const T* __restrict__ scaler, uint32_t has_scaler,       \
+                                                         T* __restrict__ w_cat, uint32_t n_oi, uint32_t nb) {     \
+        hk_kan::fold_weights(w_base, w_spline, scaler, has_scaler, w_cat, n_oi, nb);                             \
+    }                                                                                                            \
+    extern "C" __global__ void kan_split_grads_##SUFFIX(                                                         \
+        const T* __restrict__ d_cat, const T* __restrict__ w_spline, const T* __restrict__ scaler,               \
+        uint32_t has_scaler, T* __restrict__ d_base, T* __restrict__ d_spline, T* __restrict__ d_scaler,         \
+        uint32_t n_oi, uint32_t nb) {                                                                            \
+        hk_kan::split_grads(d_cat, w_spline, scaler, has_scaler, d_base, d_spline, d_scaler, n_oi, nb);          \
+    }                                                                                                            \
+    extern "C" __global__ void kan_input_grad_##SUFFIX(const T* __restrict__ x, const float* __restrict__ grid,    \
+                                                       const T* __restrict__ d_features, T* __restrict__ dx,      \
+                                                       hk_kan::InputGradParams p) {                               \
+        hk_kan::input_grad(x, grid, d_features, dx, p);                                                          \
     }
 
 KAN_KERNELS(f32, float)

@@ -32,7 +32,11 @@ done
 for tool in ${SANITIZER_TOOLS:-memcheck racecheck initcheck synccheck}; do
   for name in bspline_gpu kan_gpu tensor; do
     log="$out/sanitizer-$tool-$name.log"
-    PROPTEST_CASES=${SANITIZER_CASES:-12} "$san" --tool "$tool" --error-exitcode 99 --print-limit 20 \
+    # cuBLAS's Hopper GEMM kernels (nvjet_*) synchronise through mbarriers, which racecheck
+    # does not model: it reports hazards inside them. Our kernels are all checked.
+    exclude=()
+    [ "$tool" = racecheck ] && exclude=(--kernel-name-exclude kns=nvjet)
+    PROPTEST_CASES=${SANITIZER_CASES:-12} "$san" --tool "$tool" "${exclude[@]}" --error-exitcode 99 --print-limit 20 \
       "tests/$name" --test-threads=1 >"$log" 2>&1
     rc=$?
     [ $rc = 0 ] || failed=1

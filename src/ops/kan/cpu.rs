@@ -59,6 +59,17 @@ fn features(p: &Params64, x: &[f64]) -> (Vec<f64>, Vec<f64>) {
 
 /// y (batch x out) for x (batch x in).
 pub fn forward(p: &Params64, x: &[f64]) -> Vec<f64> {
+    forward_terms(p, x, false)
+}
+
+/// The same sums over absolute values of every term: the scale that rounding errors of a
+/// GEMM-based forward are proportional to (`|fl(y) - y| <= c eps magnitude`).
+pub fn forward_magnitude(p: &Params64, x: &[f64]) -> Vec<f64> {
+    forward_terms(p, x, true)
+}
+
+fn forward_terms(p: &Params64, x: &[f64], magnitude: bool) -> Vec<f64> {
+    let m = |v: f64| if magnitude { v.abs() } else { v };
     let (inf, outf, nb) = (p.in_features, p.out_features, p.n_bases());
     let batch = x.len() / inf;
     let (act, bases) = features(p, x);
@@ -69,10 +80,10 @@ pub fn forward(p: &Params64, x: &[f64]) -> Vec<f64> {
             for i in 0..inf {
                 let r = b * inf + i;
                 let oi = o * inf + i;
-                acc += act[r] * p.base_weight[oi];
+                acc += m(act[r]) * m(p.base_weight[oi]);
                 let w = &p.spline_weight[oi * nb..(oi + 1) * nb];
                 let bs = &bases[r * nb..(r + 1) * nb];
-                acc += p.scaler(oi) * bs.iter().zip(w).map(|(a, b)| a * b).sum::<f64>();
+                acc += m(p.scaler(oi)) * bs.iter().zip(w).map(|(a, b)| m(*a) * m(*b)).sum::<f64>();
             }
             y[b * outf + o] = acc;
         }
@@ -89,6 +100,16 @@ pub struct Grads64 {
 }
 
 pub fn backward(p: &Params64, x: &[f64], dy: &[f64]) -> Grads64 {
+    backward_terms(p, x, dy, false)
+}
+
+/// [`backward`] over absolute values of every term (see [`forward_magnitude`]).
+pub fn backward_magnitude(p: &Params64, x: &[f64], dy: &[f64]) -> Grads64 {
+    backward_terms(p, x, dy, true)
+}
+
+fn backward_terms(p: &Params64, x: &[f64], dy: &[f64], magnitude: bool) -> Grads64 {
+    let m = |v: f64| if magnitude { v.abs() } else { v };
     let (inf, outf, nb) = (p.in_features, p.out_features, p.n_bases());
     let batch = x.len() / inf;
     let (act, bases) = features(p, x);
@@ -104,26 +125,26 @@ pub fn backward(p: &Params64, x: &[f64], dy: &[f64]) -> Grads64 {
     };
     for b in 0..batch {
         for o in 0..outf {
-            let d = dy[b * outf + o];
+            let d = m(dy[b * outf + o]);
             for i in 0..inf {
                 let r = b * inf + i;
                 let oi = o * inf + i;
-                let s = p.scaler(oi);
+                let s = m(p.scaler(oi));
                 let w = &p.spline_weight[oi * nb..(oi + 1) * nb];
                 let bs = &bases[r * nb..(r + 1) * nb];
                 let dbs = &dbases[r * nb..(r + 1) * nb];
-                g.base_weight[oi] += d * act[r];
+                g.base_weight[oi] += d * m(act[r]);
                 let mut spline_value = 0.0;
                 let mut spline_slope = 0.0;
                 for j in 0..nb {
-                    g.spline_weight[oi * nb + j] += d * bs[j] * s;
-                    spline_value += bs[j] * w[j];
-                    spline_slope += dbs[j] * w[j];
+                    g.spline_weight[oi * nb + j] += d * m(bs[j]) * s;
+                    spline_value += m(bs[j]) * m(w[j]);
+                    spline_slope += m(dbs[j]) * m(w[j]);
                 }
                 if let Some(ds) = g.spline_scaler.as_mut() {
                     ds[oi] += d * spline_value;
                 }
-                g.dx[r] += d * (silu_grad(x[r]) * p.base_weight[oi] + spline_slope * s);
+                g.dx[r] += d * (m(silu_grad(x[r])) * m(p.base_weight[oi]) + spline_slope * s);
             }
         }
     }

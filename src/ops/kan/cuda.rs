@@ -6,9 +6,8 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gemm::{gemm, GemmShape, Layout};
 use crate::kernels::KernelModule;
-use crate::ops::bspline;
 use crate::tensor::{CudaElement, Tensor};
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
 
 /// Mirrors `hk_kan::InputGradParams` in cuda/kan.cu.
@@ -24,38 +23,54 @@ struct InputGradParams {
 // SAFETY: four u32 fields, repr(C), no padding: the same bytes as the C struct.
 unsafe impl DeviceRepr for InputGradParams {}
 
+/// Mirrors `hk_bspline::BsplineParams` (cuda/bspline_device.cuh), used by kan_features.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct FeatureParams {
+    n_rows: u32,
+    in_features: u32,
+    n_knots: u32,
+    order: u32,
+}
+
+// SAFETY: four u32 fields, repr(C), no padding: the same bytes as the C struct.
+unsafe impl DeviceRepr for FeatureParams {}
+
 const BLOCK_THREADS: u32 = 256;
+/// kan_features: 8 warps of 32 rows per block.
+const FEATURE_ROWS_PER_BLOCK: usize = 256;
 
 #[derive(Clone, Copy)]
 enum Kernel {
-    Silu,
-    ScaleSpline,
-    SplineWeightGrads,
+    Features,
+    FoldWeights,
+    SplitGrads,
     InputGrad,
 }
 
 fn name(kernel: Kernel, dtype: DType) -> &'static str {
     use {DType::*, Kernel::*};
     match (kernel, dtype) {
-        (Silu, F32) => "kan_silu_f32",
-        (Silu, BF16) => "kan_silu_bf16",
-        (Silu, F16) => "kan_silu_f16",
-        (ScaleSpline, F32) => "kan_scale_spline_f32",
-        (ScaleSpline, BF16) => "kan_scale_spline_bf16",
-        (ScaleSpline, F16) => "kan_scale_spline_f16",
-        (SplineWeightGrads, F32) => "kan_spline_weight_grads_f32",
-        (SplineWeightGrads, BF16) => "kan_spline_weight_grads_bf16",
-        (SplineWeightGrads, F16) => "kan_spline_weight_grads_f16",
+        (Features, F32) => "kan_features_f32",
+        (Features, BF16) => "kan_features_bf16",
+        (Features, F16) => "kan_features_f16",
+        (FoldWeights, F32) => "kan_fold_weights_f32",
+        (FoldWeights, BF16) => "kan_fold_weights_bf16",
+        (FoldWeights, F16) => "kan_fold_weights_f16",
+        (SplitGrads, F32) => "kan_split_grads_f32",
+        (SplitGrads, BF16) => "kan_split_grads_bf16",
+        (SplitGrads, F16) => "kan_split_grads_f16",
         (InputGrad, F32) => "kan_input_grad_f32",
         (InputGrad, BF16) => "kan_input_grad_bf16",
         (InputGrad, F16) => "kan_input_grad_f16",
     }
 }
 
-/// A grid-stride launch over `n` items, one wave of resident blocks at most.
-fn config(dev: &CudaDevice, kernel: &'static str, n: usize) -> Result<LaunchConfig> {
+/// A grid-stride launch over `n` items (`per_block` items a block), one wave of resident
+/// blocks at most.
+fn config(dev: &CudaDevice, kernel: &'static str, n: usize, per_block: usize) -> Result<LaunchConfig> {
     let resident = dev.resident_blocks(KernelModule::Kan, kernel, BLOCK_THREADS)?;
-    let blocks = (n.div_ceil(BLOCK_THREADS as usize).max(1) as u64).min(resident as u64) as u32;
+    let blocks = (n.div_ceil(per_block).max(1) as u64).min(resident as u64) as u32;
     Ok(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK_THREADS, 1, 1), shared_mem_bytes: 0 })
 }
 
@@ -68,11 +83,17 @@ struct Sizes {
     nb: usize,
 }
 
+impl Sizes {
+    /// Columns of the GEMM operands: in * (1 + nb).
+    fn cols(&self) -> usize {
+        self.inf * (1 + self.nb)
+    }
+}
+
 fn sizes(layer: &KanLinear, rows: usize) -> Result<Sizes> {
     let c = layer.config();
     let s = Sizes { rows, inf: c.in_features, outf: c.out_features, nb: c.n_bases() };
-    let elements = rows.checked_mul(s.inf);
-    if elements.is_none_or(|e| e > u32::MAX as usize) {
+    if rows.checked_mul(s.inf).is_none_or(|e| e >= u32::MAX as usize - 256) {
         return Err(Error::invalid(
             "x",
             "fewer than 2^32 elements (batch x in_features)",
@@ -109,62 +130,60 @@ pub(super) fn backward(layer: &KanLinear, dev: &CudaDevice, x: &Tensor, dy: &Ten
     }
 }
 
-/// The GEMM inputs of both passes: SiLU(x) (rows x in), the bases (rows x in*nb) and the
-/// scaled spline weights (out x in*nb; the spline weights themselves without a scaler).
-struct Features {
-    silu: Tensor,
-    bases: Tensor,
-    scaled: Option<Tensor>,
-}
-
-fn features<T: CudaElement>(layer: &KanLinear, dev: &CudaDevice, x: &Tensor, s: Sizes) -> Result<Features> {
-    let dtype = T::DTYPE;
-    let x2 = x.clone().reshape(&[s.rows, s.inf])?;
-    // SAFETY (allocation): kan_silu below writes all rows * in elements.
-    let mut silu = unsafe { Tensor::cuda_uninit(dev, dtype, &[s.rows, s.inf])? };
-    let n = s.rows * s.inf;
-    if n > 0 {
-        let kernel = name(Kernel::Silu, dtype);
-        let f = dev.function(KernelModule::Kan, kernel)?;
-        let cfg = config(dev, kernel, n)?;
-        let n64 = n as u64;
-        let xs = x2.cuda_slice::<T>("x")?;
-        let out = silu.cuda_slice_mut::<T>("silu")?;
-        let mut args = dev.stream().launch_builder(&f);
-        args.arg(xs).arg(out).arg(&n64);
-        // SAFETY: kan_silu_<T>(const T* x, T* out, uint64_t n): x and out both hold n elements.
-        unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching kan_silu", e))?;
+/// A = [SiLU(x) | B(x)]: (rows, in * (1 + nb)).
+fn features<T: CudaElement>(layer: &KanLinear, dev: &CudaDevice, x: &Tensor, s: Sizes) -> Result<Tensor> {
+    // SAFETY (allocation): kan_features writes all rows * in * (1 + nb) elements.
+    let mut a = unsafe { Tensor::cuda_uninit(dev, T::DTYPE, &[s.rows, s.cols()])? };
+    let n_rows = s.rows * s.inf;
+    if n_rows == 0 {
+        return Ok(a);
     }
-    let bases = bspline::bspline_basis(&x2, layer.grid())?;
-    let scaled = match layer.spline_scaler() {
-        None => None,
-        Some(scaler) => {
-            let total = s.outf * s.inf * s.nb;
-            // SAFETY (allocation): kan_scale_spline below writes all out * in * nb elements.
-            let mut scaled = unsafe { Tensor::cuda_uninit(dev, dtype, &[s.outf, s.inf * s.nb])? };
-            let kernel = name(Kernel::ScaleSpline, dtype);
-            let f = dev.function(KernelModule::Kan, kernel)?;
-            let cfg = config(dev, kernel, total)?;
-            let (n64, nb32) = (total as u64, s.nb as u32);
-            let w = layer.spline_weight().cuda_slice::<T>("spline_weight")?;
-            let sc = scaler.cuda_slice::<T>("spline_scaler")?;
-            let out = scaled.cuda_slice_mut::<T>("scaled")?;
-            let mut args = dev.stream().launch_builder(&f);
-            args.arg(w).arg(sc).arg(out).arg(&n64).arg(&nb32);
-            // SAFETY: kan_scale_spline_<T>(const T* w, const T* scaler, T* out, uint64_t n,
-            // uint32_t nb): w and out hold n = out*in*nb elements, scaler n / nb = out*in.
-            unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching kan_scale_spline", e))?;
-            Some(scaled)
-        }
+    let grid = layer.grid();
+    let kernel = name(Kernel::Features, T::DTYPE);
+    let f = dev.function(KernelModule::Kan, kernel)?;
+    let cfg = config(dev, kernel, n_rows, FEATURE_ROWS_PER_BLOCK)?;
+    let params = FeatureParams {
+        n_rows: n_rows as u32,
+        in_features: s.inf as u32,
+        n_knots: grid.n_knots() as u32,
+        order: grid.order() as u32,
     };
-    Ok(Features { silu, bases, scaled })
+    let xs = x.cuda_slice::<T>("x")?;
+    let knots = grid.knots().cuda_slice::<f32>("grid")?;
+    let out = a.cuda_slice_mut::<T>("features")?;
+    let mut args = dev.stream().launch_builder(&f);
+    args.arg(xs).arg(knots).arg(out).arg(&params);
+    // SAFETY: kan_features_<T>(const T* x, const float* grid, T* out, BsplineParams): x holds
+    // n_rows values, out n_rows * (1 + nb), grid in * n_knots with order <= 7 (KnotGrid); the
+    // kernel writes out[row * (1 + nb) + c] for row < n_rows, c <= nb, and clamps knot indices.
+    unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching kan_features", e))?;
+    Ok(a)
 }
 
-fn spline_matrix<'a, T: CudaElement>(layer: &'a KanLinear, scaled: &'a Option<Tensor>) -> Result<&'a CudaSlice<T>> {
-    match scaled {
-        Some(t) => t.cuda_slice::<T>("scaled spline weights"),
-        None => layer.spline_weight().cuda_slice::<T>("spline_weight"),
-    }
+/// W_cat = [W_base | W_spline * scaler]: (out, in * (1 + nb)).
+fn fold_weights<T: CudaElement>(layer: &KanLinear, dev: &CudaDevice, s: Sizes) -> Result<Tensor> {
+    // SAFETY (allocation): kan_fold_weights writes all out * in * (1 + nb) elements.
+    let mut w = unsafe { Tensor::cuda_uninit(dev, T::DTYPE, &[s.outf, s.cols()])? };
+    let n_oi = s.outf * s.inf;
+    let kernel = name(Kernel::FoldWeights, T::DTYPE);
+    let f = dev.function(KernelModule::Kan, kernel)?;
+    let cfg = config(dev, kernel, n_oi * (1 + s.nb), BLOCK_THREADS as usize)?;
+    let wb = layer.base_weight().cuda_slice::<T>("base_weight")?;
+    let ws = layer.spline_weight().cuda_slice::<T>("spline_weight")?;
+    // Without a scaler the kernel never reads this pointer; W_base stands in for it.
+    let (scaler, has_scaler) = match layer.spline_scaler() {
+        Some(t) => (t.cuda_slice::<T>("spline_scaler")?, 1u32),
+        None => (wb, 0u32),
+    };
+    let (n32, nb32) = (n_oi as u32, s.nb as u32);
+    let out = w.cuda_slice_mut::<T>("w_cat")?;
+    let mut args = dev.stream().launch_builder(&f);
+    args.arg(wb).arg(ws).arg(scaler).arg(&has_scaler).arg(out).arg(&n32).arg(&nb32);
+    // SAFETY: kan_fold_weights_<T>(const T* w_base, const T* w_spline, const T* scaler,
+    // uint32_t has_scaler, T* w_cat, uint32_t n_oi, uint32_t nb): w_base and scaler hold n_oi
+    // elements (scaler only read when has_scaler), w_spline n_oi * nb, w_cat n_oi * (1 + nb).
+    unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching kan_fold_weights", e))?;
+    Ok(w)
 }
 
 fn forward_typed<T: CudaElement>(
@@ -174,43 +193,22 @@ fn forward_typed<T: CudaElement>(
     s: Sizes,
     out_shape: &[usize],
 ) -> Result<Tensor> {
-    let f = features::<T>(layer, dev, x, s)?;
-    // SAFETY (allocation): the first GEMM (beta = 0) writes all rows * out elements.
+    let a = features::<T>(layer, dev, x, s)?;
+    let w = fold_weights::<T>(layer, dev, s)?;
+    // SAFETY (allocation): the GEMM (beta = 0) writes all rows * out elements.
     let mut y = unsafe { Tensor::cuda_uninit(dev, T::DTYPE, &[s.rows, s.outf])? };
-    let tf32 = layer.allow_tf32();
-    {
-        let yc = y.cuda_slice_mut::<T>("y")?;
-        let wb = layer.base_weight().cuda_slice::<T>("base_weight")?;
-        let silu = f.silu.cuda_slice::<T>("silu")?;
-        // y = SiLU(x) W_base^T
-        gemm(
-            dev,
-            GemmShape { m: s.rows, n: s.outf, k: s.inf },
-            1.0,
-            silu,
-            Layout::AsIs,
-            wb,
-            Layout::Transposed,
-            0.0,
-            yc,
-            tf32,
-        )?;
-        // y += B(x)_flat (W_spline * scaler)^T
-        let bases = f.bases.cuda_slice::<T>("bases")?;
-        let ws = spline_matrix::<T>(layer, &f.scaled)?;
-        gemm(
-            dev,
-            GemmShape { m: s.rows, n: s.outf, k: s.inf * s.nb },
-            1.0,
-            bases,
-            Layout::AsIs,
-            ws,
-            Layout::Transposed,
-            1.0,
-            yc,
-            tf32,
-        )?;
-    }
+    gemm(
+        dev,
+        GemmShape { m: s.rows, n: s.outf, k: s.cols() },
+        1.0,
+        a.cuda_slice::<T>("features")?,
+        Layout::AsIs,
+        w.cuda_slice::<T>("w_cat")?,
+        Layout::Transposed,
+        0.0,
+        y.cuda_slice_mut::<T>("y")?,
+        layer.allow_tf32(),
+    )?;
     y.reshape(out_shape)
 }
 
@@ -223,125 +221,99 @@ fn backward_typed<T: CudaElement>(
 ) -> Result<KanGrads> {
     let dtype = T::DTYPE;
     let tf32 = layer.allow_tf32();
-    let Features { mut silu, mut bases, scaled } = features::<T>(layer, dev, x, s)?;
-    let dy2 = dy.clone().reshape(&[s.rows, s.outf])?;
-    let dys = dy2.cuda_slice::<T>("dy")?;
-    // SAFETY (allocations): each is written in full by the GEMM or kernel named with it
-    // (GEMMs with beta = 0 write every element of C).
-    let mut d_base = unsafe { Tensor::cuda_uninit(dev, dtype, &[s.outf, s.inf])? }; // GEMM 1
-    let mut d_scaled = unsafe { Tensor::cuda_uninit(dev, dtype, &[s.outf, s.inf, s.nb])? }; // GEMM 2
-    let mut dx = unsafe { Tensor::cuda_uninit(dev, dtype, &[s.rows, s.inf])? }; // kan_input_grad
-
-    // Weight gradients first, while SiLU(x) and the bases are still in their buffers.
-    {
-        let silu_s = silu.cuda_slice::<T>("silu")?;
-        let bases_s = bases.cuda_slice::<T>("bases")?;
-        gemm(
-            dev,
-            GemmShape { m: s.outf, n: s.inf, k: s.rows },
-            1.0,
-            dys,
-            Layout::Transposed,
-            silu_s,
-            Layout::AsIs,
-            0.0,
-            d_base.cuda_slice_mut::<T>("d_base")?,
-            tf32,
-        )?;
-        gemm(
-            dev,
-            GemmShape { m: s.outf, n: s.inf * s.nb, k: s.rows },
-            1.0,
-            dys,
-            Layout::Transposed,
-            bases_s,
-            Layout::AsIs,
-            0.0,
-            d_scaled.cuda_slice_mut::<T>("d_scaled")?,
-            tf32,
-        )?;
-    }
-    // Input-side gradients overwrite those buffers: dSiLU = dy W_base, dB = dy (W_spline * scaler).
-    {
-        let ws = spline_matrix::<T>(layer, &scaled)?;
-        let wb = layer.base_weight().cuda_slice::<T>("base_weight")?;
-        gemm(
-            dev,
-            GemmShape { m: s.rows, n: s.inf, k: s.outf },
-            1.0,
-            dys,
-            Layout::AsIs,
-            wb,
-            Layout::AsIs,
-            0.0,
-            silu.cuda_slice_mut::<T>("d_silu")?,
-            tf32,
-        )?;
-        gemm(
-            dev,
-            GemmShape { m: s.rows, n: s.inf * s.nb, k: s.outf },
-            1.0,
-            dys,
-            Layout::AsIs,
-            ws,
-            Layout::AsIs,
-            0.0,
-            bases.cuda_slice_mut::<T>("d_bases")?,
-            tf32,
-        )?;
-    }
-    if s.rows * s.inf > 0 {
+    let mut a = features::<T>(layer, dev, x, s)?;
+    let w = fold_weights::<T>(layer, dev, s)?;
+    let dys = dy.cuda_slice::<T>("dy")?;
+    // SAFETY (allocations): d_cat by its GEMM (beta = 0), dx by kan_input_grad, the split
+    // outputs by kan_split_grads; each writes every element.
+    let mut d_cat = unsafe { Tensor::cuda_uninit(dev, dtype, &[s.outf, s.cols()])? };
+    let mut dx = unsafe { Tensor::cuda_uninit(dev, dtype, x.shape())? };
+    // dW_cat = dy^T A, while A still holds the features.
+    gemm(
+        dev,
+        GemmShape { m: s.outf, n: s.cols(), k: s.rows },
+        1.0,
+        dys,
+        Layout::Transposed,
+        a.cuda_slice::<T>("features")?,
+        Layout::AsIs,
+        0.0,
+        d_cat.cuda_slice_mut::<T>("d_cat")?,
+        tf32,
+    )?;
+    // dA = dy W_cat, written over A.
+    gemm(
+        dev,
+        GemmShape { m: s.rows, n: s.cols(), k: s.outf },
+        1.0,
+        dys,
+        Layout::AsIs,
+        w.cuda_slice::<T>("w_cat")?,
+        Layout::AsIs,
+        0.0,
+        a.cuda_slice_mut::<T>("d_features")?,
+        tf32,
+    )?;
+    let n_rows = s.rows * s.inf;
+    if n_rows > 0 {
         let kernel = name(Kernel::InputGrad, dtype);
         let func = dev.function(KernelModule::Kan, kernel)?;
-        let cfg = config(dev, kernel, s.rows * s.inf)?;
+        let cfg = config(dev, kernel, n_rows, BLOCK_THREADS as usize)?;
         let grid = layer.grid();
         let params = InputGradParams {
-            n_rows: (s.rows * s.inf) as u32,
+            n_rows: n_rows as u32,
             in_features: s.inf as u32,
             n_knots: grid.n_knots() as u32,
             order: grid.order() as u32,
         };
-        let x2 = x.clone().reshape(&[s.rows, s.inf])?;
-        let knots = grid.knots().cuda_slice::<f32>("grid")?;
         let mut args = dev.stream().launch_builder(&func);
-        args.arg(x2.cuda_slice::<T>("x")?)
-            .arg(knots)
-            .arg(silu.cuda_slice::<T>("d_silu")?)
-            .arg(bases.cuda_slice::<T>("d_bases")?)
+        args.arg(x.cuda_slice::<T>("x")?)
+            .arg(grid.knots().cuda_slice::<f32>("grid")?)
+            .arg(a.cuda_slice::<T>("d_features")?)
             .arg(dx.cuda_slice_mut::<T>("dx")?)
             .arg(&params);
-        // SAFETY: kan_input_grad_<T>(const T* x, const float* grid, const T* d_silu,
-        // const T* d_bases, T* dx, InputGradParams): x, d_silu and dx hold n_rows = rows*in
-        // elements, d_bases n_rows * nb, grid in * n_knots (KnotGrid, order <= 7); the kernel
-        // reads d_bases only at row * nb + j for j < nb and clamps knot indices to the row.
+        // SAFETY: kan_input_grad_<T>(const T* x, const float* grid, const T* d_features, T* dx,
+        // InputGradParams): x and dx hold n_rows = rows * in elements, d_features n_rows *
+        // (1 + nb), grid in * n_knots (order <= 7); the kernel reads d_features only at
+        // row * (1 + nb) + c for c <= nb and clamps knot indices into the row.
         unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching kan_input_grad", e))?;
     }
-    let dx = dx.reshape(x.shape())?;
-    let (spline_weight, spline_scaler) = match layer.spline_scaler() {
-        None => (d_scaled, None),
-        Some(scaler) => {
-            let n_oi = s.outf * s.inf;
-            // SAFETY (allocations): kan_spline_weight_grads writes all of d_w and d_scaler.
-            let mut d_w = unsafe { Tensor::cuda_uninit(dev, dtype, &[s.outf, s.inf, s.nb])? };
-            let mut d_s = unsafe { Tensor::cuda_uninit(dev, dtype, &[s.outf, s.inf])? };
-            let kernel = name(Kernel::SplineWeightGrads, dtype);
-            let func = dev.function(KernelModule::Kan, kernel)?;
-            let cfg = config(dev, kernel, n_oi)?;
-            let (n32, nb32) = (n_oi as u32, s.nb as u32);
-            let mut args = dev.stream().launch_builder(&func);
-            args.arg(d_scaled.cuda_slice::<T>("d_scaled")?)
-                .arg(layer.spline_weight().cuda_slice::<T>("spline_weight")?)
-                .arg(scaler.cuda_slice::<T>("spline_scaler")?)
-                .arg(d_w.cuda_slice_mut::<T>("d_spline_weight")?)
-                .arg(d_s.cuda_slice_mut::<T>("d_spline_scaler")?)
-                .arg(&n32)
-                .arg(&nb32);
-            // SAFETY: kan_spline_weight_grads_<T>(const T* d_scaled, const T* w, const T*
-            // scaler, T* d_w, T* d_scaler, uint32_t n_oi, uint32_t nb): d_scaled, w and d_w
-            // hold n_oi * nb elements, scaler and d_scaler n_oi (shapes checked by the layer).
-            unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching kan_spline_weight_grads", e))?;
-            (d_w, Some(d_s))
-        }
+    let n_oi = s.outf * s.inf;
+    // SAFETY (allocations): kan_split_grads writes every element of these (d_scaler only
+    // when there is a scaler; otherwise it is not allocated).
+    let mut d_base = unsafe { Tensor::cuda_uninit(dev, dtype, &[s.outf, s.inf])? };
+    let mut d_spline = unsafe { Tensor::cuda_uninit(dev, dtype, &[s.outf, s.inf, s.nb])? };
+    let mut d_scaler = match layer.spline_scaler() {
+        Some(_) => Some(unsafe { Tensor::cuda_uninit(dev, dtype, &[s.outf, s.inf])? }),
+        None => None,
     };
-    Ok(KanGrads { dx, base_weight: d_base, spline_weight, spline_scaler })
+    {
+        let kernel = name(Kernel::SplitGrads, dtype);
+        let func = dev.function(KernelModule::Kan, kernel)?;
+        let cfg = config(dev, kernel, n_oi, BLOCK_THREADS as usize)?;
+        let ws = layer.spline_weight().cuda_slice::<T>("spline_weight")?;
+        let has_scaler = u32::from(layer.spline_scaler().is_some());
+        // Without a scaler these pointers are never touched by the kernel; W_spline stands in.
+        let scaler = match layer.spline_scaler() {
+            Some(t) => t.cuda_slice::<T>("spline_scaler")?,
+            None => ws,
+        };
+        let (n32, nb32) = (n_oi as u32, s.nb as u32);
+        let d_base_s = d_base.cuda_slice_mut::<T>("d_base")?;
+        let d_spline_s = d_spline.cuda_slice_mut::<T>("d_spline")?;
+        let mut args = dev.stream().launch_builder(&func);
+        args.arg(d_cat.cuda_slice::<T>("d_cat")?).arg(ws).arg(scaler).arg(&has_scaler).arg(d_base_s).arg(d_spline_s);
+        match d_scaler.as_mut() {
+            Some(t) => args.arg(t.cuda_slice_mut::<T>("d_scaler")?),
+            None => args.arg(ws),
+        };
+        args.arg(&n32).arg(&nb32);
+        // SAFETY: kan_split_grads_<T>(const T* d_cat, const T* w_spline, const T* scaler,
+        // uint32_t has_scaler, T* d_base, T* d_spline, T* d_scaler, uint32_t n_oi, uint32_t
+        // nb): d_cat holds n_oi * (1 + nb), w_spline and d_spline n_oi * nb, d_base n_oi; scaler
+        // and d_scaler hold n_oi and are touched only when has_scaler = 1 (otherwise the
+        // stand-in pointers are never dereferenced).
+        unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching kan_split_grads", e))?;
+    }
+    Ok(KanGrads { dx, base_weight: d_base, spline_weight: d_spline, spline_scaler: d_scaler })
 }
