@@ -32,15 +32,24 @@ done
 for tool in ${SANITIZER_TOOLS:-memcheck racecheck initcheck synccheck}; do
   for name in bspline_gpu kan_gpu tensor; do
     log="$out/sanitizer-$tool-$name.log"
-    # cuBLAS's Hopper GEMM kernels (nvjet_*) synchronise through mbarriers, which racecheck
-    # does not model: it reports hazards inside them. Our kernels are all checked.
-    exclude=()
-    [ "$tool" = racecheck ] && exclude=(--kernel-name-exclude kns=nvjet)
-    PROPTEST_CASES=${SANITIZER_CASES:-12} "$san" --tool "$tool" "${exclude[@]}" --error-exitcode 99 --print-limit 20 \
+    PROPTEST_CASES=${SANITIZER_CASES:-12} "$san" --tool "$tool" --error-exitcode 99 --print-limit 100 \
       "tests/$name" --test-threads=1 >"$log" 2>&1
     rc=$?
+    verdict="rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)"
+    if [ "$tool" = racecheck ] && [ $rc = 99 ]; then
+      # cuBLAS's Hopper GEMM kernels (nvjet_*) synchronise through mbarriers, which racecheck
+      # does not model, so it reports races inside them. Accept the run only if the tests
+      # passed and every reported race is inside such a kernel. (Excluding them with
+      # --kernel-name-exclude makes the instrumented run fail with illegal addresses.)
+      ours=$(grep -E 'Race reported|hazard detected' "$log" | grep -vc nvjet)
+      theirs=$(grep -E 'Race reported|hazard detected' "$log" | grep -c nvjet)
+      if [ "$ours" = 0 ] && ! grep -q 'Target application returned an error' "$log"; then
+        rc=0
+        verdict="rc=0 (0 in our kernels; $theirs race reports inside cuBLAS nvjet kernels, a racecheck blind spot)"
+      fi
+    fi
     [ $rc = 0 ] || failed=1
-    note "compute-sanitizer $tool $name" "rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)"
+    note "compute-sanitizer $tool $name" "$verdict"
   done
 done
 
