@@ -1,10 +1,12 @@
 //! f64 reference of KANLinear's forward and backward, also the CPU backend.
 //!
+//! ```text
 //! y[b,o]   = sum_i SiLU(x[b,i]) Wb[o,i] + sum_i sum_j B_j(x[b,i]) Ws[o,i,j] s[o,i]
 //! dWb[o,i] = sum_b dy[b,o] SiLU(x[b,i])
 //! dWs[o,i,j] = sum_b dy[b,o] B_j(x[b,i]) s[o,i]
 //! ds[o,i]  = sum_b dy[b,o] sum_j B_j(x[b,i]) Ws[o,i,j]
 //! dx[b,i]  = sum_o dy[b,o] (SiLU'(x[b,i]) Wb[o,i] + sum_j B'_j(x[b,i]) Ws[o,i,j] s[o,i])
+//! ```
 
 use crate::ops::bspline::cpu::{basis_derivatives, basis_values};
 
