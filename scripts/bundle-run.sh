@@ -30,7 +30,7 @@ for t in tests/*; do
 done
 
 for tool in ${SANITIZER_TOOLS:-memcheck racecheck initcheck synccheck}; do
-  for name in bspline_gpu kan_gpu tensor; do
+  for name in bspline_gpu kan_gpu spline_activation tensor; do
     log="$out/sanitizer-$tool-$name.log"
     PROPTEST_CASES=${SANITIZER_CASES:-12} "$san" --tool "$tool" --error-exitcode 99 --print-limit 100 \
       "tests/$name" --test-threads=1 >"$log" 2>&1

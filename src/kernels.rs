@@ -9,16 +9,19 @@ pub const PTX_ORIGIN: &str = env!("HYBRID_KERNELS_PTX_ORIGIN");
 pub enum KernelModule {
     Bspline,
     Kan,
+    SplineActivation,
 }
 
 impl KernelModule {
-    pub const ALL: &'static [KernelModule] = &[KernelModule::Bspline, KernelModule::Kan];
+    pub const ALL: &'static [KernelModule] =
+        &[KernelModule::Bspline, KernelModule::Kan, KernelModule::SplineActivation];
 
     /// The source stem: `cuda/<name>.cu`, `ptx/<name>.ptx`.
     pub fn name(self) -> &'static str {
         match self {
             KernelModule::Bspline => "bspline",
             KernelModule::Kan => "kan",
+            KernelModule::SplineActivation => "spline_activation",
         }
     }
 
@@ -26,6 +29,7 @@ impl KernelModule {
         match self {
             KernelModule::Bspline => include_str!(concat!(env!("OUT_DIR"), "/bspline.ptx")),
             KernelModule::Kan => include_str!(concat!(env!("OUT_DIR"), "/kan.ptx")),
+            KernelModule::SplineActivation => include_str!(concat!(env!("OUT_DIR"), "/spline_activation.ptx")),
         }
     }
 

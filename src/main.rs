@@ -2,11 +2,13 @@
 //! and running one op on user tensors. With no arguments: `info`, `check`, short `bench`.
 
 use hybrid_kernels::bench::{self, BenchRow, KanPass, Repeats, BASIS_SHAPES, KAN_SHAPES};
-use hybrid_kernels::check::{kan_tolerance, tolerance, BasisCase, GridLayout, KanCase, Rng};
+use hybrid_kernels::check::{kan_tolerance, tolerance, ActivationCase, BasisCase, GridLayout, KanCase, Rng};
 use hybrid_kernels::device::{cuda_device_count, driver_available, driver_version};
 use hybrid_kernels::kernels::{KernelModule, PTX_ORIGIN};
 use hybrid_kernels::ops::bspline::{self, BasisKind, KnotGrid};
-use hybrid_kernels::{load_safetensors, save_safetensors, DType, Device, Error, Result};
+use hybrid_kernels::ops::kan::{KanLinear, KanLinearConfig};
+use hybrid_kernels::ops::spline_activation::SplineActivation;
+use hybrid_kernels::{load_safetensors, save_safetensors, DType, Device, Error, Result, Tensor};
 use std::process::ExitCode;
 
 const USAGE: &str = "\
@@ -17,9 +19,17 @@ commands:
   check [--seed N]         every kernel against its f64 CPU reference on random inputs
   bench [--json] [--short] every kernel at standard shapes (CUDA events, median)
   run OP --input IN.safetensors --output OUT.safetensors [--order K]
-                           run one op on your tensors; OP is bspline_basis or
-                           bspline_basis_derivative; IN holds `x` (.., in) and
-                           `grid` (in, n_knots) f32; OUT gets `out`
+                           run one op on your tensors (K: spline order, default 3).
+                           IN holds `x` (.., in) and `grid` (in, n_knots, f32), and:
+                             bspline_basis, bspline_basis_derivative: nothing more
+                               -> out
+                             kan_linear: base_weight, spline_weight[, spline_scaler]
+                               -> y
+                             kan_linear_backward: the same and dy
+                               -> dx, d_base_weight, d_spline_weight[, d_spline_scaler]
+                             spline_activation: coeff[, base_weight] -> y
+                             spline_activation_backward: the same and dy
+                               -> dx, d_coeff[, d_base_weight]
   (none)                   info, check and a short bench
 
 options for every command:
@@ -250,6 +260,25 @@ fn check(device: &Device, seed: Option<u64>) -> Result<bool> {
             if ok { "pass" } else { "FAIL" }
         );
     }
+    // B-spline activation: forward and every gradient (worst of y, dx, dcoeff, dw).
+    let act_cases: &[(usize, usize, usize, usize, bool)] =
+        &[(1, 1, 1, 1, false), (33, 7, 5, 3, true), (1025, 33, 20, 2, true), (7, 64, 100, 3, false)];
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let mut worst = 0.0f64;
+        for &(rows, channels, grid_size, order, with_base) in act_cases {
+            let case = ActivationCase { rows, channels, grid_size, order, with_base, dtype };
+            worst = worst.max(case.run(rng.next_u64(), device)?);
+        }
+        let tol = kan_tolerance(dtype, false);
+        let ok = worst <= tol;
+        all_ok &= ok;
+        println!(
+            "{:<26} {dtype:<6} {:>7} {worst:>12.3e} {tol:>10.1e}  {}",
+            "spline_activation fwd+grads",
+            act_cases.len(),
+            if ok { "pass" } else { "FAIL" }
+        );
+    }
     println!("check: {}\n", if all_ok { "all kernels pass" } else { "FAILURES above" });
     Ok(all_ok)
 }
@@ -288,6 +317,12 @@ fn bench_cmd(device: &Device, json: bool, short: bool) -> Result<()> {
                 }
                 rows.push(bench::bench_kan(device, pass, dtype, tf32, shape, reps)?);
             }
+        }
+    }
+    for backward in [false, true] {
+        for dtype in [DType::BF16, DType::F32] {
+            let (rows_n, channels) = if device.is_cuda() { (4096, 1024) } else { (64, 256) };
+            rows.push(bench::bench_activation(device, backward, dtype, rows_n, channels, 5, 3, reps, copy_gbs)?);
         }
     }
     if json {
@@ -367,9 +402,11 @@ fn to_json(rows: &[BenchRow], copy_gbs: Option<f64>) -> String {
 }
 
 fn run(device: &Device, opts: &mut Options) -> Result<()> {
+    const OPS: &str = "bspline_basis, bspline_basis_derivative, kan_linear, kan_linear_backward, \
+                       spline_activation or spline_activation_backward";
     let op = opts.positional.first().cloned().ok_or_else(|| Error::InvalidArgument {
         arg: "OP",
-        expected: "bspline_basis or bspline_basis_derivative".into(),
+        expected: OPS.into(),
         found: "nothing".into(),
     })?;
     let missing =
@@ -387,18 +424,43 @@ fn run(device: &Device, opts: &mut Options) -> Result<()> {
     let order = opts.order.unwrap_or(3);
     let grid = KnotGrid::from_knots(get("grid")?, order)?;
     let x = get("x")?;
-    let out = match op.as_str() {
-        "bspline_basis" => bspline::bspline_basis(x, &grid)?,
-        "bspline_basis_derivative" => bspline::bspline_basis_derivative(x, &grid)?,
-        other => {
-            return Err(Error::InvalidArgument {
-                arg: "OP",
-                expected: "bspline_basis or bspline_basis_derivative".into(),
-                found: other.into(),
-            })
+    let outputs: Vec<(&str, Tensor)> = match op.as_str() {
+        "bspline_basis" => vec![("out", bspline::bspline_basis(x, &grid)?)],
+        "bspline_basis_derivative" => vec![("out", bspline::bspline_basis_derivative(x, &grid)?)],
+        "kan_linear" | "kan_linear_backward" => {
+            let base = get("base_weight")?.clone();
+            let scaler = tensors.get("spline_scaler").cloned();
+            let mut cfg = KanLinearConfig::new(grid.in_features(), base.shape().first().copied().unwrap_or(0));
+            cfg.spline_order = order;
+            cfg.grid_size = grid.n_knots().saturating_sub(2 * order + 1);
+            cfg.standalone_scale_spline = scaler.is_some();
+            let layer = KanLinear::from_parameters(cfg, grid, base, get("spline_weight")?.clone(), scaler)?;
+            if op == "kan_linear" {
+                vec![("y", layer.forward(x)?)]
+            } else {
+                let g = layer.backward(x, get("dy")?)?;
+                let mut v = vec![("dx", g.dx), ("d_base_weight", g.base_weight), ("d_spline_weight", g.spline_weight)];
+                v.extend(g.spline_scaler.map(|t| ("d_spline_scaler", t)));
+                v
+            }
         }
+        "spline_activation" | "spline_activation_backward" => {
+            let act =
+                SplineActivation::from_parameters(grid, get("coeff")?.clone(), tensors.get("base_weight").cloned())?;
+            if op == "spline_activation" {
+                vec![("y", act.forward(x)?)]
+            } else {
+                let g = act.backward(x, get("dy")?)?;
+                let mut v = vec![("dx", g.dx), ("d_coeff", g.coeff)];
+                v.extend(g.base_weight.map(|t| ("d_base_weight", t)));
+                v
+            }
+        }
+        other => return Err(Error::InvalidArgument { arg: "OP", expected: OPS.into(), found: other.into() }),
     };
-    save_safetensors(&output, &[("out", &out)])?;
-    println!("{op} on {device}: x {:?} {} -> out {:?}, written to {output}", x.shape(), x.dtype(), out.shape());
+    let refs: Vec<(&str, &Tensor)> = outputs.iter().map(|(n, t)| (*n, t)).collect();
+    save_safetensors(&output, &refs)?;
+    let names: Vec<&str> = outputs.iter().map(|(n, _)| *n).collect();
+    println!("{op} on {device}: x {:?} {} -> {names:?}, written to {output}", x.shape(), x.dtype());
     Ok(())
 }

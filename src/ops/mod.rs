@@ -4,3 +4,4 @@
 
 pub mod bspline;
 pub mod kan;
+pub mod spline_activation;
