@@ -7,6 +7,8 @@
 //!   (efficient-kan semantics).
 //! - [`ops::kan`]: KANLinear forward, backward, grid update and regularization
 //!   (efficient-kan semantics), on the basis kernel and cuBLAS.
+//! - [`ops::spline_activation`]: a learnable per-channel B-spline activation (the
+//!   "B-spline MLP"), forward and backward.
 //!
 //! Kernels are compiled to PTX at build time (or taken from the committed `ptx/` when no
 //! nvcc is found) and embedded; they are loaded lazily, per device. Every op also runs
