@@ -9,14 +9,15 @@ use crate::kernels::KernelModule;
 use crate::tensor::{CudaData, Storage, Tensor};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
-/// Mirrors `struct BsplineParams` in cuda/bspline.cu.
+/// Mirrors `hk_bspline::BsplineParams` (cuda/bspline_device.cuh), the parameters of every
+/// kernel built on its row tiles (the basis kernels here, `kan_features`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-struct BsplineParams {
-    n_rows: u32,
-    in_features: u32,
-    n_knots: u32,
-    order: u32,
+pub(crate) struct BsplineParams {
+    pub n_rows: u32,
+    pub in_features: u32,
+    pub n_knots: u32,
+    pub order: u32,
 }
 
 // SAFETY: four u32 fields, repr(C), no padding: the same bytes as the C struct.

@@ -17,7 +17,7 @@
 //! on the GPU and f64 on the CPU (the reference in [`cpu`]).
 
 pub mod cpu;
-mod cuda;
+pub(crate) mod cuda;
 
 use crate::device::Device;
 use crate::dtype::DType;

@@ -6,6 +6,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gemm::{gemm, GemmShape, Layout};
 use crate::kernels::KernelModule;
+use crate::ops::bspline::cuda::BsplineParams;
 use crate::tensor::{CudaElement, Tensor};
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
@@ -22,19 +23,6 @@ struct InputGradParams {
 
 // SAFETY: four u32 fields, repr(C), no padding: the same bytes as the C struct.
 unsafe impl DeviceRepr for InputGradParams {}
-
-/// Mirrors `hk_bspline::BsplineParams` (cuda/bspline_device.cuh), used by kan_features.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct FeatureParams {
-    n_rows: u32,
-    in_features: u32,
-    n_knots: u32,
-    order: u32,
-}
-
-// SAFETY: four u32 fields, repr(C), no padding: the same bytes as the C struct.
-unsafe impl DeviceRepr for FeatureParams {}
 
 const BLOCK_THREADS: u32 = 256;
 /// kan_features: 8 warps of 32 rows per block.
@@ -142,7 +130,7 @@ fn features<T: CudaElement>(layer: &KanLinear, dev: &CudaDevice, x: &Tensor, s: 
     let kernel = name(Kernel::Features, T::DTYPE);
     let f = dev.function(KernelModule::Kan, kernel)?;
     let cfg = config(dev, kernel, n_rows, FEATURE_ROWS_PER_BLOCK)?;
-    let params = FeatureParams {
+    let params = BsplineParams {
         n_rows: n_rows as u32,
         in_features: s.inf as u32,
         n_knots: grid.n_knots() as u32,
