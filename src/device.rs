@@ -272,6 +272,26 @@ impl CudaDevice {
         Ok(blas)
     }
 
+    /// The launch of a grid-stride kernel over `items` work items, `items_per_block` per
+    /// block of `block_threads` threads: enough blocks for the items, at most one wave of
+    /// resident blocks ([`CudaDevice::resident_blocks`]).
+    pub(crate) fn grid_stride_config(
+        &self,
+        module: KernelModule,
+        name: &'static str,
+        block_threads: u32,
+        items: usize,
+        items_per_block: usize,
+    ) -> Result<cudarc::driver::LaunchConfig> {
+        let resident = self.resident_blocks(module, name, block_threads)?;
+        let blocks = (items.div_ceil(items_per_block).max(1) as u64).min(resident as u64) as u32;
+        Ok(cudarc::driver::LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (block_threads, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+
     /// Loads every embedded module, so that problems show up front (used by `info`).
     pub fn load_all_modules(&self) -> Result<()> {
         KernelModule::ALL.iter().try_for_each(|m| self.module(*m).map(drop))

@@ -67,7 +67,20 @@ impl Tensor {
             ));
         }
         let host = Tensor { shape: shape.to_vec(), storage: Storage::Host(T::wrap(data)) };
-        host.to_device(device)
+        match device {
+            Device::Cpu => Ok(host),
+            Device::Cuda(_) => host.to_device(device),
+        }
+    }
+
+    /// A host tensor of `dtype` from f64 values, each rounded once (to nearest even): how
+    /// the f64 CPU references hand out their results.
+    pub fn from_f64_rounded(values: &[f64], shape: &[usize], dtype: DType) -> Result<Tensor> {
+        match dtype {
+            DType::F32 => Tensor::from_vec(values.iter().map(|&x| x as f32).collect(), shape, &Device::Cpu),
+            DType::BF16 => Tensor::from_vec(values.iter().map(|&x| bf16::from_f64(x)).collect(), shape, &Device::Cpu),
+            DType::F16 => Tensor::from_vec(values.iter().map(|&x| f16::from_f64(x)).collect(), shape, &Device::Cpu),
+        }
     }
 
     /// Converts f32 values to `dtype` (round to nearest even) and places them on `device`.

@@ -65,9 +65,6 @@ pub(super) fn evaluate_into(
     }
     let name = kernel_name(kind, x.dtype());
     let func = dev.function(KernelModule::Bspline, name)?;
-    // One full wave of resident blocks; the kernel's grid-stride loop covers the rest.
-    let resident = dev.resident_blocks(KernelModule::Bspline, name, BLOCK_THREADS)?;
-
     // Each launch covers whole batch rows and at most 2^31 rows (32-bit row indices).
     if dims.in_features > MAX_ROWS_PER_LAUNCH {
         return Err(Error::invalid(
@@ -88,8 +85,8 @@ pub(super) fn evaluate_into(
             n_knots: dims.n_knots as u32,
             order: dims.order as u32,
         };
-        let blocks = ((r1 - r0).div_ceil(ROWS_PER_BLOCK) as u32).min(resident);
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK_THREADS, 1, 1), shared_mem_bytes: 0 };
+        // At most one wave of resident blocks; the kernel's grid-stride loop covers the rest.
+        let cfg = dev.grid_stride_config(KernelModule::Bspline, name, BLOCK_THREADS, r1 - r0, ROWS_PER_BLOCK)?;
         match (xd, &mut *od) {
             (CudaData::F32(xs), CudaData::F32(os)) => {
                 launch(dev, &func, xs.slice(r0..r1), knots, os.slice_mut(r0 * nb..r1 * nb), params, cfg)?

@@ -8,7 +8,7 @@ use crate::gemm::{gemm, GemmShape, Layout};
 use crate::kernels::KernelModule;
 use crate::ops::bspline::cuda::BsplineParams;
 use crate::tensor::{CudaElement, Tensor};
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, PushKernelArg};
 use half::{bf16, f16};
 
 /// Mirrors `hk_kan::InputGradParams` in cuda/kan.cu.
@@ -52,14 +52,6 @@ fn name(kernel: Kernel, dtype: DType) -> &'static str {
         (InputGrad, BF16) => "kan_input_grad_bf16",
         (InputGrad, F16) => "kan_input_grad_f16",
     }
-}
-
-/// A grid-stride launch over `n` items (`per_block` items a block), one wave of resident
-/// blocks at most.
-fn config(dev: &CudaDevice, kernel: &'static str, n: usize, per_block: usize) -> Result<LaunchConfig> {
-    let resident = dev.resident_blocks(KernelModule::Kan, kernel, BLOCK_THREADS)?;
-    let blocks = (n.div_ceil(per_block).max(1) as u64).min(resident as u64) as u32;
-    Ok(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK_THREADS, 1, 1), shared_mem_bytes: 0 })
 }
 
 /// Row and feature counts of one call, checked against the kernels' 32-bit indices.
@@ -129,7 +121,7 @@ fn features<T: CudaElement>(layer: &KanLinear, dev: &CudaDevice, x: &Tensor, s: 
     let grid = layer.grid();
     let kernel = name(Kernel::Features, T::DTYPE);
     let f = dev.function(KernelModule::Kan, kernel)?;
-    let cfg = config(dev, kernel, n_rows, FEATURE_ROWS_PER_BLOCK)?;
+    let cfg = dev.grid_stride_config(KernelModule::Kan, kernel, BLOCK_THREADS, n_rows, FEATURE_ROWS_PER_BLOCK)?;
     let params = BsplineParams {
         n_rows: n_rows as u32,
         in_features: s.inf as u32,
@@ -155,7 +147,8 @@ fn fold_weights<T: CudaElement>(layer: &KanLinear, dev: &CudaDevice, s: Sizes) -
     let n_oi = s.outf * s.inf;
     let kernel = name(Kernel::FoldWeights, T::DTYPE);
     let f = dev.function(KernelModule::Kan, kernel)?;
-    let cfg = config(dev, kernel, n_oi * (1 + s.nb), BLOCK_THREADS as usize)?;
+    let cfg =
+        dev.grid_stride_config(KernelModule::Kan, kernel, BLOCK_THREADS, n_oi * (1 + s.nb), BLOCK_THREADS as usize)?;
     let wb = layer.base_weight().cuda_slice::<T>("base_weight")?;
     let ws = layer.spline_weight().cuda_slice::<T>("spline_weight")?;
     // Without a scaler the kernel never reads this pointer; W_base stands in for it.
@@ -246,7 +239,7 @@ fn backward_typed<T: CudaElement>(
     if n_rows > 0 {
         let kernel = name(Kernel::InputGrad, dtype);
         let func = dev.function(KernelModule::Kan, kernel)?;
-        let cfg = config(dev, kernel, n_rows, BLOCK_THREADS as usize)?;
+        let cfg = dev.grid_stride_config(KernelModule::Kan, kernel, BLOCK_THREADS, n_rows, BLOCK_THREADS as usize)?;
         let grid = layer.grid();
         let params = InputGradParams {
             n_rows: n_rows as u32,
@@ -278,7 +271,7 @@ fn backward_typed<T: CudaElement>(
     {
         let kernel = name(Kernel::SplitGrads, dtype);
         let func = dev.function(KernelModule::Kan, kernel)?;
-        let cfg = config(dev, kernel, n_oi, BLOCK_THREADS as usize)?;
+        let cfg = dev.grid_stride_config(KernelModule::Kan, kernel, BLOCK_THREADS, n_oi, BLOCK_THREADS as usize)?;
         let ws = layer.spline_weight().cuda_slice::<T>("spline_weight")?;
         let has_scaler = u32::from(layer.spline_scaler().is_some());
         // Without a scaler these pointers are never touched by the kernel; W_spline stands in.

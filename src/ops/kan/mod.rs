@@ -284,7 +284,7 @@ impl KanLinear {
         match self.device() {
             Device::Cpu => {
                 let y = cpu::forward(&self.params64()?, &x.to_f64_vec()?);
-                host_tensor(&y, &out_shape, self.dtype())
+                Tensor::from_f64_rounded(&y, &out_shape, self.dtype())
             }
             Device::Cuda(dev) => cuda::forward(self, &dev, x, rows, &out_shape),
         }
@@ -304,12 +304,12 @@ impl KanLinear {
                 let g = cpu::backward(&p, &x.to_f64_vec()?, &dy.to_f64_vec()?);
                 let dt = self.dtype();
                 Ok(KanGrads {
-                    dx: host_tensor(&g.dx, x.shape(), dt)?,
-                    base_weight: host_tensor(&g.base_weight, self.base_weight.shape(), dt)?,
-                    spline_weight: host_tensor(&g.spline_weight, self.spline_weight.shape(), dt)?,
+                    dx: Tensor::from_f64_rounded(&g.dx, x.shape(), dt)?,
+                    base_weight: Tensor::from_f64_rounded(&g.base_weight, self.base_weight.shape(), dt)?,
+                    spline_weight: Tensor::from_f64_rounded(&g.spline_weight, self.spline_weight.shape(), dt)?,
                     spline_scaler: g
                         .spline_scaler
-                        .map(|s| host_tensor(&s, &[p.out_features, p.in_features], dt))
+                        .map(|s| Tensor::from_f64_rounded(&s, &[p.out_features, p.in_features], dt))
                         .transpose()?,
                 })
             }
@@ -396,15 +396,6 @@ impl KanLinear {
             spline_weight: self.spline_weight.to_f64_vec()?,
             spline_scaler: self.spline_scaler.as_ref().map(|s| s.to_f64_vec()).transpose()?,
         })
-    }
-}
-
-/// A host tensor of `dtype` from f64 values, rounded once.
-fn host_tensor(v: &[f64], shape: &[usize], dtype: DType) -> Result<Tensor> {
-    match dtype {
-        DType::F32 => Tensor::from_vec(v.iter().map(|&x| x as f32).collect(), shape, &Device::Cpu),
-        DType::BF16 => Tensor::from_vec(v.iter().map(|&x| half::bf16::from_f64(x)).collect(), shape, &Device::Cpu),
-        DType::F16 => Tensor::from_vec(v.iter().map(|&x| half::f16::from_f64(x)).collect(), shape, &Device::Cpu),
     }
 }
 

@@ -6,7 +6,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernels::KernelModule;
 use crate::tensor::{CudaElement, Tensor};
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, PushKernelArg};
 use half::{bf16, f16};
 
 /// Mirrors `hk_act::ActParams` in cuda/spline_activation.cu.
@@ -52,12 +52,6 @@ fn name(k: Kernel, d: DType) -> &'static str {
         (Reduce, BF16) => "spline_activation_param_reduce_bf16",
         (Reduce, F16) => "spline_activation_param_reduce_f16",
     }
-}
-
-fn config(dev: &CudaDevice, kernel: &'static str, n: usize) -> Result<LaunchConfig> {
-    let resident = dev.resident_blocks(KernelModule::SplineActivation, kernel, BLOCK_THREADS)?;
-    let blocks = (n.div_ceil(BLOCK_THREADS as usize).max(1) as u64).min(resident as u64) as u32;
-    Ok(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK_THREADS, 1, 1), shared_mem_bytes: 0 })
 }
 
 fn params(act: &SplineActivation, rows: usize) -> Result<ActParams> {
@@ -107,7 +101,8 @@ fn forward_typed<T: CudaElement>(act: &SplineActivation, dev: &CudaDevice, x: &T
     }
     let kernel = name(Kernel::Forward, T::DTYPE);
     let f = dev.function(KernelModule::SplineActivation, kernel)?;
-    let cfg = config(dev, kernel, n)?;
+    let cfg =
+        dev.grid_stride_config(KernelModule::SplineActivation, kernel, BLOCK_THREADS, n, BLOCK_THREADS as usize)?;
     let coeff = act.coeff().cuda_slice::<T>("coeff")?;
     // Without a base weight the kernel never reads `w`; coeff stands in for it.
     let w = match act.base_weight() {
@@ -158,7 +153,8 @@ fn backward_typed<T: CudaElement>(
     if n > 0 {
         let kernel = name(Kernel::Dx, dtype);
         let f = dev.function(KernelModule::SplineActivation, kernel)?;
-        let cfg = config(dev, kernel, n)?;
+        let cfg =
+            dev.grid_stride_config(KernelModule::SplineActivation, kernel, BLOCK_THREADS, n, BLOCK_THREADS as usize)?;
         let mut args = dev.stream().launch_builder(&f);
         args.arg(xs).arg(knots).arg(coeff).arg(w).arg(dys).arg(dx.cuda_slice_mut::<T>("dx")?).arg(&p);
         // SAFETY: spline_activation_dx_<T>(x, grid, coeff, w, dy, dx, ActParams): x, dy and dx
@@ -174,7 +170,13 @@ fn backward_typed<T: CudaElement>(
     {
         let kernel = name(Kernel::Partials, dtype);
         let f = dev.function(KernelModule::SplineActivation, kernel)?;
-        let cfg = config(dev, kernel, n_chunks * c)?;
+        let cfg = dev.grid_stride_config(
+            KernelModule::SplineActivation,
+            kernel,
+            BLOCK_THREADS,
+            n_chunks * c,
+            BLOCK_THREADS as usize,
+        )?;
         let mut args = dev.stream().launch_builder(&f);
         args.arg(xs).arg(knots).arg(dys).arg(partial.cuda_slice_mut::<f32>("partial")?).arg(&p).arg(&nc32);
         // SAFETY: spline_activation_param_partials_<T>(x, grid, dy, float* partial, ActParams,
@@ -185,7 +187,13 @@ fn backward_typed<T: CudaElement>(
     {
         let kernel = name(Kernel::Reduce, dtype);
         let f = dev.function(KernelModule::SplineActivation, kernel)?;
-        let cfg = config(dev, kernel, c * (nb + 1))?;
+        let cfg = dev.grid_stride_config(
+            KernelModule::SplineActivation,
+            kernel,
+            BLOCK_THREADS,
+            c * (nb + 1),
+            BLOCK_THREADS as usize,
+        )?;
         let (c32, nb32, has_base) = (c as u32, nb as u32, p.has_base);
         let mut args = dev.stream().launch_builder(&f);
         args.arg(partial.cuda_slice::<f32>("partial")?).arg(d_coeff.cuda_slice_mut::<T>("d_coeff")?);

@@ -144,7 +144,9 @@ impl SplineActivation {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = self.check("x", x)?;
         match self.device() {
-            Device::Cpu => host(&cpu::forward(&self.params64()?, &x.to_f64_vec()?), x.shape(), self.dtype()),
+            Device::Cpu => {
+                Tensor::from_f64_rounded(&cpu::forward(&self.params64()?, &x.to_f64_vec()?), x.shape(), self.dtype())
+            }
             Device::Cuda(dev) => cuda::forward(self, &dev, x, rows),
         }
     }
@@ -159,20 +161,12 @@ impl SplineActivation {
                 let (dx, dc, dw) = cpu::backward(&self.params64()?, &x.to_f64_vec()?, &dy.to_f64_vec()?);
                 let dt = self.dtype();
                 Ok(ActivationGrads {
-                    dx: host(&dx, x.shape(), dt)?,
-                    coeff: host(&dc, self.coeff.shape(), dt)?,
-                    base_weight: dw.map(|w| host(&w, &[self.channels()], dt)).transpose()?,
+                    dx: Tensor::from_f64_rounded(&dx, x.shape(), dt)?,
+                    coeff: Tensor::from_f64_rounded(&dc, self.coeff.shape(), dt)?,
+                    base_weight: dw.map(|w| Tensor::from_f64_rounded(&w, &[self.channels()], dt)).transpose()?,
                 })
             }
             Device::Cuda(dev) => cuda::backward(self, &dev, x, dy, rows),
         }
-    }
-}
-
-fn host(v: &[f64], shape: &[usize], dtype: DType) -> Result<Tensor> {
-    match dtype {
-        DType::F32 => Tensor::from_vec(v.iter().map(|&x| x as f32).collect(), shape, &Device::Cpu),
-        DType::BF16 => Tensor::from_vec(v.iter().map(|&x| half::bf16::from_f64(x)).collect(), shape, &Device::Cpu),
-        DType::F16 => Tensor::from_vec(v.iter().map(|&x| half::f16::from_f64(x)).collect(), shape, &Device::Cpu),
     }
 }
