@@ -28,18 +28,7 @@ namespace hk_bspline {
 template <typename T, bool Derivative>
 __device__ __forceinline__ void bspline_dispatch(const T* x, const float* grid, T* out, const BsplineParams& p) {
     __shared__ Stage<T> stage;
-    switch (p.order) {
-        case 0: bspline_rows<T, Derivative, 0, 0>(x, grid, out, p, stage); break;
-        case 1: bspline_rows<T, Derivative, 1, 0>(x, grid, out, p, stage); break;
-        case 2: bspline_rows<T, Derivative, 2, 0>(x, grid, out, p, stage); break;
-        case 3: bspline_rows<T, Derivative, 3, 0>(x, grid, out, p, stage); break;
-        case 4: bspline_rows<T, Derivative, 4, 0>(x, grid, out, p, stage); break;
-        case 5: bspline_rows<T, Derivative, 5, 0>(x, grid, out, p, stage); break;
-        case 6: bspline_rows<T, Derivative, 6, 0>(x, grid, out, p, stage); break;
-        case 7: bspline_rows<T, Derivative, 7, 0>(x, grid, out, p, stage); break;
-        default: break;  // rejected on the host: order <= MAX_SPLINE_ORDER
-    }
-    static_assert(MAX_SPLINE_ORDER == 7, "extend the switch with the maximum order");
+    HK_WITH_ORDER(p.order, bspline_rows<T, Derivative, K, 0>(x, grid, out, p, stage));
 }
 
 }  // namespace hk_bspline

@@ -116,6 +116,24 @@ __device__ __forceinline__ RowResult<K> evaluate_row(float xv, const float* __re
 
 
 constexpr int MAX_SPLINE_ORDER = 7;  // src/ops/bspline/mod.rs: MAX_SPLINE_ORDER
+
+// Runs the statement(s) with `K` bound to the compile-time spline order equal to the
+// run-time `order`, so each order gets its own fully unrolled instantiation. Orders above
+// MAX_SPLINE_ORDER are rejected on the host and do nothing here.
+#define HK_WITH_ORDER(order, ...)                          \
+    switch (order) {                                       \
+        case 0: { constexpr int K = 0; __VA_ARGS__; } break; \
+        case 1: { constexpr int K = 1; __VA_ARGS__; } break; \
+        case 2: { constexpr int K = 2; __VA_ARGS__; } break; \
+        case 3: { constexpr int K = 3; __VA_ARGS__; } break; \
+        case 4: { constexpr int K = 4; __VA_ARGS__; } break; \
+        case 5: { constexpr int K = 5; __VA_ARGS__; } break; \
+        case 6: { constexpr int K = 6; __VA_ARGS__; } break; \
+        case 7: { constexpr int K = 7; __VA_ARGS__; } break; \
+        default: break;                                    \
+    }
+static_assert(MAX_SPLINE_ORDER == 7, "extend HK_WITH_ORDER with the maximum order");
+
 constexpr int WARPS_PER_BLOCK = 8;   // src/ops/bspline/cuda.rs: BLOCK_THREADS = 256
 constexpr int ROWS_PER_WARP = 32;
 constexpr int STAGE_ELEMENTS = 1024;   // per warp

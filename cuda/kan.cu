@@ -11,8 +11,6 @@
 
 namespace hk_kan {
 
-constexpr int MAX_SPLINE_ORDER = 7;  // src/ops/bspline/mod.rs: MAX_SPLINE_ORDER
-
 struct InputGradParams {
     uint32_t n_rows;       // batch * in_features
     uint32_t in_features;
@@ -97,35 +95,14 @@ __device__ __forceinline__ void input_grad_rows(const T* __restrict__ x, const f
 template <typename T>
 __device__ __forceinline__ void input_grad(const T* x, const float* grid, const T* d_features, T* dx,
                                            const InputGradParams& p) {
-    switch (p.order) {
-        case 0: input_grad_rows<T, 0>(x, grid, d_features, dx, p); break;
-        case 1: input_grad_rows<T, 1>(x, grid, d_features, dx, p); break;
-        case 2: input_grad_rows<T, 2>(x, grid, d_features, dx, p); break;
-        case 3: input_grad_rows<T, 3>(x, grid, d_features, dx, p); break;
-        case 4: input_grad_rows<T, 4>(x, grid, d_features, dx, p); break;
-        case 5: input_grad_rows<T, 5>(x, grid, d_features, dx, p); break;
-        case 6: input_grad_rows<T, 6>(x, grid, d_features, dx, p); break;
-        case 7: input_grad_rows<T, 7>(x, grid, d_features, dx, p); break;
-        default: break;  // rejected on the host
-    }
-    static_assert(MAX_SPLINE_ORDER == 7, "extend the switch with the maximum order");
+    HK_WITH_ORDER(p.order, input_grad_rows<T, K>(x, grid, d_features, dx, p));
 }
 
 template <typename T>
 __device__ __forceinline__ void features(const T* x, const float* grid, T* out, const hk_bspline::BsplineParams& p) {
     using hk_bspline::bspline_rows;
     __shared__ hk_bspline::Stage<T> stage;
-    switch (p.order) {
-        case 0: bspline_rows<T, false, 0, 1>(x, grid, out, p, stage); break;
-        case 1: bspline_rows<T, false, 1, 1>(x, grid, out, p, stage); break;
-        case 2: bspline_rows<T, false, 2, 1>(x, grid, out, p, stage); break;
-        case 3: bspline_rows<T, false, 3, 1>(x, grid, out, p, stage); break;
-        case 4: bspline_rows<T, false, 4, 1>(x, grid, out, p, stage); break;
-        case 5: bspline_rows<T, false, 5, 1>(x, grid, out, p, stage); break;
-        case 6: bspline_rows<T, false, 6, 1>(x, grid, out, p, stage); break;
-        case 7: bspline_rows<T, false, 7, 1>(x, grid, out, p, stage); break;
-        default: break;  // rejected on the host
-    }
+    HK_WITH_ORDER(p.order, bspline_rows<T, false, K, 1>(x, grid, out, p, stage));
 }
 
 }  // namespace hk_kan

@@ -9,8 +9,6 @@
 
 namespace hk_act {
 
-constexpr int MAX_SPLINE_ORDER = 7;  // src/ops/bspline/mod.rs: MAX_SPLINE_ORDER
-
 struct ActParams {
     uint32_t n_rows;      // rows of x (product of the leading dimensions)
     uint32_t channels;    // C: the last dimension of x
@@ -93,31 +91,14 @@ __device__ __forceinline__ void param_partials(const T* __restrict__ x, const fl
 template <typename T>
 __device__ __forceinline__ void forward_or_dx(const T* x, const float* grid, const T* coeff, const T* w, const T* dy,
                                               T* out, const ActParams& p, bool backward) {
-#define HK_ACT_CASE(K)                                                                   \
-    case K:                                                                              \
-        if (backward) elementwise<T, K, true>(x, grid, coeff, w, dy, out, p);             \
-        else elementwise<T, K, false>(x, grid, coeff, w, dy, out, p);                     \
-        break;
-    switch (p.order) {
-        HK_ACT_CASE(0) HK_ACT_CASE(1) HK_ACT_CASE(2) HK_ACT_CASE(3)
-        HK_ACT_CASE(4) HK_ACT_CASE(5) HK_ACT_CASE(6) HK_ACT_CASE(7)
-        default: break;  // rejected on the host
-    }
-#undef HK_ACT_CASE
-    static_assert(MAX_SPLINE_ORDER == 7, "extend the switch with the maximum order");
+    HK_WITH_ORDER(p.order, if (backward) elementwise<T, K, true>(x, grid, coeff, w, dy, out, p);
+                           else elementwise<T, K, false>(x, grid, coeff, w, dy, out, p));
 }
 
 template <typename T>
 __device__ __forceinline__ void partials(const T* x, const float* grid, const T* dy, float* partial,
                                          const ActParams& p, uint32_t n_chunks) {
-#define HK_ACT_CASE(K) \
-    case K: param_partials<T, K>(x, grid, dy, partial, p, n_chunks); break;
-    switch (p.order) {
-        HK_ACT_CASE(0) HK_ACT_CASE(1) HK_ACT_CASE(2) HK_ACT_CASE(3)
-        HK_ACT_CASE(4) HK_ACT_CASE(5) HK_ACT_CASE(6) HK_ACT_CASE(7)
-        default: break;
-    }
-#undef HK_ACT_CASE
+    HK_WITH_ORDER(p.order, param_partials<T, K>(x, grid, dy, partial, p, n_chunks));
 }
 
 // d_coeff[c, j] = sum_chunk partial[chunk, c, j] (fixed order); d_w[c] likewise from column nb.
