@@ -34,6 +34,23 @@ impl ActParams64 {
 }
 
 pub fn forward(p: &ActParams64, x: &[f64]) -> Vec<f64> {
+    forward_terms(p, x, false)
+}
+
+/// Gradients of `sum(y * dy)`: (dx, dcoeff, dw).
+pub fn backward(p: &ActParams64, x: &[f64], dy: &[f64]) -> (Vec<f64>, Vec<f64>, Option<Vec<f64>>) {
+    backward_terms(p, x, dy, false)
+}
+
+/// Forward and backward over absolute values of every term: the scales of their rounding
+/// errors (see `crate::check::scaled_error`). Returns (y, dx, dcoeff, dw) magnitudes.
+pub fn magnitudes(p: &ActParams64, x: &[f64], dy: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>, Option<Vec<f64>>) {
+    let (dx, dcoeff, dw) = backward_terms(p, x, dy, true);
+    (forward_terms(p, x, true), dx, dcoeff, dw)
+}
+
+fn forward_terms(p: &ActParams64, x: &[f64], magnitude: bool) -> Vec<f64> {
+    let m = |v: f64| if magnitude { v.abs() } else { v };
     let nb = p.n_bases();
     let mut b = vec![0.0; nb];
     x.iter()
@@ -41,60 +58,34 @@ pub fn forward(p: &ActParams64, x: &[f64]) -> Vec<f64> {
         .map(|(e, &xv)| {
             let c = e % p.channels;
             basis_values(xv, p.knots_of(c), p.order, &mut b);
-            let spline: f64 = b.iter().zip(&p.coeff[c * nb..(c + 1) * nb]).map(|(a, w)| a * w).sum();
-            spline + p.base_weight.as_ref().map_or(0.0, |w| w[c] * silu(xv))
+            let spline: f64 = b.iter().zip(&p.coeff[c * nb..(c + 1) * nb]).map(|(a, w)| m(*a) * m(*w)).sum();
+            spline + p.base_weight.as_ref().map_or(0.0, |w| m(w[c]) * m(silu(xv)))
         })
         .collect()
 }
 
-/// Gradients of `sum(y * dy)`: (dx, dcoeff, dw).
-pub fn backward(p: &ActParams64, x: &[f64], dy: &[f64]) -> (Vec<f64>, Vec<f64>, Option<Vec<f64>>) {
+fn backward_terms(p: &ActParams64, x: &[f64], dy: &[f64], magnitude: bool) -> (Vec<f64>, Vec<f64>, Option<Vec<f64>>) {
+    let m = |v: f64| if magnitude { v.abs() } else { v };
     let nb = p.n_bases();
     let (mut b, mut db) = (vec![0.0; nb], vec![0.0; nb]);
     let mut dx = vec![0.0; x.len()];
     let mut dcoeff = vec![0.0; p.channels * nb];
     let mut dw = p.base_weight.as_ref().map(|_| vec![0.0; p.channels]);
-    for (e, (&xv, &g)) in x.iter().zip(dy).enumerate() {
+    for (e, (&xv, &dy_e)) in x.iter().zip(dy).enumerate() {
+        let g = m(dy_e);
         let c = e % p.channels;
         basis_values(xv, p.knots_of(c), p.order, &mut b);
         basis_derivatives(xv, p.knots_of(c), p.order, &mut db);
         let coeff = &p.coeff[c * nb..(c + 1) * nb];
-        let slope: f64 = db.iter().zip(coeff).map(|(a, w)| a * w).sum();
-        let base = p.base_weight.as_ref().map_or(0.0, |w| w[c] * silu_grad(xv));
+        let slope: f64 = db.iter().zip(coeff).map(|(a, w)| m(*a) * m(*w)).sum();
+        let base = p.base_weight.as_ref().map_or(0.0, |w| m(w[c]) * m(silu_grad(xv)));
         dx[e] = g * (slope + base);
         for j in 0..nb {
-            dcoeff[c * nb + j] += g * b[j];
+            dcoeff[c * nb + j] += g * m(b[j]);
         }
         if let Some(dw) = dw.as_mut() {
-            dw[c] += g * silu(xv);
+            dw[c] += g * m(silu(xv));
         }
     }
     (dx, dcoeff, dw)
-}
-
-/// Forward and backward over absolute values of every term: the scales of their rounding
-/// errors (see `crate::check::scaled_error`). Returns (y, dx, dcoeff, dw) magnitudes.
-pub fn magnitudes(p: &ActParams64, x: &[f64], dy: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>, Option<Vec<f64>>) {
-    let nb = p.n_bases();
-    let (mut b, mut db) = (vec![0.0; nb], vec![0.0; nb]);
-    let mut y = vec![0.0; x.len()];
-    let mut dx = vec![0.0; x.len()];
-    let mut dcoeff = vec![0.0; p.channels * nb];
-    let mut dw = p.base_weight.as_ref().map(|_| vec![0.0; p.channels]);
-    for (e, (&xv, &g)) in x.iter().zip(dy).enumerate() {
-        let c = e % p.channels;
-        basis_values(xv, p.knots_of(c), p.order, &mut b);
-        basis_derivatives(xv, p.knots_of(c), p.order, &mut db);
-        let coeff = &p.coeff[c * nb..(c + 1) * nb];
-        let w = p.base_weight.as_ref().map_or(0.0, |w| w[c].abs());
-        y[e] = b.iter().zip(coeff).map(|(a, k)| a.abs() * k.abs()).sum::<f64>() + w * silu(xv).abs();
-        dx[e] = g.abs() * (db.iter().zip(coeff).map(|(a, k)| a.abs() * k.abs()).sum::<f64>() + w * silu_grad(xv).abs());
-        for j in 0..nb {
-            dcoeff[c * nb + j] += g.abs() * b[j].abs();
-        }
-        if let Some(dw) = dw.as_mut() {
-            dw[c] += g.abs() * silu(xv).abs();
-        }
-    }
-    (y, dx, dcoeff, dw)
 }
