@@ -28,7 +28,7 @@ namespace hk_bspline {
 template <typename T, bool Derivative>
 __device__ __forceinline__ void bspline_dispatch(const T* x, const float* grid, T* out, const BsplineParams& p) {
     __shared__ Stage<T> stage;
-    HK_WITH_ORDER(p.order, bspline_rows<T, Derivative, K, 0>(x, grid, out, p, stage));
+    HK_WITH_ORDER(p.order, HK_WITH_GRID(p.uniform, bspline_rows<T, Derivative, K, 0, U>(x, grid, out, p, stage)));
 }
 
 }  // namespace hk_bspline

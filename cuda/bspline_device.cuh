@@ -80,6 +80,46 @@ __device__ __forceinline__ void row_values(const float* __restrict__ t, int n_kn
     }
 }
 
+// de Boor on a uniform grid (spacing h), in units of h: with u = (x - t[s]) / h, the left
+// and right distances are u + j - 1 and j - u and every support of an order-(j-1) basis is
+// j wide, so the triangle needs no knot loads and no divisions. n[r] = N_{s-L+r, L}(x).
+template <int K, int L>
+__device__ __forceinline__ void de_boor_uniform(float u, float (&n)[K + 1]) {
+    n[0] = 1.f;
+#pragma unroll
+    for (int j = 1; j <= L; ++j) {
+        const float inv_j = 1.f / float(j);
+        float saved = 0.f;
+#pragma unroll
+        for (int r = 0; r < j; ++r) {
+            const float temp = n[r] * inv_j;
+            n[r] = fmaf(float(r + 1) - u, temp, saved);
+            saved = (u + float(j - r - 1)) * temp;
+        }
+        n[j] = saved;
+    }
+}
+
+// row_values on a uniform grid: d/dx N_{j,K} = (N_{j,K-1} - N_{j+1,K-1}) / h there.
+template <int K, bool Derivative>
+__device__ __forceinline__ void row_values_uniform(float u, float inv_h, float (&v)[K + 1]) {
+    if constexpr (!Derivative) {
+        de_boor_uniform<K, K>(u, v);
+    } else if constexpr (K == 0) {
+        v[0] = 0.f;
+    } else {
+        float lower[K + 1];  // lower[r] = N_{s-K+1+r, K-1}, r = 0..K-1
+        de_boor_uniform<K, K - 1>(u, lower);
+        float prev = 0.f;
+#pragma unroll
+        for (int r = 0; r <= K; ++r) {
+            const float cur = r < K ? lower[r] : 0.f;
+            v[r] = (prev - cur) * inv_h;
+            prev = cur;
+        }
+    }
+}
+
 // What one lane knows about its row after the row phase.
 template <int K>
 struct RowResult {
@@ -100,14 +140,23 @@ __device__ __forceinline__ RowResult<K> zero_row() {
     return res;
 }
 
-template <int K, bool Derivative>
+template <int K, bool Derivative, bool Uniform>
 __device__ __forceinline__ RowResult<K> evaluate_row(float xv, const float* __restrict__ t, int n_knots) {
     RowResult<K> res = zero_row<K>();
     if (xv != xv) {
         res.kind = ROW_NAN;
     } else if (xv >= __ldg(t) && xv < __ldg(t + n_knots - 1)) {
-        const int s = find_interval(t, n_knots, xv, __ldg(t), __ldg(t + n_knots - 1));
-        row_values<K, Derivative>(t, n_knots, s, xv, res.v);
+        const float t0 = __ldg(t), tl = __ldg(t + n_knots - 1);
+        const int s = find_interval(t, n_knots, xv, t0, tl);
+        if constexpr (Uniform) {
+            // The interval comes from the knots themselves (find_interval), so x on a knot
+            // lands exactly where the general path puts it; only the spans are taken as h.
+            const float inv_h = float(n_knots - 1) / (tl - t0);
+            const float u = fminf(fmaxf((xv - __ldg(t + s)) * inv_h, 0.f), 1.f);
+            row_values_uniform<K, Derivative>(u, inv_h, res.v);
+        } else {
+            row_values<K, Derivative>(t, n_knots, s, xv, res.v);
+        }
         res.kind = ROW_BASES;
         res.first = s - K;
     }
@@ -134,6 +183,17 @@ constexpr int MAX_SPLINE_ORDER = 7;  // src/ops/bspline/mod.rs: MAX_SPLINE_ORDER
     }
 static_assert(MAX_SPLINE_ORDER == 7, "extend HK_WITH_ORDER with the maximum order");
 
+// Runs the statement(s) with `U` bound to whether the grid is uniform (the launch's
+// `uniform` parameter), so the uniform and general row phases are separate instantiations.
+#define HK_WITH_GRID(uniform, ...)                     \
+    if (uniform) {                                     \
+        constexpr bool U = true;                       \
+        __VA_ARGS__;                                   \
+    } else {                                           \
+        constexpr bool U = false;                      \
+        __VA_ARGS__;                                   \
+    }
+
 constexpr int WARPS_PER_BLOCK = 8;   // src/ops/bspline/cuda.rs: BLOCK_THREADS = 256
 constexpr int ROWS_PER_WARP = 32;
 constexpr int STAGE_ELEMENTS = 1024;   // per warp
@@ -144,6 +204,7 @@ struct BsplineParams {
     uint32_t in_features;  // features per batch row
     uint32_t n_knots;      // knots per feature: G + 2k + 1
     uint32_t order;        // spline order k
+    uint32_t uniform;      // 1: every feature's knots are uniformly spaced (KnotGrid::is_uniform)
 };
 
 template <typename T>
@@ -231,7 +292,7 @@ __device__ __forceinline__ void write_rows_broadcast(const RowResult<K>& row, in
 
 // The whole op for one order: warps take tiles of 32 rows (grid-stride), evaluate, write.
 // Prefix = 1 writes SiLU(x) before each row's bases (the KAN layer's GEMM operand).
-template <typename T, bool Derivative, int K, int Prefix>
+template <typename T, bool Derivative, int K, int Prefix, bool Uniform>
 __device__ __forceinline__ void bspline_rows(const T* __restrict__ x, const float* __restrict__ grid,
                                              T* __restrict__ out, const BsplineParams& p, Stage<T>& stage) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -247,7 +308,7 @@ __device__ __forceinline__ void bspline_rows(const T* __restrict__ x, const floa
         if (row < p.n_rows) {
             const float* t = grid + size_t(row % p.in_features) * p.n_knots;
             const float xv = hk::to_f32(x[row]);
-            res = evaluate_row<K, Derivative>(xv, t, n_knots);
+            res = evaluate_row<K, Derivative, Uniform>(xv, t, n_knots);
             if (Prefix == 1) res.prefix = hk::silu(xv);
         }
         const uint32_t rows_here = min(uint32_t(ROWS_PER_WARP), p.n_rows - row0);

@@ -16,6 +16,7 @@ struct InputGradParams {
     uint32_t in_features;
     uint32_t n_knots;
     uint32_t order;
+    uint32_t uniform;      // KnotGrid::is_uniform
 };
 
 // d/dx x sigmoid(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))
@@ -67,7 +68,7 @@ __device__ __forceinline__ void split_grads(const T* __restrict__ d_cat, const T
 
 // dx[row] = dA[row, 0] SiLU'(x) + sum_j dA[row, 1 + j] B'_j(x); only the k + 1 bases of the
 // row's interval have non-zero derivatives, so only those entries of dA are read.
-template <typename T, int K>
+template <typename T, int K, bool Uniform>
 __device__ __forceinline__ void input_grad_rows(const T* __restrict__ x, const float* __restrict__ grid,
                                                 const T* __restrict__ d_features, T* __restrict__ dx,
                                                 const InputGradParams& p) {
@@ -75,7 +76,7 @@ __device__ __forceinline__ void input_grad_rows(const T* __restrict__ x, const f
     for (uint32_t row = blockIdx.x * blockDim.x + threadIdx.x; row < p.n_rows; row += gridDim.x * blockDim.x) {
         const float xv = hk::to_f32(x[row]);
         const float* t = grid + size_t(row % p.in_features) * p.n_knots;
-        const hk_bspline::RowResult<K> r = hk_bspline::evaluate_row<K, true>(xv, t, int(p.n_knots));
+        const hk_bspline::RowResult<K> r = hk_bspline::evaluate_row<K, true, Uniform>(xv, t, int(p.n_knots));
         const T* da = d_features + size_t(row) * (n_bases + 1);
         float g = hk::to_f32(da[0]) * silu_grad(xv);
         if (r.kind == hk_bspline::ROW_NAN) {
@@ -95,14 +96,14 @@ __device__ __forceinline__ void input_grad_rows(const T* __restrict__ x, const f
 template <typename T>
 __device__ __forceinline__ void input_grad(const T* x, const float* grid, const T* d_features, T* dx,
                                            const InputGradParams& p) {
-    HK_WITH_ORDER(p.order, input_grad_rows<T, K>(x, grid, d_features, dx, p));
+    HK_WITH_ORDER(p.order, HK_WITH_GRID(p.uniform, input_grad_rows<T, K, U>(x, grid, d_features, dx, p)));
 }
 
 template <typename T>
 __device__ __forceinline__ void features(const T* x, const float* grid, T* out, const hk_bspline::BsplineParams& p) {
     using hk_bspline::bspline_rows;
     __shared__ hk_bspline::Stage<T> stage;
-    HK_WITH_ORDER(p.order, bspline_rows<T, false, K, 1>(x, grid, out, p, stage));
+    HK_WITH_ORDER(p.order, HK_WITH_GRID(p.uniform, bspline_rows<T, false, K, 1, U>(x, grid, out, p, stage)));
 }
 
 }  // namespace hk_kan

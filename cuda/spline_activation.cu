@@ -16,6 +16,8 @@ struct ActParams {
     uint32_t order;
     uint32_t has_base;    // w present
     uint32_t rows_per_chunk;  // param partials: rows summed per chunk
+    uint32_t uniform;     // KnotGrid::is_uniform
+    uint32_t shared_acc;  // param partials: (nb + 1) * blockDim.x floats of dynamic shared memory
 };
 
 __device__ __forceinline__ float silu_grad(float x) {
@@ -24,7 +26,7 @@ __device__ __forceinline__ float silu_grad(float x) {
 }
 
 // Forward (Derivative = false): y. Backward (true): dx = dy (sum_j c_j B'_j + w SiLU').
-template <typename T, int K, bool Backward>
+template <typename T, int K, bool Backward, bool Uniform>
 __device__ __forceinline__ void elementwise(const T* __restrict__ x, const float* __restrict__ grid,
                                             const T* __restrict__ coeff, const T* __restrict__ w,
                                             const T* __restrict__ dy, T* __restrict__ out, const ActParams& p) {
@@ -34,7 +36,7 @@ __device__ __forceinline__ void elementwise(const T* __restrict__ x, const float
         const uint32_t c = uint32_t(e % p.channels);
         const float xv = hk::to_f32(x[e]);
         const float* t = grid + size_t(c) * p.n_knots;
-        const hk_bspline::RowResult<K> r = hk_bspline::evaluate_row<K, Backward>(xv, t, int(p.n_knots));
+        const hk_bspline::RowResult<K> r = hk_bspline::evaluate_row<K, Backward, Uniform>(xv, t, int(p.n_knots));
         float v = 0.f;
         if (p.has_base) v = hk::to_f32(w[c]) * (Backward ? silu_grad(xv) : hk::silu(xv));
         if (r.kind == hk_bspline::ROW_NAN) {
@@ -53,37 +55,54 @@ __device__ __forceinline__ void elementwise(const T* __restrict__ x, const float
 }
 
 // partial[chunk, c, j] = sum over the chunk's rows of dy B_j(x); partial[chunk, c, nb] the
-// same for SiLU(x) (the base weight's gradient). One thread per (chunk, channel): it owns
-// its nb + 1 outputs, kept in the f32 partial buffer (L1/L2-resident for its own rows).
-template <typename T, int K>
+// same for SiLU(x) (the base weight's gradient). One thread per (chunk, channel) owns its
+// nb + 1 sums. They live in shared memory (acc[j * blockDim.x + thread], conflict-free) when
+// the launch provides (nb + 1) * blockDim.x floats of it (p.shared_acc), else in the
+// partial buffer itself; global read-modify-writes go to L2 each time and were the slow
+// part of the first version.
+template <typename T, int K, bool Uniform>
 __device__ __forceinline__ void param_partials(const T* __restrict__ x, const float* __restrict__ grid,
                                                const T* __restrict__ dy, float* __restrict__ partial,
                                                const ActParams& p, uint32_t n_chunks) {
+    extern __shared__ float shared_acc[];
     const uint32_t nb = p.n_knots - 1u - uint32_t(K);
     const uint32_t n = n_chunks * p.channels;
-    for (uint32_t e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) {
+    // Every thread of the block runs the same number of iterations (no early exit), so the
+    // shared slice of a thread is only ever touched by that thread.
+    for (uint32_t e0 = blockIdx.x * blockDim.x; e0 < n; e0 += gridDim.x * blockDim.x) {
+        const uint32_t e = e0 + threadIdx.x;
+        if (e >= n) continue;
         const uint32_t chunk = e / p.channels, c = e % p.channels;
-        float* acc = partial + size_t(e) * (nb + 1);
-        for (uint32_t j = 0; j <= nb; ++j) acc[j] = 0.f;
+        float* acc = p.shared_acc ? shared_acc + threadIdx.x : partial + size_t(e) * (nb + 1);
+        const uint32_t stride = p.shared_acc ? blockDim.x : 1u;
+        for (uint32_t j = 0; j <= nb; ++j) acc[j * stride] = 0.f;
         const float* t = grid + size_t(c) * p.n_knots;
         const uint32_t r0 = chunk * p.rows_per_chunk, r1 = min(p.n_rows, r0 + p.rows_per_chunk);
+        bool nan_row = false;
+        float nan_value = 0.f;
         for (uint32_t row = r0; row < r1; ++row) {
             const size_t i = size_t(row) * p.channels + c;
             const float xv = hk::to_f32(x[i]);
             const float g = hk::to_f32(dy[i]);
-            const hk_bspline::RowResult<K> r = hk_bspline::evaluate_row<K, false>(xv, t, int(p.n_knots));
+            const hk_bspline::RowResult<K> r = hk_bspline::evaluate_row<K, false, Uniform>(xv, t, int(p.n_knots));
             if (r.kind == hk_bspline::ROW_NAN) {
-                for (uint32_t j = 0; j <= nb; ++j) acc[j] = xv;
+                nan_row = true;
+                nan_value = xv;
                 continue;
             }
             if (r.kind == hk_bspline::ROW_BASES) {
 #pragma unroll
                 for (int a = 0; a <= K; ++a) {
                     const int j = r.first + a;
-                    if (j >= 0 && uint32_t(j) < nb) acc[j] = fmaf(g, r.v[a], acc[j]);
+                    if (j >= 0 && uint32_t(j) < nb) acc[j * stride] = fmaf(g, r.v[a], acc[j * stride]);
                 }
             }
-            acc[nb] = fmaf(g, hk::silu(xv), acc[nb]);
+            acc[nb * stride] = fmaf(g, hk::silu(xv), acc[nb * stride]);
+        }
+        // A NaN input poisons every sum of its channel, as in the reference.
+        for (uint32_t j = 0; j <= nb; ++j) {
+            const float v = nan_row ? nan_value : acc[j * stride];
+            partial[size_t(e) * (nb + 1) + j] = v;
         }
     }
 }
@@ -91,14 +110,14 @@ __device__ __forceinline__ void param_partials(const T* __restrict__ x, const fl
 template <typename T>
 __device__ __forceinline__ void forward_or_dx(const T* x, const float* grid, const T* coeff, const T* w, const T* dy,
                                               T* out, const ActParams& p, bool backward) {
-    HK_WITH_ORDER(p.order, if (backward) elementwise<T, K, true>(x, grid, coeff, w, dy, out, p);
-                           else elementwise<T, K, false>(x, grid, coeff, w, dy, out, p));
+    HK_WITH_ORDER(p.order, HK_WITH_GRID(p.uniform, if (backward) elementwise<T, K, true, U>(x, grid, coeff, w, dy, out, p);
+                                                   else elementwise<T, K, false, U>(x, grid, coeff, w, dy, out, p)));
 }
 
 template <typename T>
 __device__ __forceinline__ void partials(const T* x, const float* grid, const T* dy, float* partial,
                                          const ActParams& p, uint32_t n_chunks) {
-    HK_WITH_ORDER(p.order, param_partials<T, K>(x, grid, dy, partial, p, n_chunks));
+    HK_WITH_ORDER(p.order, HK_WITH_GRID(p.uniform, param_partials<T, K, U>(x, grid, dy, partial, p, n_chunks)));
 }
 
 // d_coeff[c, j] = sum_chunk partial[chunk, c, j] (fixed order); d_w[c] likewise from column nb.

@@ -21,7 +21,7 @@
 
 use crate::device::Device;
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::bspline::{self, BasisKind, KnotGrid};
 use crate::tensor::Tensor;
 
@@ -67,7 +67,9 @@ impl Rng {
 /// How the knot vectors of a random case are laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GridLayout {
-    /// efficient-kan's uniform grid on a random range.
+    /// A uniform grid on a random range, with dyadic start and spacing so that every knot
+    /// is exact in f32 ([`KnotGrid::is_uniform`](crate::ops::bspline::KnotGrid::is_uniform)
+    /// holds: the kernels' uniform path).
     Uniform,
     /// Random positive spacings, different per feature.
     NonUniform,
@@ -83,7 +85,9 @@ pub fn random_knots(rng: &mut Rng, in_features: usize, grid_size: usize, order: 
         let lo = rng.uniform(-3.0, 0.0);
         match layout {
             GridLayout::Uniform => {
-                let h = rng.uniform(0.05, 1.0);
+                // Multiples of 1/64 below 2^10: exact in f32.
+                let lo = -(rng.below(193) as f64) / 64.0;
+                let h = (4 + rng.below(61)) as f64 / 64.0;
                 out.extend((0..n_knots).map(|i| (lo + i as f64 * h) as f32));
             }
             GridLayout::NonUniform | GridLayout::Repeated => {
@@ -222,6 +226,10 @@ impl BasisCase {
         let x = random_inputs(rng, self.batch, &knots, n_knots);
         let grid =
             KnotGrid::from_knots(&Tensor::from_vec(knots.clone(), &[self.in_features, n_knots], device)?, self.order)?;
+        if self.layout == GridLayout::Uniform && !grid.is_uniform() {
+            // The case would not exercise the uniform row phase it is meant to.
+            return Err(Error::invalid("knots", "a grid with is_uniform()", "is_uniform() = false"));
+        }
         let xt = Tensor::from_f32(&x, &[self.batch, self.in_features], self.dtype, device)?;
         let mut out = Tensor::full(f32::NAN, &[self.batch, self.in_features, grid.n_bases()], self.dtype, device)?;
         match self.kind {

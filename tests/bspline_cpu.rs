@@ -240,3 +240,25 @@ fn into_writes_every_element_of_a_poisoned_output() {
     bspline::bspline_basis_derivative_into(&x, &grid, &mut out).unwrap();
     assert!(out.to_f32_vec().unwrap().iter().all(|v| v.is_finite()));
 }
+
+#[test]
+fn uniform_grids_are_recognised() {
+    let cpu = Device::Cpu;
+    // efficient-kan's default grids: the kernels' uniform row phase.
+    for (g, k, range) in [(5, 3, (-1.0, 1.0)), (1, 0, (0.0, 1.0)), (20, 3, (-1.0, 1.0)), (10, 2, (-4.0, 3.0))] {
+        let grid = KnotGrid::uniform(3, g, k, range, &cpu).unwrap();
+        assert!(grid.is_uniform(), "G = {g}, k = {k}, range {range:?}");
+    }
+    let grid = |row: Vec<f32>| {
+        let n = row.len();
+        KnotGrid::from_knots(&Tensor::from_vec(row, &[1, n], &cpu).unwrap(), 1).unwrap()
+    };
+    assert!(grid(vec![-1.0, -0.5, 0.0, 0.5, 1.0]).is_uniform());
+    // One knot moved by 1e-4 of the spacing, a repeated knot, a large offset.
+    assert!(!grid(vec![-1.0, -0.49995, 0.0, 0.5, 1.0]).is_uniform());
+    assert!(!grid(vec![-1.0, 0.0, 0.0, 0.5, 1.0]).is_uniform());
+    assert!(!grid(vec![-1e31, 0.0, 1e31]).is_uniform());
+    // A feature that is not uniform makes the grid general.
+    let rows = vec![-1.0, 0.0, 1.0, 0.0, 0.1, 1.0];
+    assert!(!KnotGrid::from_knots(&Tensor::from_vec(rows, &[2, 3], &cpu).unwrap(), 1).unwrap().is_uniform());
+}

@@ -18,9 +18,10 @@ pub(crate) struct BsplineParams {
     pub in_features: u32,
     pub n_knots: u32,
     pub order: u32,
+    pub uniform: u32,
 }
 
-// SAFETY: four u32 fields, repr(C), no padding: the same bytes as the C struct.
+// SAFETY: five u32 fields, repr(C), no padding: the same bytes as the C struct.
 unsafe impl DeviceRepr for BsplineParams {}
 
 /// 8 warps of 32 rows each (WARPS_PER_BLOCK, ROWS_PER_WARP in cuda/bspline.cu).
@@ -84,6 +85,7 @@ pub(super) fn evaluate_into(
             in_features: dims.in_features as u32,
             n_knots: dims.n_knots as u32,
             order: dims.order as u32,
+            uniform: u32::from(grid.is_uniform()),
         };
         // At most one wave of resident blocks; the kernel's grid-stride loop covers the rest.
         let cfg = dev.grid_stride_config(KernelModule::Bspline, name, BLOCK_THREADS, r1 - r0, ROWS_PER_BLOCK)?;

@@ -33,6 +33,7 @@ pub const MAX_SPLINE_ORDER: usize = 7;
 pub struct KnotGrid {
     knots: Tensor,
     order: usize,
+    uniform: bool,
 }
 
 impl KnotGrid {
@@ -99,7 +100,19 @@ impl KnotGrid {
                 ));
             }
         }
-        Ok(KnotGrid { knots: knots.clone(), order })
+        let uniform = values.chunks_exact(n_knots).all(is_uniform_row);
+        Ok(KnotGrid { knots: knots.clone(), order, uniform })
+    }
+
+    /// Whether every feature's knots are uniformly spaced: each knot within `1e-6 h` of
+    /// `t_0 + a h`, `h = (t_last - t_0) / (n_knots - 1) > 0`. The kernels then evaluate
+    /// bases as polynomials of `(x - t_s) / h` (no knot loads or divisions per basis);
+    /// the interval `s` still comes from the knots themselves, so inputs on a knot land
+    /// where they do on any grid. Grids from [`KnotGrid::uniform`] qualify for ranges and
+    /// sizes in common use (e.g. `(-1, 1)`, `G <= 20`); f32 rounding of larger or
+    /// finer grids can exceed the bound, and those take the general path.
+    pub fn is_uniform(&self) -> bool {
+        self.uniform
     }
 
     pub fn order(&self) -> usize {
@@ -129,8 +142,20 @@ impl KnotGrid {
 
     /// The same grid on `device` (already validated; no re-check).
     pub fn to_device(&self, device: &Device) -> Result<KnotGrid> {
-        Ok(KnotGrid { knots: self.knots.to_device(device)?, order: self.order })
+        Ok(KnotGrid { knots: self.knots.to_device(device)?, order: self.order, uniform: self.uniform })
     }
+}
+
+/// See [`KnotGrid::is_uniform`]. Knots beyond 1e30 in magnitude never count as uniform, so
+/// that `t_last - t_0` stays finite in f32 on the device.
+fn is_uniform_row(t: &[f32]) -> bool {
+    let n = t.len();
+    let (t0, tl) = (t[0] as f64, t[n - 1] as f64);
+    let h = (tl - t0) / (n - 1) as f64;
+    if !(h > 0.0 && t0.abs() < 1e30 && tl.abs() < 1e30) {
+        return false;
+    }
+    t.iter().enumerate().all(|(a, &v)| (v as f64 - (t0 + a as f64 * h)).abs() <= 1e-6 * h)
 }
 
 fn check_order(order: usize) -> Result<()> {

@@ -19,9 +19,10 @@ struct InputGradParams {
     in_features: u32,
     n_knots: u32,
     order: u32,
+    uniform: u32,
 }
 
-// SAFETY: four u32 fields, repr(C), no padding: the same bytes as the C struct.
+// SAFETY: five u32 fields, repr(C), no padding: the same bytes as the C struct.
 unsafe impl DeviceRepr for InputGradParams {}
 
 const BLOCK_THREADS: u32 = 256;
@@ -127,6 +128,7 @@ fn features<T: CudaElement>(layer: &KanLinear, dev: &CudaDevice, x: &Tensor, s: 
         in_features: s.inf as u32,
         n_knots: grid.n_knots() as u32,
         order: grid.order() as u32,
+        uniform: u32::from(grid.is_uniform()),
     };
     let xs = x.cuda_slice::<T>("x")?;
     let knots = grid.knots().cuda_slice::<f32>("grid")?;
@@ -246,6 +248,7 @@ fn backward_typed<T: CudaElement>(
             in_features: s.inf as u32,
             n_knots: grid.n_knots() as u32,
             order: grid.order() as u32,
+            uniform: u32::from(grid.is_uniform()),
         };
         let mut args = dev.stream().launch_builder(&func);
         args.arg(x.cuda_slice::<T>("x")?)

@@ -19,14 +19,19 @@ struct ActParams {
     order: u32,
     has_base: u32,
     rows_per_chunk: u32,
+    uniform: u32,
+    shared_acc: u32,
 }
 
-// SAFETY: six u32 fields, repr(C), no padding: the same bytes as the C struct.
+// SAFETY: eight u32 fields, repr(C), no padding: the same bytes as the C struct.
 unsafe impl DeviceRepr for ActParams {}
 
 const BLOCK_THREADS: u32 = 256;
 /// Rows summed per chunk by the parameter-gradient partial kernel.
 const ROWS_PER_CHUNK: usize = 64;
+/// The partial kernel keeps its sums in shared memory up to this size per block (the
+/// default dynamic shared-memory limit), i.e. for nb + 1 <= 48 at 256 threads.
+const MAX_SHARED_ACC_BYTES: usize = 48 * 1024;
 
 #[derive(Clone, Copy)]
 enum Kernel {
@@ -66,6 +71,8 @@ fn params(act: &SplineActivation, rows: usize) -> Result<ActParams> {
         order: act.grid().order() as u32,
         has_base: u32::from(act.base_weight().is_some()),
         rows_per_chunk: ROWS_PER_CHUNK as u32,
+        uniform: u32::from(act.grid().is_uniform()),
+        shared_acc: 0,
     })
 }
 
@@ -170,18 +177,25 @@ fn backward_typed<T: CudaElement>(
     {
         let kernel = name(Kernel::Partials, dtype);
         let f = dev.function(KernelModule::SplineActivation, kernel)?;
-        let cfg = dev.grid_stride_config(
+        let mut cfg = dev.grid_stride_config(
             KernelModule::SplineActivation,
             kernel,
             BLOCK_THREADS,
             n_chunks * c,
             BLOCK_THREADS as usize,
         )?;
+        let acc_bytes = (nb + 1) * BLOCK_THREADS as usize * std::mem::size_of::<f32>();
+        let mut pp = p;
+        if acc_bytes <= MAX_SHARED_ACC_BYTES {
+            cfg.shared_mem_bytes = acc_bytes as u32;
+            pp.shared_acc = 1;
+        }
         let mut args = dev.stream().launch_builder(&f);
-        args.arg(xs).arg(knots).arg(dys).arg(partial.cuda_slice_mut::<f32>("partial")?).arg(&p).arg(&nc32);
+        args.arg(xs).arg(knots).arg(dys).arg(partial.cuda_slice_mut::<f32>("partial")?).arg(&pp).arg(&nc32);
         // SAFETY: spline_activation_param_partials_<T>(x, grid, dy, float* partial, ActParams,
         // uint32_t n_chunks): partial holds n_chunks * C * (nb + 1) floats; rows read are
-        // below n_rows (chunk bounds clamp to it).
+        // below n_rows (chunk bounds clamp to it); with shared_acc the block has
+        // (nb + 1) * BLOCK_THREADS floats of dynamic shared memory, the kernel's need.
         unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching spline_activation_param_partials", e))?;
     }
     {
