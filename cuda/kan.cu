@@ -26,23 +26,35 @@ __device__ __forceinline__ float silu_grad(float x) {
 }
 
 // W_cat[oi, 0] = W_base[oi]; W_cat[oi, 1 + j] = W_spline[oi, j] * scaler[oi] (scaler: 1 when
-// has_scaler is 0; the pointer is then not read).
-template <typename T>
-__device__ __forceinline__ void fold_weights(const T* __restrict__ w_base, const T* __restrict__ w_spline,
-                                             const T* __restrict__ scaler, uint32_t has_scaler, T* __restrict__ w_cat,
-                                             uint32_t n_oi, uint32_t nb) {
-    const uint64_t n = uint64_t(n_oi) * (nb + 1);
-    for (uint64_t e = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += uint64_t(gridDim.x) * blockDim.x) {
-        const uint32_t oi = uint32_t(e / (nb + 1));
-        const uint32_t c = uint32_t(e - uint64_t(oi) * (nb + 1));
+// has_scaler is 0; the pointer is then not read). Index math in 32 bits when the output
+// fits: a 64-bit division per element made the first version compute-bound.
+template <typename T, typename Index>
+__device__ __forceinline__ void fold_weights_indexed(const T* __restrict__ w_base, const T* __restrict__ w_spline,
+                                                     const T* __restrict__ scaler, uint32_t has_scaler,
+                                                     T* __restrict__ w_cat, Index n, uint32_t nb) {
+    const Index cols = nb + 1;
+    for (Index e = Index(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += Index(gridDim.x) * blockDim.x) {
+        const Index oi = e / cols;
+        const Index c = e - oi * cols;
         float v;
         if (c == 0) {
             v = hk::to_f32(w_base[oi]);
         } else {
-            v = hk::to_f32(w_spline[size_t(oi) * nb + (c - 1)]);
+            v = hk::to_f32(w_spline[oi * nb + (c - 1)]);
             if (has_scaler) v *= hk::to_f32(scaler[oi]);
         }
         w_cat[e] = hk::from_f32<T>(v);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void fold_weights(const T* w_base, const T* w_spline, const T* scaler, uint32_t has_scaler,
+                                             T* w_cat, uint32_t n_oi, uint32_t nb) {
+    const uint64_t n = uint64_t(n_oi) * (nb + 1);
+    if (n <= 0xffffffffull - 2ull * gridDim.x * blockDim.x) {
+        fold_weights_indexed<T, uint32_t>(w_base, w_spline, scaler, has_scaler, w_cat, uint32_t(n), nb);
+    } else {
+        fold_weights_indexed<T, uint64_t>(w_base, w_spline, scaler, has_scaler, w_cat, n, nb);
     }
 }
 

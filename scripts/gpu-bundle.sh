@@ -2,7 +2,7 @@
 # Builds the release test binaries, the benchmarks and the CLI into gpu-bundle/ (git-ignored)
 # with a run.sh, so a GPU host without a Rust toolchain runs the whole GPU suite (GPU
 # required: nothing skips), the suite under compute-sanitizer, then `check` and `bench`.
-#   scripts/gpu-bundle.sh            build gpu-bundle/
+#   scripts/gpu-bundle.sh            build gpu-bundle/ (run.sh + payload.tar.xz)
 #   gpu-bundle/run.sh                on the GPU host (logs in $OUT or gpu-bundle/out)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,7 +32,10 @@ done
 cargo bench --no-run --message-format=json 2>/dev/null | executables | while read -r name kind path; do
   if [ "$kind" = bench ]; then cp "$path" "$bundle/benches/$name"; fi
 done
+ls -l "$bundle"/*/
+# Every binary embeds all the PTX (text, ~8 MB): xz packs the ~150 MB of binaries into
+# ~10 MB, well under what travels to the GPU host; run.sh unpacks it there.
+(cd "$bundle" && tar -cf - tests benches bin | xz -T0 -6 > payload.tar.xz && rm -rf tests benches bin)
 cp scripts/bundle-run.sh "$bundle/run.sh"
 chmod +x "$bundle/run.sh"
 du -sh "$bundle"
-ls -l "$bundle"/*/

@@ -245,22 +245,35 @@ pub fn kan_target_us(shape: KanShape, pass: KanPass, dtype: DType, tf32: bool) -
     }
 }
 
-/// Benchmarks a KANLinear pass; FLOPs count the GEMMs (forward: 2 rows out in (G + k + 1),
-/// forward + backward: three times that), bytes the inputs, parameters and outputs once.
+/// Benchmarks a KANLinear pass on the forward pipeline `path`; FLOPs count the GEMMs
+/// (forward: 2 rows out in (G + k + 1), forward + backward: three times that) whichever
+/// path runs, bytes the inputs, parameters and outputs once. Inputs rotate among 4 sets and
+/// the layer among copies whose parameters together exceed 150 MB, so that neither is
+/// served from L2 (as in a model, where other layers run between two calls of one).
 pub fn bench_kan(
     device: &Device,
     pass: KanPass,
     dtype: DType,
     tf32: bool,
+    path: crate::ops::kan::KanForwardPath,
     shape: KanShape,
     reps: Repeats,
 ) -> Result<BenchRow> {
-    use crate::ops::kan::{KanLinear, KanLinearConfig};
+    use crate::ops::kan::{KanForwardPath, KanLinear, KanLinearConfig};
     let mut cfg = KanLinearConfig::new(shape.in_features, shape.out_features);
     cfg.grid_size = shape.grid_size;
     cfg.spline_order = shape.order;
     let mut layer = KanLinear::new(cfg, dtype, device, 1)?;
     layer.set_allow_tf32(tf32);
+    layer.set_forward_path(path);
+    let param_bytes = (shape.in_features * shape.out_features * (shape.grid_size + shape.order + 2)) as f64
+        * dtype.size_in_bytes() as f64;
+    let copies = if device.is_cuda() { ((150e6 / param_bytes).ceil() as usize).clamp(1, 8) } else { 1 };
+    let mut layers = vec![layer.clone()];
+    for _ in 1..copies {
+        // A deep copy: through the host, into fresh device allocations.
+        layers.push(layer.to_device(&Device::Cpu)?.to_device(device)?);
+    }
     let mut rng = Rng::new(0xC0FFEE);
     let sets = if device.is_cuda() { 4 } else { 1 };
     let mut xs = Vec::with_capacity(sets);
@@ -272,18 +285,20 @@ pub fn bench_kan(
         dys.push(Tensor::from_f32(&dy, &[shape.batch, shape.out_features], dtype, device)?);
     }
     let step = |i: usize| -> Result<()> {
-        let s = i % sets;
+        let (s, l) = (i % sets, &layers[i % copies]);
         match pass {
-            KanPass::Forward => layer.forward(&xs[s]).map(drop),
+            KanPass::Forward => l.forward(&xs[s]).map(drop),
             KanPass::ForwardBackward => {
-                layer.forward(&xs[s])?;
-                layer.backward(&xs[s], &dys[s]).map(drop)
+                l.forward(&xs[s])?;
+                l.backward(&xs[s], &dys[s]).map(drop)
             }
         }
     };
     let (timing, peak) = match device {
         Device::Cuda(dev) => {
-            step(0)?; // warm-up outside the peak measurement: module loads, cuBLAS handle
+            for i in 0..copies.max(2) {
+                step(i)?; // warm-up outside the peak measurement: module loads, cuBLAS handle
+            }
             dev.synchronize()?;
             let (before, _) = dev.pool_usage()?;
             dev.reset_pool_peak()?;
@@ -293,6 +308,13 @@ pub fn bench_kan(
             (time_cuda(dev, reps, step)?, Some(high.saturating_sub(before)))
         }
         Device::Cpu => (time_host(Repeats { warmup: 0, iters: reps.iters.min(3) }, step)?, None),
+    };
+    let path_name = match device {
+        Device::Cuda(_) => match layer.resolved_forward_path(shape.batch) {
+            KanForwardPath::Sparse => " sparse",
+            _ => " gemm",
+        },
+        Device::Cpu => "",
     };
     let nb = shape.grid_size + shape.order;
     let (rows, inf, outf) = (shape.batch as f64, shape.in_features as f64, shape.out_features as f64);
@@ -308,7 +330,7 @@ pub fn bench_kan(
         KanPass::ForwardBackward => "kan_linear fwd+bwd",
     };
     Ok(BenchRow {
-        op: op.into(),
+        op: format!("{op}{path_name}"),
         dtype,
         shape: format!(
             "{}x{}->{} G={}{}",

@@ -256,6 +256,8 @@ pub struct KanCase {
     pub scaler: bool,
     pub dtype: DType,
     pub tf32: bool,
+    /// The GPU forward pipeline (the backward is the same for all).
+    pub path: crate::ops::kan::KanForwardPath,
 }
 
 /// Relative errors of one [`KanCase`].
@@ -295,6 +297,7 @@ impl KanCase {
         let layer_host = KanLinear::new(c, self.dtype, &Device::Cpu, seed)?;
         let mut layer = layer_host.to_device(device)?;
         layer.set_allow_tf32(self.tf32);
+        layer.set_forward_path(self.path);
         let mut rng = Rng::new(seed ^ 0xABCD);
         // Mostly inside the grid, some far outside it.
         let x: Vec<f32> = (0..self.batch * self.in_features)

@@ -6,7 +6,7 @@ use hybrid_kernels::check::{kan_tolerance, tolerance, ActivationCase, BasisCase,
 use hybrid_kernels::device::{cuda_device_count, driver_available, driver_version};
 use hybrid_kernels::kernels::{KernelModule, PTX_ORIGIN};
 use hybrid_kernels::ops::bspline::{self, BasisKind, KnotGrid};
-use hybrid_kernels::ops::kan::{KanLinear, KanLinearConfig};
+use hybrid_kernels::ops::kan::{KanForwardPath, KanLinear, KanLinearConfig};
 use hybrid_kernels::ops::spline_activation::SplineActivation;
 use hybrid_kernels::{load_safetensors, save_safetensors, DType, Device, Error, Result, Tensor};
 use std::process::ExitCode;
@@ -240,25 +240,41 @@ fn check(device: &Device, seed: Option<u64>) -> Result<bool> {
         (33, 7, 33, 5, 3, true),
         (65, 33, 17, 20, 2, true),
         (7, 12, 5, 100, 3, false),
+        (130, 9, 129, 3, 1, true),
+        (100, 50, 40, 13, 3, true),
     ];
-    for (dtype, tf32) in [(DType::F32, false), (DType::F32, true), (DType::BF16, false), (DType::F16, false)] {
-        if tf32 && !device.is_cuda() {
+    for (dtype, tf32, path) in [
+        (DType::F32, false, KanForwardPath::Gemm),
+        (DType::F32, true, KanForwardPath::Gemm),
+        (DType::BF16, false, KanForwardPath::Gemm),
+        (DType::F16, false, KanForwardPath::Gemm),
+        (DType::F32, false, KanForwardPath::Sparse),
+        (DType::BF16, false, KanForwardPath::Sparse),
+        (DType::F16, false, KanForwardPath::Sparse),
+    ] {
+        if (tf32 || path == KanForwardPath::Sparse) && !device.is_cuda() {
             continue;
         }
         let mut worst = 0.0f64;
+        let mut n = 0;
         for &(batch, in_features, out_features, grid_size, order, scaler) in kan_cases {
-            let case = KanCase { batch, in_features, out_features, grid_size, order, scaler, dtype, tf32 };
+            // The sparse forward covers orders 1..=3 with up to 16 bases.
+            if path == KanForwardPath::Sparse && grid_size + order > 16 {
+                continue;
+            }
+            let case = KanCase { batch, in_features, out_features, grid_size, order, scaler, dtype, tf32, path };
             worst = worst.max(case.run(rng.next_u64(), device)?.max());
+            n += 1;
         }
         let tol = kan_tolerance(dtype, tf32);
         let ok = worst <= tol;
         all_ok &= ok;
-        let name = if tf32 { "kan_linear fwd+grads tf32" } else { "kan_linear fwd+grads" };
-        println!(
-            "{name:<26} {dtype:<6} {:>7} {worst:>12.3e} {tol:>10.1e}  {}",
-            kan_cases.len(),
-            if ok { "pass" } else { "FAIL" }
-        );
+        let name = match (tf32, path) {
+            (true, _) => "kan_linear fwd+grads tf32",
+            (false, KanForwardPath::Sparse) => "kan_linear sparse+grads",
+            _ => "kan_linear fwd+grads",
+        };
+        println!("{name:<26} {dtype:<6} {n:>7} {worst:>12.3e} {tol:>10.1e}  {}", if ok { "pass" } else { "FAIL" });
     }
     // B-spline activation: forward and every gradient (worst of y, dx, dcoeff, dw).
     let act_cases: &[(usize, usize, usize, usize, bool)] =
@@ -315,7 +331,18 @@ fn bench_cmd(device: &Device, json: bool, short: bool) -> Result<()> {
                 if tf32 && !device.is_cuda() {
                     continue;
                 }
-                rows.push(bench::bench_kan(device, pass, dtype, tf32, shape, reps)?);
+                rows.push(bench::bench_kan(device, pass, dtype, tf32, KanForwardPath::Auto, shape, reps)?);
+            }
+        }
+        // The forward pipeline Auto did not pick, where the sparse one covers the layer.
+        if device.is_cuda() && !short && shape.grid_size + shape.order <= 16 {
+            for dtype in [DType::BF16, DType::F32] {
+                let other = if shape.batch <= hybrid_kernels::ops::kan::SPARSE_AUTO_MAX_ROWS {
+                    KanForwardPath::Gemm
+                } else {
+                    KanForwardPath::Sparse
+                };
+                rows.push(bench::bench_kan(device, KanPass::Forward, dtype, false, other, shape, reps)?);
             }
         }
     }

@@ -7,7 +7,8 @@
 mod common;
 
 use hybrid_kernels::check::{kan_tolerance, relative_error, KanCase, KanErrors, Rng};
-use hybrid_kernels::ops::kan::{KanLinear, KanLinearConfig};
+use hybrid_kernels::ops::kan::{KanForwardPath, KanLinear, KanLinearConfig};
+use hybrid_kernels::Error;
 use hybrid_kernels::{DType, Tensor};
 use proptest::prelude::*;
 
@@ -28,17 +29,20 @@ proptest! {
     #[test]
     fn kan_gpu_matches_cpu_reference(
         seed in any::<u64>(),
-        batch in prop_oneof![Just(1usize), Just(7), Just(33), 1usize..80],
+        batch in prop_oneof![Just(1usize), Just(7), Just(33), Just(65), Just(130), 1usize..80],
         inf in prop_oneof![Just(1usize), Just(7), Just(33), 1usize..40],
-        outf in prop_oneof![Just(1usize), Just(7), Just(33), 1usize..40],
+        outf in prop_oneof![Just(1usize), Just(7), Just(33), Just(129), 1usize..40],
         g in prop_oneof![Just(1usize), Just(3), Just(5), Just(20), Just(100)],
         k in 1usize..=3,
         scaler in any::<bool>(),
         dtype in prop_oneof![Just(DType::F32), Just(DType::BF16), Just(DType::F16)],
         tf32 in any::<bool>(),
+        path in prop_oneof![Just(KanForwardPath::Auto), Just(KanForwardPath::Gemm), Just(KanForwardPath::Sparse)],
     ) {
         let Some(gpu) = common::gpu("kan_gpu_matches_cpu_reference") else { return Ok(()) };
-        let case = KanCase { batch, in_features: inf, out_features: outf, grid_size: g, order: k, scaler, dtype, tf32: tf32 && dtype == DType::F32 };
+        // The sparse forward covers up to 16 bases (kan_sparse_refuses_what_it_does_not_cover).
+        let path = if path == KanForwardPath::Sparse && g + k > 16 { KanForwardPath::Gemm } else { path };
+        let case = KanCase { batch, in_features: inf, out_features: outf, grid_size: g, order: k, scaler, dtype, tf32: tf32 && dtype == DType::F32, path };
         assert_within(&case, case.run(seed, &gpu).unwrap());
     }
 }
@@ -47,17 +51,57 @@ proptest! {
 fn kan_at_a_layer_sized_shape() {
     let Some(gpu) = common::gpu("kan_at_a_layer_sized_shape") else { return };
     for dtype in [DType::F32, DType::BF16] {
-        let case = KanCase {
-            batch: 257,
-            in_features: 128,
-            out_features: 96,
-            grid_size: 5,
-            order: 3,
-            scaler: true,
-            dtype,
-            tf32: false,
-        };
-        assert_within(&case, case.run(77, &gpu).unwrap());
+        for path in [KanForwardPath::Gemm, KanForwardPath::Sparse] {
+            let case = KanCase {
+                batch: 257,
+                in_features: 128,
+                out_features: 96,
+                grid_size: 5,
+                order: 3,
+                scaler: true,
+                dtype,
+                tf32: false,
+                path,
+            };
+            assert_within(&case, case.run(77, &gpu).unwrap());
+        }
+    }
+}
+
+#[test]
+fn kan_sparse_refuses_what_it_does_not_cover() {
+    let Some(gpu) = common::gpu("kan_sparse_refuses_what_it_does_not_cover") else { return };
+    for (g, k) in [(20, 3), (5, 0), (3, 4)] {
+        let mut c = KanLinearConfig::new(4, 3);
+        c.grid_size = g;
+        c.spline_order = k;
+        let mut layer = KanLinear::new(c, DType::F32, &gpu, 1).unwrap();
+        let x = Tensor::from_vec(vec![0.25f32; 8], &[2, 4], &gpu).unwrap();
+        assert_eq!(layer.resolved_forward_path(2), KanForwardPath::Gemm, "G = {g}, k = {k}");
+        let auto = layer.forward(&x).unwrap();
+        layer.set_forward_path(KanForwardPath::Sparse);
+        match layer.forward(&x) {
+            Err(Error::InvalidArgument { arg: "forward_path", .. }) => {}
+            other => panic!("G = {g}, k = {k}: expected an invalid forward_path error, got {other:?}"),
+        }
+        layer.set_forward_path(KanForwardPath::Gemm);
+        assert_eq!(layer.forward(&x).unwrap().to_vec::<f32>().unwrap(), auto.to_vec::<f32>().unwrap());
+    }
+}
+
+/// The sparse forward sums in a fixed order: repeated calls agree bit for bit.
+#[test]
+fn kan_sparse_is_bitwise_repeatable() {
+    let Some(gpu) = common::gpu("kan_sparse_is_bitwise_repeatable") else { return };
+    let mut layer = KanLinear::new(KanLinearConfig::new(300, 200), DType::F32, &gpu, 9).unwrap();
+    layer.set_forward_path(KanForwardPath::Sparse);
+    let mut rng = Rng::new(10);
+    let x: Vec<f32> = (0..100 * 300).map(|_| rng.uniform(-1.5, 1.5) as f32).collect();
+    let x = Tensor::from_vec(x, &[100, 300], &gpu).unwrap();
+    let first = layer.forward(&x).unwrap().to_vec::<f32>().unwrap();
+    for _ in 0..3 {
+        let again = layer.forward(&x).unwrap().to_vec::<f32>().unwrap();
+        assert!(first.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 }
 

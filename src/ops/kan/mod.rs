@@ -23,6 +23,7 @@
 pub mod cpu;
 mod cuda;
 pub mod fit;
+mod sparse;
 
 use crate::check::Rng;
 use crate::device::Device;
@@ -98,6 +99,27 @@ impl KanLinearConfig {
     }
 }
 
+/// Which GPU pipeline [`KanLinear::forward`] runs (the backward always uses the GEMMs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KanForwardPath {
+    /// [`Sparse`](KanForwardPath::Sparse) for batches of at most
+    /// [`SPARSE_AUTO_MAX_ROWS`] rows when it covers the layer, else
+    /// [`Gemm`](KanForwardPath::Gemm).
+    #[default]
+    Auto,
+    /// Features kernel `[SiLU(x) | B(x)]`, folded weights `[W_base | W_spline * scaler]` and
+    /// one cuBLAS GEMM: tensor cores for bf16/f16 (and f32 with TF32), best for large batches.
+    Gemm,
+    /// `cuda/kan_sparse.cu`: only the k + 1 non-zero bases of each (row, feature) are
+    /// multiplied, the weights are read as they are, no operand buffers; f32 accumulation
+    /// with a fixed summation order. Covers spline orders 1..=3 with up to 16 bases per
+    /// feature; otherwise forcing it is an error.
+    Sparse,
+}
+
+/// Largest batch (rows) for which [`KanForwardPath::Auto`] picks the sparse forward.
+pub const SPARSE_AUTO_MAX_ROWS: usize = 512;
+
 /// A KANLinear layer: its parameters live on one device in one element type.
 #[derive(Clone, Debug)]
 pub struct KanLinear {
@@ -107,6 +129,7 @@ pub struct KanLinear {
     spline_weight: Tensor,
     spline_scaler: Option<Tensor>,
     allow_tf32: bool,
+    forward_path: KanForwardPath,
 }
 
 /// Gradients of `sum(y * dy)` with respect to the input and every parameter.
@@ -204,7 +227,15 @@ impl KanLinear {
             ));
         }
         grid.knots().expect_device("grid", &device)?;
-        Ok(KanLinear { config, grid, base_weight, spline_weight, spline_scaler, allow_tf32: false })
+        Ok(KanLinear {
+            config,
+            grid,
+            base_weight,
+            spline_weight,
+            spline_scaler,
+            allow_tf32: false,
+            forward_path: KanForwardPath::Auto,
+        })
     }
 
     pub fn config(&self) -> &KanLinearConfig {
@@ -239,6 +270,26 @@ impl KanLinear {
         self.allow_tf32
     }
 
+    /// Chooses the GPU forward pipeline (no effect on the CPU).
+    pub fn set_forward_path(&mut self, path: KanForwardPath) {
+        self.forward_path = path;
+    }
+
+    pub fn forward_path(&self) -> KanForwardPath {
+        self.forward_path
+    }
+
+    /// The pipeline [`KanLinear::forward`] runs for `rows` rows: `Auto` resolved.
+    pub fn resolved_forward_path(&self, rows: usize) -> KanForwardPath {
+        match self.forward_path {
+            KanForwardPath::Auto if rows <= SPARSE_AUTO_MAX_ROWS && sparse::unsupported(self, rows).is_none() => {
+                KanForwardPath::Sparse
+            }
+            KanForwardPath::Auto => KanForwardPath::Gemm,
+            path => path,
+        }
+    }
+
     /// The same layer on `device`.
     pub fn to_device(&self, device: &Device) -> Result<KanLinear> {
         Ok(KanLinear {
@@ -248,6 +299,7 @@ impl KanLinear {
             spline_weight: self.spline_weight.to_device(device)?,
             spline_scaler: self.spline_scaler.as_ref().map(|s| s.to_device(device)).transpose()?,
             allow_tf32: self.allow_tf32,
+            forward_path: self.forward_path,
         })
     }
 
@@ -286,7 +338,10 @@ impl KanLinear {
                 let y = cpu::forward(&self.params64()?, &x.to_f64_vec()?);
                 Tensor::from_f64_rounded(&y, &out_shape, self.dtype())
             }
-            Device::Cuda(dev) => cuda::forward(self, &dev, x, rows, &out_shape),
+            Device::Cuda(dev) => match self.resolved_forward_path(rows) {
+                KanForwardPath::Sparse => sparse::forward(self, &dev, x, rows, &out_shape),
+                _ => cuda::forward(self, &dev, x, rows, &out_shape),
+            },
         }
     }
 
