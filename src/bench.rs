@@ -311,7 +311,7 @@ pub fn bench_kan(
     };
     let path_name = match device {
         Device::Cuda(_) => match layer.resolved_forward_path(shape.batch) {
-            KanForwardPath::Sparse => " sparse",
+            KanForwardPath::Direct => " direct",
             _ => " gemm",
         },
         Device::Cpu => "",

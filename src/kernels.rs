@@ -9,20 +9,20 @@ pub const PTX_ORIGIN: &str = env!("HYBRID_KERNELS_PTX_ORIGIN");
 pub enum KernelModule {
     Bspline,
     Kan,
-    KanSparse,
+    KanDirect,
     SplineActivation,
 }
 
 impl KernelModule {
     pub const ALL: &'static [KernelModule] =
-        &[KernelModule::Bspline, KernelModule::Kan, KernelModule::KanSparse, KernelModule::SplineActivation];
+        &[KernelModule::Bspline, KernelModule::Kan, KernelModule::KanDirect, KernelModule::SplineActivation];
 
     /// The source stem: `cuda/<name>.cu`, `ptx/<name>.ptx`.
     pub fn name(self) -> &'static str {
         match self {
             KernelModule::Bspline => "bspline",
             KernelModule::Kan => "kan",
-            KernelModule::KanSparse => "kan_sparse",
+            KernelModule::KanDirect => "kan_direct",
             KernelModule::SplineActivation => "spline_activation",
         }
     }
@@ -31,7 +31,7 @@ impl KernelModule {
         match self {
             KernelModule::Bspline => include_str!(concat!(env!("OUT_DIR"), "/bspline.ptx")),
             KernelModule::Kan => include_str!(concat!(env!("OUT_DIR"), "/kan.ptx")),
-            KernelModule::KanSparse => include_str!(concat!(env!("OUT_DIR"), "/kan_sparse.ptx")),
+            KernelModule::KanDirect => include_str!(concat!(env!("OUT_DIR"), "/kan_direct.ptx")),
             KernelModule::SplineActivation => include_str!(concat!(env!("OUT_DIR"), "/spline_activation.ptx")),
         }
     }

@@ -248,18 +248,18 @@ fn check(device: &Device, seed: Option<u64>) -> Result<bool> {
         (DType::F32, true, KanForwardPath::Gemm),
         (DType::BF16, false, KanForwardPath::Gemm),
         (DType::F16, false, KanForwardPath::Gemm),
-        (DType::F32, false, KanForwardPath::Sparse),
-        (DType::BF16, false, KanForwardPath::Sparse),
-        (DType::F16, false, KanForwardPath::Sparse),
+        (DType::F32, false, KanForwardPath::Direct),
+        (DType::BF16, false, KanForwardPath::Direct),
+        (DType::F16, false, KanForwardPath::Direct),
     ] {
-        if (tf32 || path == KanForwardPath::Sparse) && !device.is_cuda() {
+        if (tf32 || path == KanForwardPath::Direct) && !device.is_cuda() {
             continue;
         }
         let mut worst = 0.0f64;
         let mut n = 0;
         for &(batch, in_features, out_features, grid_size, order, scaler) in kan_cases {
-            // The sparse forward covers orders 1..=3 with up to 16 bases.
-            if path == KanForwardPath::Sparse && grid_size + order > 16 {
+            // The direct forward covers orders 1..=3 with up to 8 bases.
+            if path == KanForwardPath::Direct && grid_size + order > 8 {
                 continue;
             }
             let case = KanCase { batch, in_features, out_features, grid_size, order, scaler, dtype, tf32, path };
@@ -271,7 +271,7 @@ fn check(device: &Device, seed: Option<u64>) -> Result<bool> {
         all_ok &= ok;
         let name = match (tf32, path) {
             (true, _) => "kan_linear fwd+grads tf32",
-            (false, KanForwardPath::Sparse) => "kan_linear sparse+grads",
+            (false, KanForwardPath::Direct) => "kan_linear direct+grads",
             _ => "kan_linear fwd+grads",
         };
         println!("{name:<26} {dtype:<6} {n:>7} {worst:>12.3e} {tol:>10.1e}  {}", if ok { "pass" } else { "FAIL" });
@@ -334,13 +334,13 @@ fn bench_cmd(device: &Device, json: bool, short: bool) -> Result<()> {
                 rows.push(bench::bench_kan(device, pass, dtype, tf32, KanForwardPath::Auto, shape, reps)?);
             }
         }
-        // The forward pipeline Auto did not pick, where the sparse one covers the layer.
-        if device.is_cuda() && !short && shape.grid_size + shape.order <= 16 {
+        // The forward pipeline Auto did not pick, where the direct one covers the layer.
+        if device.is_cuda() && !short && shape.grid_size + shape.order <= 8 {
             for dtype in [DType::BF16, DType::F32] {
-                let other = if shape.batch <= hybrid_kernels::ops::kan::SPARSE_AUTO_MAX_ROWS {
+                let other = if shape.batch <= hybrid_kernels::ops::kan::DIRECT_AUTO_MAX_ROWS {
                     KanForwardPath::Gemm
                 } else {
-                    KanForwardPath::Sparse
+                    KanForwardPath::Direct
                 };
                 rows.push(bench::bench_kan(device, KanPass::Forward, dtype, false, other, shape, reps)?);
             }

@@ -37,11 +37,11 @@ proptest! {
         scaler in any::<bool>(),
         dtype in prop_oneof![Just(DType::F32), Just(DType::BF16), Just(DType::F16)],
         tf32 in any::<bool>(),
-        path in prop_oneof![Just(KanForwardPath::Auto), Just(KanForwardPath::Gemm), Just(KanForwardPath::Sparse)],
+        path in prop_oneof![Just(KanForwardPath::Auto), Just(KanForwardPath::Gemm), Just(KanForwardPath::Direct)],
     ) {
         let Some(gpu) = common::gpu("kan_gpu_matches_cpu_reference") else { return Ok(()) };
-        // The sparse forward covers up to 16 bases (kan_sparse_refuses_what_it_does_not_cover).
-        let path = if path == KanForwardPath::Sparse && g + k > 16 { KanForwardPath::Gemm } else { path };
+        // The direct forward covers up to 8 bases (kan_direct_refuses_what_it_does_not_cover).
+        let path = if path == KanForwardPath::Direct && g + k > 8 { KanForwardPath::Gemm } else { path };
         let case = KanCase { batch, in_features: inf, out_features: outf, grid_size: g, order: k, scaler, dtype, tf32: tf32 && dtype == DType::F32, path };
         assert_within(&case, case.run(seed, &gpu).unwrap());
     }
@@ -51,7 +51,7 @@ proptest! {
 fn kan_at_a_layer_sized_shape() {
     let Some(gpu) = common::gpu("kan_at_a_layer_sized_shape") else { return };
     for dtype in [DType::F32, DType::BF16] {
-        for path in [KanForwardPath::Gemm, KanForwardPath::Sparse] {
+        for path in [KanForwardPath::Gemm, KanForwardPath::Direct] {
             let case = KanCase {
                 batch: 257,
                 in_features: 128,
@@ -69,9 +69,9 @@ fn kan_at_a_layer_sized_shape() {
 }
 
 #[test]
-fn kan_sparse_refuses_what_it_does_not_cover() {
-    let Some(gpu) = common::gpu("kan_sparse_refuses_what_it_does_not_cover") else { return };
-    for (g, k) in [(20, 3), (5, 0), (3, 4)] {
+fn kan_direct_refuses_what_it_does_not_cover() {
+    let Some(gpu) = common::gpu("kan_direct_refuses_what_it_does_not_cover") else { return };
+    for (g, k) in [(20, 3), (6, 3), (5, 0), (3, 4)] {
         let mut c = KanLinearConfig::new(4, 3);
         c.grid_size = g;
         c.spline_order = k;
@@ -79,7 +79,7 @@ fn kan_sparse_refuses_what_it_does_not_cover() {
         let x = Tensor::from_vec(vec![0.25f32; 8], &[2, 4], &gpu).unwrap();
         assert_eq!(layer.resolved_forward_path(2), KanForwardPath::Gemm, "G = {g}, k = {k}");
         let auto = layer.forward(&x).unwrap();
-        layer.set_forward_path(KanForwardPath::Sparse);
+        layer.set_forward_path(KanForwardPath::Direct);
         match layer.forward(&x) {
             Err(Error::InvalidArgument { arg: "forward_path", .. }) => {}
             other => panic!("G = {g}, k = {k}: expected an invalid forward_path error, got {other:?}"),
@@ -89,12 +89,12 @@ fn kan_sparse_refuses_what_it_does_not_cover() {
     }
 }
 
-/// The sparse forward sums in a fixed order: repeated calls agree bit for bit.
+/// The direct forward sums in a fixed order: repeated calls agree bit for bit.
 #[test]
-fn kan_sparse_is_bitwise_repeatable() {
-    let Some(gpu) = common::gpu("kan_sparse_is_bitwise_repeatable") else { return };
+fn kan_direct_is_bitwise_repeatable() {
+    let Some(gpu) = common::gpu("kan_direct_is_bitwise_repeatable") else { return };
     let mut layer = KanLinear::new(KanLinearConfig::new(300, 200), DType::F32, &gpu, 9).unwrap();
-    layer.set_forward_path(KanForwardPath::Sparse);
+    layer.set_forward_path(KanForwardPath::Direct);
     let mut rng = Rng::new(10);
     let x: Vec<f32> = (0..100 * 300).map(|_| rng.uniform(-1.5, 1.5) as f32).collect();
     let x = Tensor::from_vec(x, &[100, 300], &gpu).unwrap();

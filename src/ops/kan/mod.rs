@@ -22,8 +22,8 @@
 
 pub mod cpu;
 mod cuda;
+mod direct;
 pub mod fit;
-mod sparse;
 
 use crate::check::Rng;
 use crate::device::Device;
@@ -102,23 +102,24 @@ impl KanLinearConfig {
 /// Which GPU pipeline [`KanLinear::forward`] runs (the backward always uses the GEMMs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KanForwardPath {
-    /// [`Sparse`](KanForwardPath::Sparse) for batches of at most
-    /// [`SPARSE_AUTO_MAX_ROWS`] rows when it covers the layer, else
+    /// [`Direct`](KanForwardPath::Direct) for batches of at most
+    /// [`DIRECT_AUTO_MAX_ROWS`] rows when it covers the layer, else
     /// [`Gemm`](KanForwardPath::Gemm).
     #[default]
     Auto,
     /// Features kernel `[SiLU(x) | B(x)]`, folded weights `[W_base | W_spline * scaler]` and
     /// one cuBLAS GEMM: tensor cores for bf16/f16 (and f32 with TF32), best for large batches.
     Gemm,
-    /// `cuda/kan_sparse.cu`: only the k + 1 non-zero bases of each (row, feature) are
-    /// multiplied, the weights are read as they are, no operand buffers; f32 accumulation
-    /// with a fixed summation order. Covers spline orders 1..=3 with up to 16 bases per
-    /// feature; otherwise forcing it is an error.
-    Sparse,
+    /// `cuda/kan_direct.cu`: reads the weights where they are (no features buffer, no
+    /// folded weights, no GEMM), f32 FMAs on CUDA cores with a fixed summation order; for
+    /// small batches, where a GEMM cannot fill the GPU and folding the weights costs more
+    /// than the product. Covers spline orders 1..=3 with up to 8 bases per feature (e.g.
+    /// G = 5, k = 3); otherwise forcing it is an error.
+    Direct,
 }
 
-/// Largest batch (rows) for which [`KanForwardPath::Auto`] picks the sparse forward.
-pub const SPARSE_AUTO_MAX_ROWS: usize = 512;
+/// Largest batch (rows) for which [`KanForwardPath::Auto`] picks the direct forward.
+pub const DIRECT_AUTO_MAX_ROWS: usize = 512;
 
 /// A KANLinear layer: its parameters live on one device in one element type.
 #[derive(Clone, Debug)]
@@ -282,8 +283,8 @@ impl KanLinear {
     /// The pipeline [`KanLinear::forward`] runs for `rows` rows: `Auto` resolved.
     pub fn resolved_forward_path(&self, rows: usize) -> KanForwardPath {
         match self.forward_path {
-            KanForwardPath::Auto if rows <= SPARSE_AUTO_MAX_ROWS && sparse::unsupported(self, rows).is_none() => {
-                KanForwardPath::Sparse
+            KanForwardPath::Auto if rows <= DIRECT_AUTO_MAX_ROWS && direct::unsupported(self, rows).is_none() => {
+                KanForwardPath::Direct
             }
             KanForwardPath::Auto => KanForwardPath::Gemm,
             path => path,
@@ -339,7 +340,7 @@ impl KanLinear {
                 Tensor::from_f64_rounded(&y, &out_shape, self.dtype())
             }
             Device::Cuda(dev) => match self.resolved_forward_path(rows) {
-                KanForwardPath::Sparse => sparse::forward(self, &dev, x, rows, &out_shape),
+                KanForwardPath::Direct => direct::forward(self, &dev, x, rows, &out_shape),
                 _ => cuda::forward(self, &dev, x, rows, &out_shape),
             },
         }

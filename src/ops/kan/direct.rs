@@ -1,5 +1,5 @@
-//! Launches of `cuda/kan_sparse.cu`: the KANLinear forward that skips the GEMM operands
-//! (k + 2 FMAs per row, feature and output instead of G + k + 1, weights read as they are).
+//! Launches of `cuda/kan_direct.cu`: the KANLinear forward straight from the parameters
+//! (no features buffer, no folded weights, no GEMM), for small batches.
 
 use super::KanLinear;
 use crate::device::CudaDevice;
@@ -10,10 +10,10 @@ use crate::tensor::{CudaElement, Tensor};
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
 
-/// Mirrors `hk_kan_sparse::SparseParams` in cuda/kan_sparse.cu.
+/// Mirrors `hk_kan_direct::DirectParams` in cuda/kan_direct.cu.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-struct SparseParams {
+struct DirectParams {
     rows: u32,
     in_features: u32,
     out_features: u32,
@@ -25,48 +25,45 @@ struct SparseParams {
 }
 
 // SAFETY: eight u32 fields, repr(C), no padding: the same bytes as the C struct.
-unsafe impl DeviceRepr for SparseParams {}
+unsafe impl DeviceRepr for DirectParams {}
 
-/// cuda/kan_sparse.cu: BLOCK_ROWS, BLOCK_OUTS, CHUNK, MAX_ORDER, and the largest NBMAX.
+/// cuda/kan_direct.cu: BLOCK_ROWS, BLOCK_OUTS, CHUNK, MAX_ORDER, and the largest NBMAX.
 const BLOCK_ROWS: usize = 64;
 const BLOCK_OUTS: usize = 128;
 const CHUNK: usize = 4;
 pub(crate) const MAX_ORDER: usize = 3;
-pub(crate) const MAX_BASES: usize = 16;
+pub(crate) const MAX_BASES: usize = 8;
 const BLOCK_THREADS: u32 = 256;
 const MAX_GRID_Y: usize = 65_535;
 
-/// Why the sparse forward cannot run this layer and input, or `None` when it can.
+/// Why the direct forward cannot run this layer and input, or `None` when it can.
 pub(crate) fn unsupported(layer: &KanLinear, rows: usize) -> Option<String> {
     let c = layer.config();
     if !(1..=MAX_ORDER).contains(&c.spline_order) {
-        return Some(format!("spline order {} (the sparse forward covers 1..={MAX_ORDER})", c.spline_order));
+        return Some(format!("spline order {} (the direct forward covers 1..={MAX_ORDER})", c.spline_order));
     }
     if c.n_bases() > MAX_BASES {
-        return Some(format!("{} bases per feature (the sparse forward covers up to {MAX_BASES})", c.n_bases()));
+        return Some(format!("{} bases per feature (the direct forward covers up to {MAX_BASES})", c.n_bases()));
     }
     if rows.div_ceil(BLOCK_ROWS) > MAX_GRID_Y {
-        return Some(format!("{rows} rows (the sparse forward covers up to {})", MAX_GRID_Y * BLOCK_ROWS));
+        return Some(format!("{rows} rows (the direct forward covers up to {})", MAX_GRID_Y * BLOCK_ROWS));
     }
     None
 }
 
-fn forward_name(dtype: DType, nb: usize) -> &'static str {
-    match (dtype, nb <= 8) {
-        (DType::F32, true) => "kan_sparse_forward_nb8_f32",
-        (DType::BF16, true) => "kan_sparse_forward_nb8_bf16",
-        (DType::F16, true) => "kan_sparse_forward_nb8_f16",
-        (DType::F32, false) => "kan_sparse_forward_nb16_f32",
-        (DType::BF16, false) => "kan_sparse_forward_nb16_bf16",
-        (DType::F16, false) => "kan_sparse_forward_nb16_f16",
+fn forward_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "kan_direct_forward_f32",
+        DType::BF16 => "kan_direct_forward_bf16",
+        DType::F16 => "kan_direct_forward_f16",
     }
 }
 
 fn reduce_name(dtype: DType) -> &'static str {
     match dtype {
-        DType::F32 => "kan_sparse_reduce_f32",
-        DType::BF16 => "kan_sparse_reduce_bf16",
-        DType::F16 => "kan_sparse_reduce_f16",
+        DType::F32 => "kan_direct_reduce_f32",
+        DType::BF16 => "kan_direct_reduce_bf16",
+        DType::F16 => "kan_direct_reduce_f16",
     }
 }
 
@@ -88,7 +85,7 @@ pub(super) fn forward(
     out_shape: &[usize],
 ) -> Result<Tensor> {
     if let Some(why) = unsupported(layer, rows) {
-        return Err(Error::invalid("forward_path", "a layer the sparse forward covers", why));
+        return Err(Error::invalid("forward_path", "a layer the direct forward covers", why));
     }
     match layer.dtype() {
         DType::F32 => forward_typed::<f32>(layer, dev, x, rows, out_shape),
@@ -105,8 +102,8 @@ fn forward_typed<T: CudaElement>(
     out_shape: &[usize],
 ) -> Result<Tensor> {
     let c = layer.config();
-    let (inf, outf, nb) = (c.in_features, c.out_features, c.n_bases());
-    // SAFETY (allocation): kan_sparse_reduce writes all rows * out elements.
+    let (inf, outf) = (c.in_features, c.out_features);
+    // SAFETY (allocation): kan_direct_reduce writes all rows * out elements.
     let mut y = unsafe { Tensor::cuda_uninit(dev, T::DTYPE, &[rows, outf])? };
     let n = rows * outf;
     if n == 0 {
@@ -115,14 +112,14 @@ fn forward_typed<T: CudaElement>(
     if n > u32::MAX as usize {
         return Err(Error::invalid("x", "rows x out_features below 2^32", format!("{rows} x {outf}")));
     }
-    let name = forward_name(T::DTYPE, nb);
-    let resident = dev.resident_blocks(KernelModule::KanSparse, name, BLOCK_THREADS)? as usize;
+    let name = forward_name(T::DTYPE);
+    let resident = dev.resident_blocks(KernelModule::KanDirect, name, BLOCK_THREADS)? as usize;
     let fps = features_per_split(resident, rows, inf, outf);
     let splits = inf.div_ceil(fps);
     // SAFETY (allocation): every (split, row, output) is written by the block that owns it.
     let mut partial = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[splits, rows, outf])? };
     let grid = layer.grid();
-    let params = SparseParams {
+    let params = DirectParams {
         rows: rows as u32,
         in_features: inf as u32,
         out_features: outf as u32,
@@ -139,7 +136,7 @@ fn forward_typed<T: CudaElement>(
         None => wb,
     };
     {
-        let f = dev.function(KernelModule::KanSparse, name)?;
+        let f = dev.function(KernelModule::KanDirect, name)?;
         let cfg = LaunchConfig {
             grid_dim: (outf.div_ceil(BLOCK_OUTS) as u32, rows.div_ceil(BLOCK_ROWS) as u32, splits as u32),
             block_dim: (BLOCK_THREADS, 1, 1),
@@ -153,24 +150,24 @@ fn forward_typed<T: CudaElement>(
             .arg(scaler)
             .arg(partial.cuda_slice_mut::<f32>("partial")?)
             .arg(&params);
-        // SAFETY: kan_sparse_forward_nb{8,16}_<T>(const T* x, const float* grid, const T*
-        // w_base, const T* w_spline, const T* scaler, float* partial, SparseParams): x holds
+        // SAFETY: kan_direct_forward_<T>(const T* x, const float* grid, const T*
+        // w_base, const T* w_spline, const T* scaler, float* partial, DirectParams): x holds
         // rows * in, grid in * n_knots, w_base and scaler out * in (scaler read only with
-        // has_scaler), w_spline out * in * nb with nb <= NBMAX of the chosen kernel and
+        // has_scaler), w_spline out * in * nb with nb <= NBMAX = 8 and
         // order in 1..=3 (unsupported() above), partial splits * rows * out; the grid is
         // (ceil(out/128), ceil(rows/64), splits) with splits * fps >= in, as the kernel expects.
-        unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching kan_sparse_forward", e))?;
+        unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching kan_direct_forward", e))?;
     }
     {
         let name = reduce_name(T::DTYPE);
-        let f = dev.function(KernelModule::KanSparse, name)?;
-        let cfg = dev.grid_stride_config(KernelModule::KanSparse, name, BLOCK_THREADS, n, BLOCK_THREADS as usize)?;
+        let f = dev.function(KernelModule::KanDirect, name)?;
+        let cfg = dev.grid_stride_config(KernelModule::KanDirect, name, BLOCK_THREADS, n, BLOCK_THREADS as usize)?;
         let (n32, s32) = (n as u32, splits as u32);
         let mut args = dev.stream().launch_builder(&f);
         args.arg(partial.cuda_slice::<f32>("partial")?).arg(y.cuda_slice_mut::<T>("y")?).arg(&n32).arg(&s32);
-        // SAFETY: kan_sparse_reduce_<T>(const float* partial, T* y, uint32_t n, uint32_t
+        // SAFETY: kan_direct_reduce_<T>(const float* partial, T* y, uint32_t n, uint32_t
         // splits): partial holds splits * n floats, y n elements.
-        unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching kan_sparse_reduce", e))?;
+        unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching kan_direct_reduce", e))?;
     }
     y.reshape(out_shape)
 }

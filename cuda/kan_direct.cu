@@ -1,36 +1,41 @@
-// KANLinear forward without the GEMM operands, for small batches and f32:
-//   y[r, o] = sum_i SiLU(x[r, i]) W_base[o, i] + scaler[o, i] sum_{a<=k} B_{s-k+a}(x[r, i]) W_spline[o, i, s-k+a]
-// Of the G + k bases of a (row, feature) only the k + 1 of its interval s are non-zero, so
-// this kernel does k + 2 FMAs per (row, feature, output) where the dense GEMM does G + k + 1,
-// and it reads the weights as they are: no folded W_cat (36 MB in f32 at 1000 x 1000, G = 5,
-// written and read again) and no features buffer.
+// KANLinear forward straight from the layer's parameters, for small batches:
+//   y[r, o] = sum_i SiLU(x[r, i]) W_base[o, i] + scaler[o, i] sum_j B_j(x[r, i]) W_spline[o, i, j]
+// The GEMM pipeline writes two operands first: features [SiLU | B] and the folded weights
+// W_cat = [W_base | W_spline * scaler] (36 MB in f32 at 1000 x 1000, G = 5, written and
+// then read again), then runs a GEMM whose M = batch is too small to fill the GPU. This
+// kernel reads the weights where they are, once per 64 rows, and keeps everything else in
+// shared memory and registers; FMAs on CUDA cores with f32 accumulation.
 //
-// Work split: a block owns 64 rows (8 warps x 8 rows, the rows of a warp are warp-uniform)
-// and 128 outputs (4 per lane), and one range of features (split-K over gridDim.z). Per
-// chunk of 4 features it evaluates the rows' compact bases (SiLU, s - k, k + 1 values) into
-// shared memory, and stages the chunk's weights there transposed ([feature][basis][output])
-// with coalesced loads. The global loads of chunk c + 1 (weights, scalers, x) are issued
-// into registers before chunk c is computed and stored to shared memory after it: the
-// first version loaded and stored one word at a time and waited out a memory latency per
-// word, 10x slower than this. Each lane then keeps the weights of its 4 outputs
-// for one feature in registers and, per row, jumps on the warp-uniform s - k to a case
-// whose k + 1 FMA columns are compile-time register indices (registers cannot be indexed
-// at run time). Partial sums of the splits go to an f32 buffer that kan_sparse_reduce adds
-// in a fixed order (no atomics: bitwise reproducible).
+// Work split: a block owns 64 rows (8 warps x 8 rows; the rows of a warp are warp-uniform)
+// and 128 outputs (4 per lane), and one range of features (split-K over gridDim.z, as many
+// splits as fill one wave). Per chunk of 4 features:
+//  - the weights of the chunk are staged transposed ([feature][column][output]) with
+//    coalesced loads; the loads of chunk c + 1 (weights, scalers, x) are issued into
+//    registers before chunk c is computed and stored after it (the first version waited out
+//    one memory latency per staged word and was 10x slower);
+//  - each (feature, row) gets SiLU(x) and its bases as a dense vector (zeros outside the
+//    k + 1 of its interval), which the warp reads back with uniform 16-byte loads;
+//  - a lane holds its 4 outputs' G + k + 1 scaled weights of the feature in registers and
+//    does (G + k + 1) x 4 FMAs per row.
+// An earlier version skipped the zero bases with a switch on the row's interval (k + 2
+// FMAs instead of G + k + 1): 8 unrolled rows x 11 cases of straight-line code missed the
+// instruction cache on every row and ran 6x slower than these dense FMAs.
+// Partial sums of the splits go to an f32 buffer that kan_direct_reduce adds in a fixed
+// order: no atomics, bitwise reproducible.
 #include "bspline_device.cuh"
 
-namespace hk_kan_sparse {
+namespace hk_kan_direct {
 
 constexpr int WARPS = 8;
 constexpr int ROWS_PER_WARP = 8;
-constexpr int BLOCK_ROWS = WARPS * ROWS_PER_WARP;  // src/ops/kan/sparse.rs: BLOCK_ROWS
+constexpr int BLOCK_ROWS = WARPS * ROWS_PER_WARP;  // src/ops/kan/direct.rs: BLOCK_ROWS
 constexpr int OUTS_PER_LANE = 4;
-constexpr int BLOCK_OUTS = 32 * OUTS_PER_LANE;     // src/ops/kan/sparse.rs: BLOCK_OUTS
+constexpr int BLOCK_OUTS = 32 * OUTS_PER_LANE;     // src/ops/kan/direct.rs: BLOCK_OUTS
 constexpr int CHUNK = 4;                           // features per shared-memory stage
-constexpr int MAX_ORDER = 3;                       // src/ops/kan/sparse.rs: MAX_ORDER
+constexpr int MAX_ORDER = 3;                       // src/ops/kan/direct.rs: MAX_ORDER
 constexpr int NO_BASES = 1 << 20;                  // "first" of a row outside the grid
 
-struct SparseParams {
+struct DirectParams {
     uint32_t rows;
     uint32_t in_features;
     uint32_t out_features;
@@ -41,9 +46,14 @@ struct SparseParams {
     uint32_t features_per_split;  // a multiple of CHUNK
 };
 
+template <int NBMAX>
+constexpr int ROW_VECS = (NBMAX + 1 + 3) / 4;
+
 template <int K, int NBMAX>
 struct Smem {
-    float row[CHUNK][BLOCK_ROWS][K + 3];  // SiLU, first (int bits), k + 1 bases
+    // SiLU, then the row's bases as a dense vector of NBMAX (zeros outside its window),
+    // padded to whole float4s for uniform 16-byte loads.
+    float4 row[CHUNK][BLOCK_ROWS][ROW_VECS<NBMAX>];
     // [.][0] = W_base, [.][1 + j] = W_spline. Rows padded by one word: the staging stores of
     // a warp walk (feature, basis) for one output, which would otherwise all hit one bank.
     float w[CHUNK][NBMAX + 1][BLOCK_OUTS + 1];
@@ -66,26 +76,6 @@ __device__ __forceinline__ uint32_t small_div(uint32_t a, float inv_b) {
     return uint32_t(__float2int_rz((float(a) + 0.5f) * inv_b));
 }
 
-// The k + 1 FMAs of one row for a window starting at basis F - K (compile time): columns
-// outside 0..NBMAX-1 are bases that do not exist (their weights are not loaded).
-template <int K, int NBMAX, int F>
-__device__ __forceinline__ void window(float (&acc)[OUTS_PER_LANE], const float (&v)[K + 1],
-                                       const float (&w)[OUTS_PER_LANE][NBMAX + 1]) {
-#pragma unroll
-    for (int a = 0; a <= K; ++a) {
-        const int j = F - K + a;
-        if (j >= 0 && j < NBMAX) {
-#pragma unroll
-            for (int q = 0; q < OUTS_PER_LANE; ++q) acc[q] = fmaf(v[a], w[q][1 + j], acc[q]);
-        }
-    }
-}
-
-#define HK_WINDOW_CASE(F)                                                     \
-    case F:                                                                   \
-        if constexpr (F < NBMAX + K) window<K, NBMAX, F>(acc[b], v, w);       \
-        break;
-
 // Where staged word e of a chunk comes from: output ol, feature il, column c (0 = W_base).
 struct StageSlot {
     uint32_t ol, il, c;
@@ -104,7 +94,7 @@ __device__ __forceinline__ StageSlot stage_slot(uint32_t e, uint32_t nb, float i
 template <typename T, int NBMAX>
 __device__ __forceinline__ void issue_loads(Prefetch<T, NBMAX>& pf, const T* __restrict__ x,
                                             const T* __restrict__ w_base, const T* __restrict__ w_spline,
-                                            const T* __restrict__ scaler, const SparseParams& p, uint32_t ic,
+                                            const T* __restrict__ scaler, const DirectParams& p, uint32_t ic,
                                             uint32_t n_i, uint32_t o0, uint32_t outs_here, uint32_t r0, uint32_t nb,
                                             float inv_run, float inv_cols) {
     const T zero = hk::from_f32<T>(0.f);
@@ -131,8 +121,7 @@ template <typename T, int K, int NBMAX, bool Uniform>
 __device__ __forceinline__ void forward(const T* __restrict__ x, const float* __restrict__ grid,
                                         const T* __restrict__ w_base, const T* __restrict__ w_spline,
                                         const T* __restrict__ scaler, float* __restrict__ partial,
-                                        const SparseParams& p, Smem<K, NBMAX>& sm) {
-    static_assert(NBMAX + K <= 24, "extend the window cases");
+                                        const DirectParams& p, Smem<K, NBMAX>& sm) {
     static_assert(CHUNK * BLOCK_ROWS == 256, "one (feature, row) of the chunk per thread");
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t nb = p.n_knots - 1u - uint32_t(K);
@@ -167,24 +156,30 @@ __device__ __forceinline__ void forward(const T* __restrict__ x, const float* __
             const uint32_t e = threadIdx.x + 256u * j;
             sm.scaler[e % CHUNK][e / CHUNK] = hk::to_f32(pf.scaler[j]);
         }
-        // 2. Compact bases of this thread's (feature, row).
+        // 2. SiLU and the dense basis vector of this thread's (feature, row).
         {
             const uint32_t il = threadIdx.x / BLOCK_ROWS, rl = threadIdx.x % BLOCK_ROWS;
-            float* dst = sm.row[il][rl];
             float silu = 0.f;
-            int first = NO_BASES;
             hk_bspline::RowResult<K> res = hk_bspline::zero_row<K>();
             if (il < n_i && r0 + rl < p.rows) {
                 const float xv = hk::to_f32(pf.x);
                 res = hk_bspline::evaluate_row<K, false, Uniform>(xv, grid + size_t(ic + il) * p.n_knots,
                                                                   int(p.n_knots));
                 silu = hk::silu(xv);  // NaN for x = NaN: the row's outputs become NaN
-                if (res.kind == hk_bspline::ROW_BASES) first = res.first;
             }
-            dst[0] = silu;
-            dst[1] = __int_as_float(first);
+            const int first = res.kind == hk_bspline::ROW_BASES ? res.first : NO_BASES;
+            float dense[4 * ROW_VECS<NBMAX>];
+            dense[0] = silu;
 #pragma unroll
-            for (int a = 0; a <= K; ++a) dst[2 + a] = res.v[a];
+            for (int j = 0; j < 4 * ROW_VECS<NBMAX> - 1; ++j) {
+                float v = 0.f;
+#pragma unroll
+                for (int a = 0; a <= K; ++a) v = (j == first + a) ? res.v[a] : v;
+                dense[1 + j] = v;
+            }
+#pragma unroll
+            for (int m = 0; m < ROW_VECS<NBMAX>; ++m)
+                sm.row[il][rl][m] = make_float4(dense[4 * m], dense[4 * m + 1], dense[4 * m + 2], dense[4 * m + 3]);
         }
         __syncthreads();
         // 3. The next chunk's loads fly while this one is computed.
@@ -204,24 +199,20 @@ __device__ __forceinline__ void forward(const T* __restrict__ x, const float* __
             }
 #pragma unroll
             for (int b = 0; b < ROWS_PER_WARP; ++b) {
-                const float* rw = sm.row[il][warp * ROWS_PER_WARP + b];
-                const float silu = rw[0];
-                const int first = __float_as_int(rw[1]);
-                float v[K + 1];
+                // Warp-uniform 16-byte loads: one shared-memory broadcast each.
+                float coef[4 * ROW_VECS<NBMAX>];
 #pragma unroll
-                for (int a = 0; a <= K; ++a) v[a] = rw[2 + a];
-#pragma unroll
-                for (int q = 0; q < OUTS_PER_LANE; ++q) acc[b][q] = fmaf(silu, w[q][0], acc[b][q]);
-                switch (first + K) {  // warp-uniform: every lane has the same row
-                    HK_WINDOW_CASE(0) HK_WINDOW_CASE(1) HK_WINDOW_CASE(2) HK_WINDOW_CASE(3)
-                    HK_WINDOW_CASE(4) HK_WINDOW_CASE(5) HK_WINDOW_CASE(6) HK_WINDOW_CASE(7)
-                    HK_WINDOW_CASE(8) HK_WINDOW_CASE(9) HK_WINDOW_CASE(10) HK_WINDOW_CASE(11)
-                    HK_WINDOW_CASE(12) HK_WINDOW_CASE(13) HK_WINDOW_CASE(14) HK_WINDOW_CASE(15)
-                    HK_WINDOW_CASE(16) HK_WINDOW_CASE(17) HK_WINDOW_CASE(18) HK_WINDOW_CASE(19)
-                    HK_WINDOW_CASE(20) HK_WINDOW_CASE(21) HK_WINDOW_CASE(22) HK_WINDOW_CASE(23)
-                    default:
-                        break;
+                for (int m = 0; m < ROW_VECS<NBMAX>; ++m) {
+                    const float4 c4 = sm.row[il][warp * ROWS_PER_WARP + b][m];
+                    coef[4 * m] = c4.x;
+                    coef[4 * m + 1] = c4.y;
+                    coef[4 * m + 2] = c4.z;
+                    coef[4 * m + 3] = c4.w;
                 }
+#pragma unroll
+                for (int c = 0; c <= NBMAX; ++c)
+#pragma unroll
+                    for (int q = 0; q < OUTS_PER_LANE; ++q) acc[b][q] = fmaf(coef[c], w[q][c], acc[b][q]);
             }
         }
     }
@@ -239,24 +230,23 @@ __device__ __forceinline__ void forward(const T* __restrict__ x, const float* __
     }
 }
 
-#undef HK_WINDOW_CASE
 
 template <typename T, int NBMAX>
 __device__ __forceinline__ void forward_dispatch(const T* x, const float* grid, const T* w_base, const T* w_spline,
-                                                 const T* scaler, float* partial, const SparseParams& p) {
+                                                 const T* scaler, float* partial, const DirectParams& p) {
     // One buffer for every order: a __shared__ declaration per case would add up.
     __shared__ __align__(16) unsigned char raw[sizeof(Smem<MAX_ORDER, NBMAX>)];
     switch (p.order) {
-#define HK_SPARSE_ORDER(KK)                                                                          \
+#define HK_DIRECT_ORDER(KK)                                                                          \
     case KK: {                                                                                       \
         static_assert(sizeof(Smem<KK, NBMAX>) <= sizeof(Smem<MAX_ORDER, NBMAX>), "order buffer");     \
         auto& sm = *reinterpret_cast<Smem<KK, NBMAX>*>(raw);                                         \
         HK_WITH_GRID(p.uniform, forward<T, KK, NBMAX, U>(x, grid, w_base, w_spline, scaler, partial, p, sm)); \
     } break;
-        HK_SPARSE_ORDER(1)
-        HK_SPARSE_ORDER(2)
-        HK_SPARSE_ORDER(3)
-#undef HK_SPARSE_ORDER
+        HK_DIRECT_ORDER(1)
+        HK_DIRECT_ORDER(2)
+        HK_DIRECT_ORDER(3)
+#undef HK_DIRECT_ORDER
         default:
             break;  // the host only launches orders 1..=MAX_ORDER
     }
@@ -273,26 +263,20 @@ __device__ __forceinline__ void reduce(const float* __restrict__ partial, T* __r
     }
 }
 
-}  // namespace hk_kan_sparse
+}  // namespace hk_kan_direct
 
-#define KAN_SPARSE_KERNELS(SUFFIX, T)                                                                        \
-    extern "C" __global__ void __launch_bounds__(256, 1) kan_sparse_forward_nb8_##SUFFIX(                       \
+#define KAN_DIRECT_KERNELS(SUFFIX, T)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256, 1) kan_direct_forward_##SUFFIX(                       \
         const T* __restrict__ x, const float* __restrict__ grid, const T* __restrict__ w_base,               \
         const T* __restrict__ w_spline, const T* __restrict__ scaler, float* __restrict__ partial,           \
-        hk_kan_sparse::SparseParams p) {                                                                     \
-        hk_kan_sparse::forward_dispatch<T, 8>(x, grid, w_base, w_spline, scaler, partial, p);                \
+        hk_kan_direct::DirectParams p) {                                                                     \
+        hk_kan_direct::forward_dispatch<T, 8>(x, grid, w_base, w_spline, scaler, partial, p);                \
     }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(256, 1) kan_sparse_forward_nb16_##SUFFIX(                      \
-        const T* __restrict__ x, const float* __restrict__ grid, const T* __restrict__ w_base,               \
-        const T* __restrict__ w_spline, const T* __restrict__ scaler, float* __restrict__ partial,           \
-        hk_kan_sparse::SparseParams p) {                                                                     \
-        hk_kan_sparse::forward_dispatch<T, 16>(x, grid, w_base, w_spline, scaler, partial, p);               \
-    }                                                                                                        \
-    extern "C" __global__ void kan_sparse_reduce_##SUFFIX(const float* __restrict__ partial, T* __restrict__ y, \
+    extern "C" __global__ void kan_direct_reduce_##SUFFIX(const float* __restrict__ partial, T* __restrict__ y, \
                                                           uint32_t n, uint32_t splits) {                     \
-        hk_kan_sparse::reduce<T>(partial, y, n, splits);                                                     \
+        hk_kan_direct::reduce<T>(partial, y, n, splits);                                                     \
     }
 
-KAN_SPARSE_KERNELS(f32, float)
-KAN_SPARSE_KERNELS(bf16, __nv_bfloat16)
-KAN_SPARSE_KERNELS(f16, __half)
+KAN_DIRECT_KERNELS(f32, float)
+KAN_DIRECT_KERNELS(bf16, __nv_bfloat16)
+KAN_DIRECT_KERNELS(f16, __half)
