@@ -334,15 +334,18 @@ fn bench_cmd(device: &Device, json: bool, short: bool) -> Result<()> {
                 rows.push(bench::bench_kan(device, pass, dtype, tf32, KanForwardPath::Auto, shape, reps)?);
             }
         }
-        // The forward pipeline Auto did not pick, where the direct one covers the layer.
+        // The opt-in direct forward, where it covers the layer.
         if device.is_cuda() && !short && shape.grid_size + shape.order <= 8 {
             for dtype in [DType::BF16, DType::F32] {
-                let other = if shape.batch <= hybrid_kernels::ops::kan::DIRECT_AUTO_MAX_ROWS {
-                    KanForwardPath::Gemm
-                } else {
-                    KanForwardPath::Direct
-                };
-                rows.push(bench::bench_kan(device, KanPass::Forward, dtype, false, other, shape, reps)?);
+                rows.push(bench::bench_kan(
+                    device,
+                    KanPass::Forward,
+                    dtype,
+                    false,
+                    KanForwardPath::Direct,
+                    shape,
+                    reps,
+                )?);
             }
         }
     }

@@ -31,13 +31,13 @@ unsafe impl DeviceRepr for DirectParams {}
 const BLOCK_ROWS: usize = 64;
 const BLOCK_OUTS: usize = 128;
 const CHUNK: usize = 4;
-pub(crate) const MAX_ORDER: usize = 3;
-pub(crate) const MAX_BASES: usize = 8;
+const MAX_ORDER: usize = 3;
+const MAX_BASES: usize = 8;
 const BLOCK_THREADS: u32 = 256;
 const MAX_GRID_Y: usize = 65_535;
 
 /// Why the direct forward cannot run this layer and input, or `None` when it can.
-pub(crate) fn unsupported(layer: &KanLinear, rows: usize) -> Option<String> {
+fn unsupported(layer: &KanLinear, rows: usize) -> Option<String> {
     let c = layer.config();
     if !(1..=MAX_ORDER).contains(&c.spline_order) {
         return Some(format!("spline order {} (the direct forward covers 1..={MAX_ORDER})", c.spline_order));

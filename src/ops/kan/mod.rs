@@ -102,24 +102,21 @@ impl KanLinearConfig {
 /// Which GPU pipeline [`KanLinear::forward`] runs (the backward always uses the GEMMs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KanForwardPath {
-    /// [`Direct`](KanForwardPath::Direct) for batches of at most
-    /// [`DIRECT_AUTO_MAX_ROWS`] rows when it covers the layer, else
-    /// [`Gemm`](KanForwardPath::Gemm).
+    /// The pipeline measured fastest: today [`Gemm`](KanForwardPath::Gemm) at every
+    /// benchmarked shape (docs/performance.md has the numbers).
     #[default]
     Auto,
     /// Features kernel `[SiLU(x) | B(x)]`, folded weights `[W_base | W_spline * scaler]` and
-    /// one cuBLAS GEMM: tensor cores for bf16/f16 (and f32 with TF32), best for large batches.
+    /// one cuBLAS GEMM: tensor cores for bf16/f16 (and f32 with TF32).
     Gemm,
     /// `cuda/kan_direct.cu`: reads the weights where they are (no features buffer, no
-    /// folded weights, no GEMM), f32 FMAs on CUDA cores with a fixed summation order; for
-    /// small batches, where a GEMM cannot fill the GPU and folding the weights costs more
-    /// than the product. Covers spline orders 1..=3 with up to 8 bases per feature (e.g.
-    /// G = 5, k = 3); otherwise forcing it is an error.
+    /// folded weights, no GEMM), f32 FMAs on CUDA cores with a fixed summation order, so
+    /// repeated calls agree bit for bit, and about a tenth of the GEMM pipeline's extra
+    /// memory. Slower than `Gemm` so far (H100, 100x1000->1000 f32: 175 us against
+    /// 149 us). Covers spline orders 1..=3 with up to 8 bases per feature (e.g. G = 5,
+    /// k = 3); otherwise forcing it is an error.
     Direct,
 }
-
-/// Largest batch (rows) for which [`KanForwardPath::Auto`] picks the direct forward.
-pub const DIRECT_AUTO_MAX_ROWS: usize = 512;
 
 /// A KANLinear layer: its parameters live on one device in one element type.
 #[derive(Clone, Debug)]
@@ -280,12 +277,11 @@ impl KanLinear {
         self.forward_path
     }
 
-    /// The pipeline [`KanLinear::forward`] runs for `rows` rows: `Auto` resolved.
+    /// The pipeline [`KanLinear::forward`] runs for `rows` rows: `Auto` resolved. Errors
+    /// for a forced `Direct` that does not cover the layer come from `forward`.
     pub fn resolved_forward_path(&self, rows: usize) -> KanForwardPath {
+        let _ = rows; // the choice does not depend on the batch yet
         match self.forward_path {
-            KanForwardPath::Auto if rows <= DIRECT_AUTO_MAX_ROWS && direct::unsupported(self, rows).is_none() => {
-                KanForwardPath::Direct
-            }
             KanForwardPath::Auto => KanForwardPath::Gemm,
             path => path,
         }
