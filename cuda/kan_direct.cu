@@ -15,8 +15,8 @@
 //    one memory latency per staged word and was 10x slower);
 //  - each (feature, row) gets SiLU(x) and its bases as a dense vector (zeros outside the
 //    k + 1 of its interval), which the warp reads back with uniform 16-byte loads;
-//  - a lane holds its 4 outputs' G + k + 1 scaled weights of the feature in registers and
-//    does (G + k + 1) x 4 FMAs per row.
+//  - a lane holds its 4 outputs' NBMAX + 1 = 9 scaled weights of the feature in registers
+//    (zeros past G + k + 1) and does 9 x 4 FMAs per row.
 // An earlier version skipped the zero bases with a switch on the row's interval (k + 2
 // FMAs instead of G + k + 1). It ran 1.4x slower than these dense FMAs: its 8 unrolled rows
 // x 11 cases of straight-line code jump to a different case on every row (an instruction
@@ -33,7 +33,6 @@ constexpr int BLOCK_ROWS = WARPS * ROWS_PER_WARP;  // src/ops/kan/direct.rs: BLO
 constexpr int OUTS_PER_LANE = 4;
 constexpr int BLOCK_OUTS = 32 * OUTS_PER_LANE;     // src/ops/kan/direct.rs: BLOCK_OUTS
 constexpr int CHUNK = 4;                           // features per shared-memory stage
-constexpr int MAX_ORDER = 3;                       // src/ops/kan/direct.rs: MAX_ORDER
 constexpr int NO_BASES = 1 << 20;                  // "first" of a row outside the grid
 
 struct DirectParams {
@@ -50,7 +49,7 @@ struct DirectParams {
 template <int NBMAX>
 constexpr int ROW_VECS = (NBMAX + 1 + 3) / 4;
 
-template <int K, int NBMAX>
+template <int NBMAX>
 struct Smem {
     // SiLU, then the row's bases as a dense vector of NBMAX (zeros outside its window),
     // padded to whole float4s for uniform 16-byte loads.
@@ -122,7 +121,7 @@ template <typename T, int K, int NBMAX, bool Uniform>
 __device__ __forceinline__ void forward(const T* __restrict__ x, const float* __restrict__ grid,
                                         const T* __restrict__ w_base, const T* __restrict__ w_spline,
                                         const T* __restrict__ scaler, float* __restrict__ partial,
-                                        const DirectParams& p, Smem<K, NBMAX>& sm) {
+                                        const DirectParams& p, Smem<NBMAX>& sm) {
     static_assert(CHUNK * BLOCK_ROWS == 256, "one (feature, row) of the chunk per thread");
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t nb = p.n_knots - 1u - uint32_t(K);
@@ -231,25 +230,16 @@ __device__ __forceinline__ void forward(const T* __restrict__ x, const float* __
     }
 }
 
-
 template <typename T, int NBMAX>
 __device__ __forceinline__ void forward_dispatch(const T* x, const float* grid, const T* w_base, const T* w_spline,
                                                  const T* scaler, float* partial, const DirectParams& p) {
-    // One buffer for every order: a __shared__ declaration per case would add up.
-    __shared__ __align__(16) unsigned char raw[sizeof(Smem<MAX_ORDER, NBMAX>)];
+    // The layout does not depend on the order, so every order shares one buffer.
+    __shared__ Smem<NBMAX> sm;
     switch (p.order) {
-#define HK_DIRECT_ORDER(KK)                                                                          \
-    case KK: {                                                                                       \
-        static_assert(sizeof(Smem<KK, NBMAX>) <= sizeof(Smem<MAX_ORDER, NBMAX>), "order buffer");     \
-        auto& sm = *reinterpret_cast<Smem<KK, NBMAX>*>(raw);                                         \
-        HK_WITH_GRID(p.uniform, forward<T, KK, NBMAX, U>(x, grid, w_base, w_spline, scaler, partial, p, sm)); \
-    } break;
-        HK_DIRECT_ORDER(1)
-        HK_DIRECT_ORDER(2)
-        HK_DIRECT_ORDER(3)
-#undef HK_DIRECT_ORDER
-        default:
-            break;  // the host only launches orders 1..=MAX_ORDER
+        case 1: HK_WITH_GRID(p.uniform, forward<T, 1, NBMAX, U>(x, grid, w_base, w_spline, scaler, partial, p, sm)); break;
+        case 2: HK_WITH_GRID(p.uniform, forward<T, 2, NBMAX, U>(x, grid, w_base, w_spline, scaler, partial, p, sm)); break;
+        case 3: HK_WITH_GRID(p.uniform, forward<T, 3, NBMAX, U>(x, grid, w_base, w_spline, scaler, partial, p, sm)); break;
+        default: break;  // the host launches orders 1..=3 only (src/ops/kan/direct.rs: MAX_ORDER)
     }
 }
 

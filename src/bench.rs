@@ -310,7 +310,7 @@ pub fn bench_kan(
         Device::Cpu => (time_host(Repeats { warmup: 0, iters: reps.iters.min(3) }, step)?, None),
     };
     let path_name = match device {
-        Device::Cuda(_) => match layer.resolved_forward_path(shape.batch) {
+        Device::Cuda(_) => match layer.resolved_forward_path() {
             KanForwardPath::Direct => " direct",
             _ => " gemm",
         },

@@ -27,7 +27,7 @@ struct DirectParams {
 // SAFETY: eight u32 fields, repr(C), no padding: the same bytes as the C struct.
 unsafe impl DeviceRepr for DirectParams {}
 
-/// cuda/kan_direct.cu: BLOCK_ROWS, BLOCK_OUTS, CHUNK, MAX_ORDER, and the largest NBMAX.
+/// cuda/kan_direct.cu: BLOCK_ROWS, BLOCK_OUTS, CHUNK, the orders it instantiates, NBMAX.
 const BLOCK_ROWS: usize = 64;
 const BLOCK_OUTS: usize = 128;
 const CHUNK: usize = 4;

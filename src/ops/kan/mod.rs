@@ -277,10 +277,9 @@ impl KanLinear {
         self.forward_path
     }
 
-    /// The pipeline [`KanLinear::forward`] runs for `rows` rows: `Auto` resolved. Errors
-    /// for a forced `Direct` that does not cover the layer come from `forward`.
-    pub fn resolved_forward_path(&self, rows: usize) -> KanForwardPath {
-        let _ = rows; // the choice does not depend on the batch yet
+    /// The pipeline [`KanLinear::forward`] runs: `Auto` resolved. Errors for a forced
+    /// `Direct` that does not cover the layer come from `forward`.
+    pub fn resolved_forward_path(&self) -> KanForwardPath {
         match self.forward_path {
             KanForwardPath::Auto => KanForwardPath::Gemm,
             path => path,
@@ -335,7 +334,7 @@ impl KanLinear {
                 let y = cpu::forward(&self.params64()?, &x.to_f64_vec()?);
                 Tensor::from_f64_rounded(&y, &out_shape, self.dtype())
             }
-            Device::Cuda(dev) => match self.resolved_forward_path(rows) {
+            Device::Cuda(dev) => match self.resolved_forward_path() {
                 KanForwardPath::Direct => direct::forward(self, &dev, x, rows, &out_shape),
                 _ => cuda::forward(self, &dev, x, rows, &out_shape),
             },
