@@ -11,11 +11,17 @@ pub enum KernelModule {
     Kan,
     KanDirect,
     SplineActivation,
+    SelectiveScan,
 }
 
 impl KernelModule {
-    pub const ALL: &'static [KernelModule] =
-        &[KernelModule::Bspline, KernelModule::Kan, KernelModule::KanDirect, KernelModule::SplineActivation];
+    pub const ALL: &'static [KernelModule] = &[
+        KernelModule::Bspline,
+        KernelModule::Kan,
+        KernelModule::KanDirect,
+        KernelModule::SplineActivation,
+        KernelModule::SelectiveScan,
+    ];
 
     /// The source stem: `cuda/<name>.cu`, `ptx/<name>.ptx`.
     pub fn name(self) -> &'static str {
@@ -24,6 +30,7 @@ impl KernelModule {
             KernelModule::Kan => "kan",
             KernelModule::KanDirect => "kan_direct",
             KernelModule::SplineActivation => "spline_activation",
+            KernelModule::SelectiveScan => "selective_scan",
         }
     }
 
@@ -33,6 +40,7 @@ impl KernelModule {
             KernelModule::Kan => include_str!(concat!(env!("OUT_DIR"), "/kan.ptx")),
             KernelModule::KanDirect => include_str!(concat!(env!("OUT_DIR"), "/kan_direct.ptx")),
             KernelModule::SplineActivation => include_str!(concat!(env!("OUT_DIR"), "/spline_activation.ptx")),
+            KernelModule::SelectiveScan => include_str!(concat!(env!("OUT_DIR"), "/selective_scan.ptx")),
         }
     }
 

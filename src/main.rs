@@ -1,12 +1,15 @@
 //! `hybrid-kernels`: device info, kernel checks against the CPU references, benchmarks,
 //! and running one op on user tensors. With no arguments: `info`, `check`, short `bench`.
 
-use hybrid_kernels::bench::{self, BenchRow, KanPass, Repeats, BASIS_SHAPES, KAN_SHAPES};
-use hybrid_kernels::check::{kan_tolerance, tolerance, ActivationCase, BasisCase, GridLayout, KanCase, Rng};
+use hybrid_kernels::bench::{self, BenchRow, KanPass, Repeats, ScanPass, BASIS_SHAPES, KAN_SHAPES};
+use hybrid_kernels::check::{
+    kan_tolerance, scan_tolerance, tolerance, ActivationCase, BasisCase, GridLayout, KanCase, Rng, ScanCase,
+};
 use hybrid_kernels::device::{cuda_device_count, driver_available, driver_version};
 use hybrid_kernels::kernels::{KernelModule, PTX_ORIGIN};
 use hybrid_kernels::ops::bspline::{self, BasisKind, KnotGrid};
 use hybrid_kernels::ops::kan::{KanForwardPath, KanLinear, KanLinearConfig};
+use hybrid_kernels::ops::selective_scan::{selective_scan, selective_scan_backward, ScanInputs};
 use hybrid_kernels::ops::spline_activation::SplineActivation;
 use hybrid_kernels::{load_safetensors, save_safetensors, DType, Device, Error, Result, Tensor};
 use std::process::ExitCode;
@@ -17,7 +20,9 @@ usage: hybrid-kernels [COMMAND] [OPTIONS]
 commands:
   info                     devices, driver, compute capability, embedded PTX
   check [--seed N]         every kernel against its f64 CPU reference on random inputs
-  bench [--json] [--short] every kernel at standard shapes (CUDA events, median)
+  bench [GROUP] [--json] [--short]
+                           every kernel at standard shapes (CUDA events, median);
+                           GROUP (basis, kan, activation, scan) times only that group
   run OP --input IN.safetensors --output OUT.safetensors [--order K]
                            run one op on your tensors (K: spline order, default 3).
                            IN holds `x` (.., in) and `grid` (in, n_knots, f32), and:
@@ -30,6 +35,13 @@ commands:
                              spline_activation: coeff[, base_weight] -> y
                              spline_activation_backward: the same and dy
                                -> dx, d_coeff[, d_base_weight]
+                           The scan takes no grid: IN holds u, delta (B, D, L), A (D, N)
+                           f32, B, C ((B, G, N, L) or (D, N) f32) and optionally D,
+                           delta_bias (D) f32, z (B, D, L), h0 (B, D, N) f32; --softplus
+                           applies softplus to delta + delta_bias:
+                             selective_scan -> out, last_state
+                             selective_scan_backward: the same and dout[, dlast_state]
+                               -> du, ddelta, dA, dB, dC[, dD, dz, ddelta_bias, dh0]
   (none)                   info, check and a short bench
 
 options for every command:
@@ -60,12 +72,14 @@ fn dispatch(args: &[String]) -> Result<bool> {
         None => {
             info(&device)?;
             let ok = check(&device, opts.seed)?;
-            bench_cmd(&device, false, true)?;
+            bench_cmd(&device, false, true, None)?;
             Ok(ok)
         }
         Some("info") => info(&device).map(|_| true),
         Some("check") => check(&device, opts.seed),
-        Some("bench") => bench_cmd(&device, opts.json, opts.short).map(|_| true),
+        Some("bench") => {
+            bench_cmd(&device, opts.json, opts.short, opts.positional.first().map(String::as_str)).map(|_| true)
+        }
         Some("run") => run(&device, &mut opts).map(|_| true),
         Some(other) => Err(Error::InvalidArgument {
             arg: "command",
@@ -86,6 +100,7 @@ struct Options {
     seed: Option<u64>,
     json: bool,
     short: bool,
+    softplus: bool,
     help: bool,
 }
 
@@ -105,6 +120,7 @@ impl Options {
                 "-h" | "--help" | "help" => o.help = true,
                 "--json" => o.json = true,
                 "--short" => o.short = true,
+                "--softplus" => o.softplus = true,
                 "--device" => o.device = Some(value("--device")?),
                 "--input" => o.input = Some(value("--input")?),
                 "--output" => o.output = Some(value("--output")?),
@@ -295,11 +311,65 @@ fn check(device: &Device, seed: Option<u64>) -> Result<bool> {
             if ok { "pass" } else { "FAIL" }
         );
     }
+    // Selective scan: output, last state and every gradient (the worst of them).
+    let scan_cases: &[(usize, usize, usize, usize, usize, u32)] = &[
+        // (batch, dim, dstate, len, groups, option bits as in ScanCase below)
+        (1, 1, 1, 1, 1, 0b11_1111_1100),
+        (2, 7, 16, 33, 1, 0b01_0111_1100),
+        (3, 66, 16, 1025, 2, 0b11_1111_1100),
+        (1, 33, 4, 257, 1, 0b10_1000_0011),
+        (2, 8, 64, 300, 4, 0b11_0111_1110),
+        (1, 5, 256, 70, 1, 0b11_1111_1101),
+    ];
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let mut worst = 0.0f64;
+        for &(batch, dim, dstate, len, groups, flags) in scan_cases {
+            let bit = |i: u32| flags & (1 << i) != 0;
+            let case = ScanCase {
+                batch,
+                dim,
+                dstate,
+                len,
+                groups,
+                b_variable: !bit(0),
+                c_variable: !bit(1),
+                with_d: bit(2),
+                with_z: bit(3),
+                with_bias: bit(4),
+                softplus: bit(5),
+                with_h0: bit(6),
+                with_resets: bit(7),
+                with_dlast: bit(8),
+                checkpoints: bit(9),
+                a_max: 16.0,
+                dtype,
+            };
+            worst = case.run(rng.next_u64(), device)?.into_iter().fold(worst, |w, (_, e)| w.max(e));
+        }
+        let tol = scan_tolerance(dtype);
+        let ok = worst <= tol;
+        all_ok &= ok;
+        println!(
+            "{:<26} {dtype:<6} {:>7} {worst:>12.3e} {tol:>10.1e}  {}",
+            "selective_scan fwd+grads",
+            scan_cases.len(),
+            if ok { "pass" } else { "FAIL" }
+        );
+    }
     println!("check: {}\n", if all_ok { "all kernels pass" } else { "FAILURES above" });
     Ok(all_ok)
 }
 
-fn bench_cmd(device: &Device, json: bool, short: bool) -> Result<()> {
+fn bench_cmd(device: &Device, json: bool, short: bool, group: Option<&str>) -> Result<()> {
+    const GROUPS: [&str; 4] = ["basis", "kan", "activation", "scan"];
+    if let Some(g) = group.filter(|g| !GROUPS.contains(g)) {
+        return Err(Error::InvalidArgument {
+            arg: "GROUP",
+            expected: "basis, kan, activation or scan".into(),
+            found: g.into(),
+        });
+    }
+    let wanted = |g: &str| group.is_none_or(|w| w == g);
     let reps = if short { Repeats::SHORT } else { Repeats::FULL };
     let copy_gbs = match device {
         Device::Cuda(d) => Some(bench::copy_bandwidth_gbs(d, reps)?),
@@ -307,7 +377,7 @@ fn bench_cmd(device: &Device, json: bool, short: bool) -> Result<()> {
     };
     let mut rows: Vec<BenchRow> = Vec::new();
     let dtypes: &[DType] = if short { &[DType::F32, DType::BF16] } else { &[DType::F32, DType::BF16, DType::F16] };
-    for &shape in BASIS_SHAPES {
+    for &shape in BASIS_SHAPES.iter().filter(|_| wanted("basis")) {
         // The CPU reference is slow at full size: scale the batch down and say so in the row.
         let shape = if device.is_cuda() { shape } else { bench::BasisShape { batch: shape.batch.min(64), ..shape } };
         for kind in [BasisKind::Value, BasisKind::Derivative] {
@@ -316,7 +386,7 @@ fn bench_cmd(device: &Device, json: bool, short: bool) -> Result<()> {
             }
         }
     }
-    for &shape in KAN_SHAPES {
+    for &shape in KAN_SHAPES.iter().filter(|_| wanted("kan")) {
         // The f64 CPU reference is far too slow for these shapes: scale them down there.
         let shape = if device.is_cuda() {
             shape
@@ -349,10 +419,32 @@ fn bench_cmd(device: &Device, json: bool, short: bool) -> Result<()> {
             }
         }
     }
-    for backward in [false, true] {
+    for backward in [false, true].into_iter().filter(|_| wanted("activation")) {
         for dtype in [DType::BF16, DType::F32] {
             let (rows_n, channels) = if device.is_cuda() { (4096, 1024) } else { (64, 256) };
             rows.push(bench::bench_activation(device, backward, dtype, rows_n, channels, 5, 3, reps, copy_gbs)?);
+        }
+    }
+    for (i, &shape) in bench::SCAN_SHAPES.iter().enumerate().filter(|_| wanted("scan")) {
+        // The f64 CPU reference is far too slow for these shapes: scale them down there.
+        let shape = if device.is_cuda() { shape } else { bench::ScanShape { batch: 1, dim: 16, len: 256, ..shape } };
+        let main_shape = i == 0;
+        if short && !main_shape {
+            continue;
+        }
+        let passes: &[ScanPass] = if main_shape {
+            &[ScanPass::Forward, ScanPass::ForwardForBackward, ScanPass::Backward]
+        } else {
+            &[ScanPass::Forward, ScanPass::Backward]
+        };
+        let dtypes: &[DType] = if main_shape { &[DType::BF16, DType::F32, DType::F16] } else { &[DType::BF16] };
+        for &pass in passes {
+            for &dtype in dtypes {
+                rows.push(bench::bench_scan(device, pass, dtype, shape, reps, copy_gbs)?);
+            }
+        }
+        if !device.is_cuda() {
+            break;
         }
     }
     if json {
@@ -433,7 +525,8 @@ fn to_json(rows: &[BenchRow], copy_gbs: Option<f64>) -> String {
 
 fn run(device: &Device, opts: &mut Options) -> Result<()> {
     const OPS: &str = "bspline_basis, bspline_basis_derivative, kan_linear, kan_linear_backward, \
-                       spline_activation or spline_activation_backward";
+                       spline_activation, spline_activation_backward, selective_scan or \
+                       selective_scan_backward";
     let op = opts.positional.first().cloned().ok_or_else(|| Error::InvalidArgument {
         arg: "OP",
         expected: OPS.into(),
@@ -451,6 +544,9 @@ fn run(device: &Device, opts: &mut Options) -> Result<()> {
             found: "none".into(),
         })
     };
+    if op.starts_with("selective_scan") {
+        return run_scan(device, &op, &tensors, opts.softplus, &input, &output);
+    }
     let order = opts.order.unwrap_or(3);
     let grid = KnotGrid::from_knots(get("grid")?, order)?;
     let x = get("x")?;
@@ -492,5 +588,57 @@ fn run(device: &Device, opts: &mut Options) -> Result<()> {
     save_safetensors(&output, &refs)?;
     let names: Vec<&str> = outputs.iter().map(|(n, _)| *n).collect();
     println!("{op} on {device}: x {:?} {} -> {names:?}, written to {output}", x.shape(), x.dtype());
+    Ok(())
+}
+
+fn run_scan(
+    device: &Device,
+    op: &str,
+    tensors: &std::collections::HashMap<String, Tensor>,
+    softplus: bool,
+    input: &str,
+    output: &str,
+) -> Result<()> {
+    let get = |name: &'static str| {
+        tensors.get(name).ok_or_else(|| Error::InvalidArgument {
+            arg: name,
+            expected: format!("a tensor `{name}` in {input}"),
+            found: "none".into(),
+        })
+    };
+    let inputs = ScanInputs {
+        d: tensors.get("D"),
+        z: tensors.get("z"),
+        delta_bias: tensors.get("delta_bias"),
+        delta_softplus: softplus,
+        h0: tensors.get("h0"),
+        ..ScanInputs::new(get("u")?, get("delta")?, get("A")?, get("B")?, get("C")?)
+    };
+    let outputs: Vec<(&str, Tensor)> = match op {
+        "selective_scan" => {
+            let o = selective_scan(&inputs)?;
+            vec![("out", o.out), ("last_state", o.last_state)]
+        }
+        "selective_scan_backward" => {
+            let g = selective_scan_backward(&inputs, get("dout")?, tensors.get("dlast_state"), None)?;
+            let mut v = vec![("du", g.du), ("ddelta", g.ddelta), ("dA", g.da), ("dB", g.db), ("dC", g.dc)];
+            v.extend(g.dd.map(|t| ("dD", t)));
+            v.extend(g.dz.map(|t| ("dz", t)));
+            v.extend(g.ddelta_bias.map(|t| ("ddelta_bias", t)));
+            v.extend(g.dh0.map(|t| ("dh0", t)));
+            v
+        }
+        other => {
+            return Err(Error::InvalidArgument {
+                arg: "OP",
+                expected: "selective_scan or selective_scan_backward".into(),
+                found: other.into(),
+            })
+        }
+    };
+    let refs: Vec<(&str, &Tensor)> = outputs.iter().map(|(n, t)| (*n, t)).collect();
+    save_safetensors(output, &refs)?;
+    let names: Vec<&str> = outputs.iter().map(|(n, _)| *n).collect();
+    println!("{op} on {device}: u {:?} {} -> {names:?}, written to {output}", inputs.u.shape(), inputs.u.dtype());
     Ok(())
 }

@@ -4,4 +4,5 @@
 
 pub mod bspline;
 pub mod kan;
+pub mod selective_scan;
 pub mod spline_activation;

@@ -1,0 +1,706 @@
+// Fused selective scan (Mamba), forward and backward, mamba-ssm semantics:
+//   dt = softplus(delta + bias);  h_t = exp(dt A) h_{t-1} + dt B_t u_t;  y_t = C_t . h_t + D u_t
+//   out = y SiLU(z)
+// plus an initial state, per-sequence resets and a gradient into the last state.
+//
+// Work split: a block owns DB = BLOCK / NT channels d of one (batch, group); each channel's
+// N states are spread over NT consecutive lanes, SPT states per lane, kept in registers for
+// the whole sequence. Time runs in tiles: the block stages a tile of u, dt, B, C (and z) in
+// shared memory as f32 (softplus and SiLU computed once per element, not once per state),
+// every lane advances its states through the tile, and y_t = sum_n C h is reduced across
+// the NT lanes with a transposing shuffle (NT - 1 shuffles per NT timesteps, not
+// log2(NT) per timestep). exp(dt A) is one ex2.approx per (t, n) on A pre-scaled by log2(e):
+// the special-function unit is the forward's bottleneck.
+//
+// Backward: the forward is recomputed, not stored. The forward (scan with ckpt) leaves the
+// states at every `ckpt_interval` steps; the backward walks those intervals in reverse. Per
+// interval it recomputes the states once to get y (for dz) and the states at every S = 8
+// steps, then per S-step piece recomputes exp(dt A) and a h_{t-1} into registers and runs the
+// adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} backwards. Sums over channels (dB, dC when they
+// vary in time) are reduced across the warp's channels by shuffles, across the block's warps
+// in shared memory, then written as per-block partials that scan_reduce_bc adds in a fixed
+// order; sums over batch and time (dA, dD, dbias, constant dB/dC) go through per-(b, d)
+// partials and scan_reduce_params. No float atomics: the gradients are bitwise reproducible.
+#include "common.cuh"
+
+namespace hk_scan {
+
+constexpr int BLOCK = 128;
+constexpr int S = 8;  // backward: steps per register-resident piece
+constexpr float LOG2E = 1.4426950408889634f;
+
+struct ScanParams {
+    uint32_t batch, dim, dstate, len;
+    uint32_t groups;         // of the time-varying B / C (dim is a multiple); 1 if both constant
+    uint32_t tile;           // timesteps per shared-memory tile; a multiple of 8
+    uint32_t ckpt_interval;  // steps between saved states; a multiple of 8
+    uint32_t n_ckpt;         // ceil(len / ckpt_interval)
+    uint32_t b_variable, c_variable;
+    uint32_t has_d, has_z, has_bias, softplus, has_h0, has_resets;
+    uint32_t has_dlast, write_ckpt;
+};
+
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// PyTorch's softplus (threshold 20), as mamba-ssm's kernels use it.
+__device__ __forceinline__ float softplus(float x) { return x <= 20.f ? log1pf(__expf(x)) : x; }
+__device__ __forceinline__ float softplus_grad(float x) { return x <= 20.f ? __fdividef(1.f, 1.f + __expf(-x)) : 1.f; }
+__device__ __forceinline__ float silu_grad(float x) {
+    const float s = __fdividef(1.f, 1.f + __expf(-x));
+    return s * (1.f + x * (1.f - s));
+}
+
+template <int X> struct Log2 { static constexpr int value = 1 + Log2<X / 2>::value; };
+template <> struct Log2<1> { static constexpr int value = 0; };
+
+// Sums v over L lanes (lane id bits SHIFT.. SHIFT + log2 L) and spreads the V sums over them:
+// with V >= L, lane j ends with the totals of entries j*V/L .. j*V/L + V/L - 1 in v[0..V/L);
+// with V < L, entry j / (L/V) in v[0], held by all L/V lanes of that index.
+template <int V, int L, int SHIFT>
+__device__ __forceinline__ void transpose_reduce(float (&v)[V], int j) {
+    constexpr int LOG_V = Log2<V>::value;
+    constexpr int LOG_L = Log2<L>::value;
+    constexpr int STAGES = LOG_V < LOG_L ? LOG_V : LOG_L;
+#pragma unroll
+    for (int st = 0; st < STAGES; ++st) {
+        const int m = (L >> 1) >> st;
+        const int half = (V >> 1) >> st;
+        const bool upper = (j & m) != 0;
+#pragma unroll
+        for (int i = 0; i < half; ++i) {
+            const float send = upper ? v[i] : v[i + half];
+            const float keep = upper ? v[i + half] : v[i];
+            v[i] = keep + __shfl_xor_sync(0xffffffffu, send, m << SHIFT);
+        }
+    }
+#pragma unroll
+    for (int m = (L >> 1) >> STAGES; m >= 1; m >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], m << SHIFT);
+}
+
+// Which of transpose_reduce's results lane j holds: entries first .. first + count - 1,
+// or none (count 0) where another lane of the same index writes it.
+template <int V, int L> struct ReduceOwner {
+    static constexpr int count = V >= L ? V / L : 1;
+    __device__ __forceinline__ static int first(int j) { return V >= L ? j * (V / L) : j / (L / V); }
+    __device__ __forceinline__ static bool owns(int j) { return V >= L ? true : (j % (L / V)) == 0; }
+};
+
+// Where a block's channels are and what each thread owns.
+template <int SPT, int NT> struct Layout {
+    static constexpr int DB = BLOCK / NT;    // channels per block
+    static constexpr int NPAD = SPT * NT;    // states per channel, padded
+    static constexpr int BS = NPAD + 4;      // row stride of the [t][n] B / C tiles (16-byte rows)
+    static constexpr int R = NT < 8 ? NT : 8;  // forward: timesteps per y reduction
+    int b, g, d0, n_ch;                      // batch, group, first channel, channels in this block
+    int j, dl, d;                            // lane in channel, channel in block, channel
+    bool valid;                              // d is a real channel
+    __device__ Layout(const ScanParams& p) {
+        const int dpg = int(p.dim / p.groups);
+        const int blocks_per_group = (dpg + DB - 1) / DB;
+        b = blockIdx.y;
+        g = blockIdx.x / blocks_per_group;
+        const int blk = blockIdx.x % blocks_per_group;
+        d0 = g * dpg + blk * DB;
+        n_ch = min(DB, dpg - blk * DB);
+        j = threadIdx.x % NT;
+        dl = threadIdx.x / NT;
+        d = d0 + dl;
+        valid = dl < n_ch;
+    }
+};
+
+// Time tiles, fixed per layout: the forward's keeps DB x tile and NPAD x tile at 2048
+// elements (~54 KiB of shared memory, 16 staged elements per thread and array); the
+// backward's (= the checkpoint interval) is at most 32, its shared memory being larger.
+template <int SPT, int NT> struct Tiles {
+    static constexpr int DB = BLOCK / NT, NPAD = SPT * NT;
+    static constexpr int cap(int t) { return (DB * t > 2048 || NPAD * t > 2048) ? cap(t / 2) : t; }
+    static constexpr int FWD = cap(64);
+    static constexpr int BWD = FWD < 32 ? FWD : 32;
+};
+
+__device__ __forceinline__ float sigmoid_fast(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
+
+// One tile's inputs in registers, loaded in one batch so that their latencies overlap
+// (the forward loads the next tile while it scans this one). PE elements of each
+// per-channel array and PB of B and C per thread.
+template <int SPT, int NT, int TILE, bool Backward> struct RawTile {
+    static constexpr int DB = BLOCK / NT, NPAD = SPT * NT;
+    static constexpr int PE = (DB * TILE + BLOCK - 1) / BLOCK;
+    static constexpr int PB = (NPAD * TILE + BLOCK - 1) / BLOCK;
+    float u[PE], delta[PE], z[PE], dout[Backward ? PE : 1], b[PB], c[PB];
+    float keep;
+    uint32_t real;  // bit i: element i is a real (channel, step), not padding
+
+    // Steps past the end read as dt = 0, B = C = 0: they leave the states unchanged.
+    template <typename T>
+    __device__ __forceinline__ void load(const Layout<SPT, NT>& lo, const ScanParams& p, int t0,
+                                         const T* __restrict__ uu, const T* __restrict__ dd,
+                                         const T* __restrict__ Bv, const T* __restrict__ Cv,
+                                         const T* __restrict__ zz, const uint8_t* __restrict__ resets,
+                                         const T* __restrict__ dout_g) {
+        // Thread x covers step x % TILE of rows x / TILE + i * (BLOCK / TILE): one base
+        // pointer per array and a fixed stride, so the batch needs few address registers.
+        static_assert(BLOCK % TILE == 0, "tiles divide the block");
+        constexpr int ROWS = BLOCK / TILE;
+        const int len = int(p.len);
+        const int t = threadIdx.x % TILE, row0 = threadIdx.x / TILE;
+        const bool in_time = t0 + t < len;
+        real = 0u;
+        {
+            const size_t base = (size_t(lo.b) * p.dim + lo.d0 + row0) * p.len + t0 + t;
+            const size_t stride = size_t(ROWS) * p.len;
+#pragma unroll
+            for (int i = 0; i < PE; ++i) {
+                const int dl = row0 + i * ROWS;
+                const bool ok = dl < DB && dl < lo.n_ch && in_time;
+                const size_t k = base + i * stride;
+                u[i] = ok ? hk::to_f32(uu[k]) : 0.f;
+                delta[i] = ok ? hk::to_f32(dd[k]) : 0.f;
+                z[i] = (ok && p.has_z) ? hk::to_f32(zz[k]) : 0.f;
+                if (Backward) dout[i] = ok ? hk::to_f32(dout_g[k]) : 0.f;
+                real |= uint32_t(ok) << i;
+            }
+        }
+        {
+            const size_t base = ((size_t(lo.b) * p.groups + lo.g) * p.dstate + row0) * p.len + t0 + t;
+            const size_t stride = size_t(ROWS) * p.len;
+#pragma unroll
+            for (int i = 0; i < PB; ++i) {
+                const int n = row0 + i * ROWS;
+                const bool ok = n < NPAD && n < int(p.dstate) && in_time;
+                const size_t k = base + i * stride;
+                b[i] = (ok && p.b_variable) ? hk::to_f32(Bv[k]) : 0.f;
+                c[i] = (ok && p.c_variable) ? hk::to_f32(Cv[k]) : 0.f;
+            }
+        }
+        const int ta = t0 + int(threadIdx.x);
+        keep = (p.has_resets && int(threadIdx.x) < TILE && ta < len && resets[size_t(lo.b) * p.len + ta]) ? 0.f : 1.f;
+    }
+
+    // Forward slots: dt, dt u, D u, SiLU(z) (1 without z). Backward slots: dt, u, dout,
+    // softplus'(delta + bias) (1 without softplus), z. Rows of TILE + 4 floats.
+    __device__ __forceinline__ void store(const Layout<SPT, NT>& lo, const ScanParams& p,
+                                          const float* __restrict__ Dp, const float* __restrict__ bias, float* sB,
+                                          float* sC, float* slot0, float* slot1, float* slot2, float* slot3,
+                                          float* slot4, float* sKeep) const {
+        constexpr int RS = TILE + 4;
+        constexpr int BS = NPAD + 4;
+        constexpr int ROWS = BLOCK / TILE;
+        const int t = threadIdx.x % TILE, row0 = threadIdx.x / TILE;
+#pragma unroll
+        for (int i = 0; i < PE; ++i) {
+            const int dl = row0 + i * ROWS;
+            if (dl >= DB) break;
+            const bool ch = dl < lo.n_ch;
+            const bool is_real = (real >> i) & 1u;
+            float x = delta[i];
+            if (p.has_bias && ch) x += bias[lo.d0 + dl];
+            // Padding (no channel, or past the end) keeps dt = 0 whatever the bias.
+            const float dt = is_real ? (p.softplus ? softplus(x) : x) : 0.f;
+            const int k = dl * RS + t;
+            if (!Backward) {
+                const float dd = (p.has_d && ch) ? Dp[lo.d0 + dl] : 0.f;
+                slot0[k] = dt;
+                slot1[k] = dt * u[i];
+                slot2[k] = dd * u[i];
+                slot3[k] = p.has_z ? z[i] * sigmoid_fast(z[i]) : 1.f;
+            } else {
+                slot0[k] = dt;
+                slot1[k] = u[i];
+                slot2[k] = dout[i];
+                slot3[k] = (p.softplus && is_real) ? softplus_grad(x) : 1.f;
+                slot4[k] = z[i];
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < PB; ++i) {
+            const int n = row0 + i * ROWS;
+            if (n >= NPAD) break;
+            sB[t * BS + n] = b[i];
+            sC[t * BS + n] = c[i];
+        }
+        if (int(threadIdx.x) < TILE) sKeep[threadIdx.x] = keep;
+    }
+};
+
+// Per-thread constants: A (and A log2 e), constant B and C, for this thread's states.
+template <int SPT, int NT>
+__device__ __forceinline__ void load_state_params(const Layout<SPT, NT>& lo, const ScanParams& p,
+                                                  const float* __restrict__ A, const float* __restrict__ Bc,
+                                                  const float* __restrict__ Cc, float (&a_nat)[SPT],
+                                                  float (&a2)[SPT], float (&bc)[SPT], float (&cc)[SPT]) {
+#pragma unroll
+    for (int s = 0; s < SPT; ++s) {
+        const int n = lo.j * SPT + s;
+        const bool ok = lo.valid && n < int(p.dstate);
+        const size_t i = size_t(lo.d) * p.dstate + n;
+        a_nat[s] = ok ? A[i] : 0.f;
+        a2[s] = a_nat[s] * LOG2E;
+        bc[s] = (ok && !p.b_variable) ? Bc[i] : 0.f;
+        cc[s] = (ok && !p.c_variable) ? Cc[i] : 0.f;
+    }
+}
+
+template <int SPT>
+__device__ __forceinline__ void load_vec(const float* src, float (&dst)[SPT]) {
+#pragma unroll
+    for (int s = 0; s < SPT; s += 4) {
+        const float4 v = *reinterpret_cast<const float4*>(src + s);
+        dst[s] = v.x;
+        dst[s + 1] = v.y;
+        dst[s + 2] = v.z;
+        dst[s + 3] = v.w;
+    }
+}
+
+template <typename T, int SPT, int NT>
+__device__ void scan_forward(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
+                             const T* __restrict__ Bv, const float* __restrict__ Bc, const T* __restrict__ Cv,
+                             const float* __restrict__ Cc, const float* __restrict__ Dp, const T* __restrict__ z,
+                             const float* __restrict__ bias, const float* __restrict__ h0,
+                             const uint8_t* __restrict__ resets, T* __restrict__ out, float* __restrict__ last_state,
+                             float* __restrict__ ckpt, const ScanParams p) {
+    using L = Layout<SPT, NT>;
+    constexpr int R = L::R;
+    constexpr int TILE = Tiles<SPT, NT>::FWD;
+    constexpr int RS = TILE + 4;
+    if (p.tile != uint32_t(TILE)) __trap();  // the host mirrors Tiles; a mismatch is a bug
+    extern __shared__ float4 smem4[];
+    float* smem = reinterpret_cast<float*>(smem4);
+    float* sB = smem;
+    float* sC = sB + TILE * L::BS;
+    float* sDt = sC + TILE * L::BS;
+    float* sDtu = sDt + L::DB * RS;
+    float* sSkip = sDtu + L::DB * RS;
+    float* sGate = sSkip + L::DB * RS;
+    float* sY = sGate + L::DB * RS;
+    float* sKeep = sY + L::DB * RS;
+
+    const L lo(p);
+    float a_nat[SPT], a2[SPT], bc[SPT], cc[SPT], h[SPT];
+    load_state_params<SPT, NT>(lo, p, A, Bc, Cc, a_nat, a2, bc, cc);
+    const size_t state_base = (size_t(lo.b) * p.dim + lo.d) * p.dstate + size_t(lo.j) * SPT;
+#pragma unroll
+    for (int s = 0; s < SPT; ++s) {
+        const bool ok = lo.valid && lo.j * SPT + s < int(p.dstate);
+        h[s] = (ok && p.has_h0) ? h0[state_base + s] : 0.f;
+    }
+    const int len = int(p.len);
+    RawTile<SPT, NT, TILE, false> raw;
+    raw.load(lo, p, 0, u, delta, Bv, Cv, z, resets, static_cast<const T*>(nullptr));
+    for (int t0 = 0; t0 < len; t0 += TILE) {
+        __syncthreads();  // the previous tile's shared memory is no longer read
+        raw.store(lo, p, Dp, bias, sB, sC, sDt, sDtu, sSkip, sGate, nullptr, sKeep);
+        __syncthreads();
+        // The next tile's loads fly while this one is scanned.
+        if (t0 + TILE < len) raw.load(lo, p, t0 + TILE, u, delta, Bv, Cv, z, resets, static_cast<const T*>(nullptr));
+#pragma unroll 1
+        for (int tr = 0; tr < TILE; tr += R) {
+            if (p.write_ckpt && (t0 + tr) % int(p.ckpt_interval) == 0 && t0 + tr < len) {
+                const size_t k = size_t(t0 + tr) / p.ckpt_interval;
+                const size_t cb = ((size_t(lo.b) * p.n_ckpt + k) * p.dim + lo.d) * p.dstate + size_t(lo.j) * SPT;
+#pragma unroll
+                for (int s = 0; s < SPT; ++s)
+                    if (lo.valid && lo.j * SPT + s < int(p.dstate)) ckpt[cb + s] = h[s];
+            }
+            float y[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const int t = tr + r;
+                const float dt = sDt[lo.dl * RS + t];
+                const float dtu = sDtu[lo.dl * RS + t];
+                const float keep = sKeep[t];
+                float bv[SPT], cv[SPT];
+                load_vec<SPT>(sB + t * L::BS + lo.j * SPT, bv);
+                load_vec<SPT>(sC + t * L::BS + lo.j * SPT, cv);
+                float acc = 0.f;
+#pragma unroll
+                for (int s = 0; s < SPT; ++s) {
+                    const float a = ex2(dt * a2[s]) * keep;
+                    h[s] = fmaf(a, h[s], dtu * (bv[s] + bc[s]));
+                    acc = fmaf(cv[s] + cc[s], h[s], acc);
+                }
+                y[r] = acc;
+            }
+            transpose_reduce<R, NT, 0>(y, lo.j);
+            using Own = ReduceOwner<R, NT>;
+            if (Own::owns(lo.j)) {
+#pragma unroll
+                for (int i = 0; i < Own::count; ++i) sY[lo.dl * RS + tr + Own::first(lo.j) + i] = y[i];
+            }
+        }
+        __syncthreads();
+#pragma unroll 2
+        for (int e = threadIdx.x; e < L::DB * TILE; e += BLOCK) {
+            const int dl = e / TILE, t = e % TILE;
+            if (dl < lo.n_ch && t0 + t < len) {
+                const int k = dl * RS + t;
+                const size_t i = (size_t(lo.b) * p.dim + lo.d0 + dl) * p.len + t0 + t;
+                out[i] = hk::from_f32<T>((sY[k] + sSkip[k]) * sGate[k]);
+            }
+        }
+    }
+#pragma unroll
+    for (int s = 0; s < SPT; ++s)
+        if (lo.valid && lo.j * SPT + s < int(p.dstate)) last_state[state_base + s] = h[s];
+}
+
+
+template <typename T, int SPT, int NT>
+__device__ void scan_backward(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
+                              const T* __restrict__ Bv, const float* __restrict__ Bc, const T* __restrict__ Cv,
+                              const float* __restrict__ Cc, const float* __restrict__ Dp, const T* __restrict__ z,
+                              const float* __restrict__ bias, const uint8_t* __restrict__ resets,
+                              const T* __restrict__ dout, const float* __restrict__ dlast,
+                              const float* __restrict__ ckpt, T* __restrict__ du, T* __restrict__ ddelta,
+                              T* __restrict__ dz, float* __restrict__ bc_partial, float* __restrict__ param_partial,
+                              float* __restrict__ dh0, const ScanParams p) {
+    using L = Layout<SPT, NT>;
+    constexpr int DW = 32 / NT;  // channels per warp
+    constexpr int WARPS = BLOCK / 32;
+    constexpr int V = 2 * SPT;   // dB and dC values per lane and step
+    constexpr int TILE = Tiles<SPT, NT>::BWD;  // == the checkpoint interval
+    constexpr int RS = TILE + 4;
+    constexpr int n_sub = TILE / S;
+    if (p.tile != uint32_t(TILE) || p.ckpt_interval != uint32_t(TILE)) __trap();
+    const int tile = TILE;
+    extern __shared__ float4 smem4[];
+    float* smem = reinterpret_cast<float*>(smem4);
+    float* sB = smem;
+    float* sC = sB + tile * L::BS;
+    float* sDt = sC + tile * L::BS;
+    float* sU = sDt + L::DB * RS;
+    float* sDy = sU + L::DB * RS;
+    float* sSig = sDy + L::DB * RS;
+    float* sZ = sSig + L::DB * RS;  // z; then du
+    float* sY = sZ + L::DB * RS;    // y; then d(delta)
+    float* sKeep = sY + L::DB * RS;
+    float* sH = sKeep + tile;                // [sub][s][thread]: states at each piece start
+    float* sW = sH + n_sub * SPT * BLOCK;    // [warp][r][which * NPAD + n]: per-warp dB / dC
+    float* sAcc = sW + WARPS * S * 2 * L::NPAD;  // [which * NPAD + n][t]: per-block dB / dC
+
+    const L lo(p);
+    const int warp = threadIdx.x / 32;
+    const int dlw = (threadIdx.x % 32) / NT;  // channel within the warp
+    float a_nat[SPT], a2[SPT], bc[SPT], cc[SPT];
+    load_state_params<SPT, NT>(lo, p, A, Bc, Cc, a_nat, a2, bc, cc);
+    const size_t state_base = (size_t(lo.b) * p.dim + lo.d) * p.dstate + size_t(lo.j) * SPT;
+    bool state_ok[SPT];
+    float g_next[SPT], dA[SPT], dBc[SPT], dCc[SPT];
+#pragma unroll
+    for (int s = 0; s < SPT; ++s) {
+        state_ok[s] = lo.valid && lo.j * SPT + s < int(p.dstate);
+        g_next[s] = (state_ok[s] && p.has_dlast) ? dlast[state_base + s] : 0.f;
+        dA[s] = dBc[s] = dCc[s] = 0.f;
+    }
+    float dD_acc = 0.f, dbias_acc = 0.f;
+    const float dskip = (p.has_d && lo.valid) ? Dp[lo.d] : 0.f;
+    const int len = int(p.len);
+    const int blocks_per_group = (int(p.dim / p.groups) + L::DB - 1) / L::DB;
+    const int blk = blockIdx.x % blocks_per_group;
+    const bool bc_var = p.b_variable || p.c_variable;
+
+    for (int k = int(p.n_ckpt) - 1; k >= 0; --k) {
+        const int t0 = k * tile;
+        {
+            RawTile<SPT, NT, TILE, true> raw;
+            raw.load(lo, p, t0, u, delta, Bv, Cv, z, resets, dout);
+            __syncthreads();
+            raw.store(lo, p, Dp, bias, sB, sC, sDt, sU, sDy, sSig, sZ, sKeep);
+        }
+        __syncthreads();
+        // 1. States through the interval from its checkpoint: y for dz, and each piece's start.
+        float h[SPT];
+        const size_t cb = ((size_t(lo.b) * p.n_ckpt + k) * p.dim + lo.d) * p.dstate + size_t(lo.j) * SPT;
+#pragma unroll
+        for (int s = 0; s < SPT; ++s) h[s] = state_ok[s] ? ckpt[cb + s] : 0.f;
+        constexpr int R = L::R;
+#pragma unroll 1
+        for (int tr = 0; tr < tile; tr += R) {
+            if (tr % S == 0) {
+#pragma unroll
+                for (int s = 0; s < SPT; ++s) sH[((tr / S) * SPT + s) * BLOCK + threadIdx.x] = h[s];
+            }
+            float y[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const int t = tr + r;
+                const float dt = sDt[lo.dl * RS + t];
+                const float dtu = dt * sU[lo.dl * RS + t];
+                const float keep = sKeep[t];
+                float bv[SPT], cv[SPT];
+                load_vec<SPT>(sB + t * L::BS + lo.j * SPT, bv);
+                load_vec<SPT>(sC + t * L::BS + lo.j * SPT, cv);
+                float acc = 0.f;
+#pragma unroll
+                for (int s = 0; s < SPT; ++s) {
+                    const float a = ex2(dt * a2[s]) * keep;
+                    h[s] = fmaf(a, h[s], dtu * (bv[s] + bc[s]));
+                    acc = fmaf(cv[s] + cc[s], h[s], acc);
+                }
+                y[r] = acc;
+            }
+            transpose_reduce<R, NT, 0>(y, lo.j);
+            using Own = ReduceOwner<R, NT>;
+            if (Own::owns(lo.j)) {
+#pragma unroll
+                for (int i = 0; i < Own::count; ++i) sY[lo.dl * RS + tr + Own::first(lo.j) + i] = y[i];
+            }
+        }
+        __syncthreads();
+        // 2. The gate: dz, and dy = dout SiLU(z) in place of dout.
+#pragma unroll 2
+        for (int e = threadIdx.x; e < L::DB * tile; e += BLOCK) {
+            const int dl = e / tile, t = e % tile;
+            const int kk = dl * RS + t;
+            const float dd = (p.has_d && dl < lo.n_ch) ? Dp[lo.d0 + dl] : 0.f;
+            if (p.has_z) {
+                const float zz = sZ[kk];
+                const float yf = sY[kk] + dd * sU[kk];
+                const float dout_v = sDy[kk];
+                if (dl < lo.n_ch && t0 + t < len) {
+                    const size_t i = (size_t(lo.b) * p.dim + lo.d0 + dl) * p.len + t0 + t;
+                    dz[i] = hk::from_f32<T>(dout_v * yf * silu_grad(zz));
+                }
+                sDy[kk] = dout_v * zz * sigmoid_fast(zz);
+            }
+        }
+        __syncthreads();
+        // 3. The adjoint, piece by piece, backwards.
+#pragma unroll 1
+        for (int sub = n_sub - 1; sub >= 0; --sub) {
+            float a_r[S][SPT], q_r[S][SPT];
+#pragma unroll
+            for (int s = 0; s < SPT; ++s) h[s] = sH[(sub * SPT + s) * BLOCK + threadIdx.x];
+#pragma unroll
+            for (int r = 0; r < S; ++r) {
+                const int t = sub * S + r;
+                const float dt = sDt[lo.dl * RS + t];
+                const float dtu = dt * sU[lo.dl * RS + t];
+                const float keep = sKeep[t];
+                float bv[SPT];
+                load_vec<SPT>(sB + t * L::BS + lo.j * SPT, bv);
+#pragma unroll
+                for (int s = 0; s < SPT; ++s) {
+                    a_r[r][s] = ex2(dt * a2[s]) * keep;
+                    q_r[r][s] = a_r[r][s] * h[s];
+                    h[s] = fmaf(dtu, bv[s] + bc[s], q_r[r][s]);
+                }
+            }
+            float du_p[S], dd_p[S];
+#pragma unroll
+            for (int r = S - 1; r >= 0; --r) {
+                const int t = sub * S + r;
+                const float dt = sDt[lo.dl * RS + t];
+                const float uu = sU[lo.dl * RS + t];
+                const float dy = sDy[lo.dl * RS + t];
+                const float dtu = dt * uu;
+                float bv[SPT], cv[SPT];
+                load_vec<SPT>(sB + t * L::BS + lo.j * SPT, bv);
+                load_vec<SPT>(sC + t * L::BS + lo.j * SPT, cv);
+                float vals[V];
+                float du_acc = 0.f, dd_acc = 0.f;
+#pragma unroll
+                for (int s = 0; s < SPT; ++s) {
+                    const float bb = bv[s] + bc[s];
+                    const float g = fmaf(cv[s] + cc[s], dy, g_next[s]);
+                    const float hcur = fmaf(dtu, bb, q_r[r][s]);
+                    vals[s] = g * dtu;         // dB
+                    vals[SPT + s] = dy * hcur;  // dC
+                    du_acc = fmaf(g, bb, du_acc);
+                    dd_acc = fmaf(g, fmaf(bb, uu, a_nat[s] * q_r[r][s]), dd_acc);
+                    dA[s] = fmaf(g * dt, q_r[r][s], dA[s]);
+                    g_next[s] = a_r[r][s] * g;
+                }
+                du_p[r] = du_acc * dt;
+                dd_p[r] = dd_acc;
+#pragma unroll
+                for (int s = 0; s < SPT; ++s) {
+                    dBc[s] += vals[s];
+                    dCc[s] += vals[SPT + s];
+                }
+                if (bc_var) {
+                    transpose_reduce<V, DW, Log2<NT>::value>(vals, dlw);
+                    using Own = ReduceOwner<V, DW>;
+                    if (Own::owns(dlw)) {
+#pragma unroll
+                        for (int i = 0; i < Own::count; ++i) {
+                            const int idx = Own::first(dlw) + i;
+                            const int which = idx / SPT, n = lo.j * SPT + idx % SPT;
+                            sW[(warp * S + r) * 2 * L::NPAD + which * L::NPAD + n] = vals[i];
+                        }
+                    }
+                }
+            }
+            transpose_reduce<S, NT, 0>(du_p, lo.j);
+            transpose_reduce<S, NT, 0>(dd_p, lo.j);
+            using Own = ReduceOwner<S, NT>;
+            if (Own::owns(lo.j)) {
+#pragma unroll
+                for (int i = 0; i < Own::count; ++i) {
+                    const int t = sub * S + Own::first(lo.j) + i;
+                    const int kk = lo.dl * RS + t;
+                    const float dy = sDy[kk];
+                    const float ddt = dd_p[i] * sSig[kk];
+                    sZ[kk] = fmaf(dskip, dy, du_p[i]);  // du
+                    sY[kk] = ddt;                       // d(delta)
+                    dD_acc = fmaf(dy, sU[kk], dD_acc);
+                    if (t0 + t < len) dbias_acc += ddt;  // padding steps carry a gradient into dt
+                }
+            }
+            if (bc_var) {
+                __syncthreads();
+        #pragma unroll 2
+        for (int e = threadIdx.x; e < S * 2 * L::NPAD; e += BLOCK) {
+                    const int r = e / (2 * L::NPAD), c = e % (2 * L::NPAD);
+                    float acc = 0.f;
+#pragma unroll
+                    for (int w = 0; w < WARPS; ++w) acc += sW[(w * S + r) * 2 * L::NPAD + c];
+                    sAcc[c * RS + sub * S + r] = acc;
+                }
+                __syncthreads();
+            }
+        }
+        __syncthreads();
+        // 4. This interval's du, d(delta) and per-block dB / dC partials.
+#pragma unroll 2
+        for (int e = threadIdx.x; e < L::DB * tile; e += BLOCK) {
+            const int dl = e / tile, t = e % tile;
+            if (dl < lo.n_ch && t0 + t < len) {
+                const size_t i = (size_t(lo.b) * p.dim + lo.d0 + dl) * p.len + t0 + t;
+                du[i] = hk::from_f32<T>(sZ[dl * RS + t]);
+                ddelta[i] = hk::from_f32<T>(sY[dl * RS + t]);
+            }
+        }
+        if (bc_var) {
+    #pragma unroll 2
+        for (int e = threadIdx.x; e < 2 * int(p.dstate) * tile; e += BLOCK) {
+                const int c = e / tile, t = e % tile;
+                const int which = c / int(p.dstate), n = c % int(p.dstate);
+                if (t0 + t < len) {
+                    const size_t row = (((size_t(lo.b) * p.groups + lo.g) * blocks_per_group + blk) * 2 + which) *
+                                           p.dstate + n;
+                    bc_partial[row * p.len + t0 + t] = sAcc[(which * L::NPAD + n) * RS + t];
+                }
+            }
+        }
+    }
+    // Per-(b, d) partials: dA, constant dB, constant dC (n each), dD, dbias.
+    const size_t pp = (size_t(lo.b) * p.dim + lo.d) * (3 * size_t(p.dstate) + 2);
+#pragma unroll
+    for (int s = 0; s < SPT; ++s) {
+        if (state_ok[s]) {
+            const int n = lo.j * SPT + s;
+            param_partial[pp + n] = dA[s];
+            param_partial[pp + p.dstate + n] = dBc[s];
+            param_partial[pp + 2 * p.dstate + n] = dCc[s];
+            if (p.has_h0) dh0[state_base + s] = g_next[s];
+        }
+    }
+#pragma unroll
+    for (int m = NT / 2; m >= 1; m >>= 1) {
+        dD_acc += __shfl_xor_sync(0xffffffffu, dD_acc, m);
+        dbias_acc += __shfl_xor_sync(0xffffffffu, dbias_acc, m);
+    }
+    if (lo.valid && lo.j == 0) {
+        param_partial[pp + 3 * p.dstate] = dD_acc;
+        param_partial[pp + 3 * p.dstate + 1] = dbias_acc;
+    }
+}
+
+
+// dB / dC (time-varying) = sum of the per-block partials, in block order.
+template <typename T>
+__device__ void reduce_bc(const float* __restrict__ partial, T* __restrict__ db, T* __restrict__ dc,
+                          const ScanParams p, uint32_t blocks_per_group) {
+    const size_t per_which = size_t(p.dstate) * p.len;
+    const size_t n = size_t(p.batch) * p.groups * per_which;
+    for (size_t e = size_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += size_t(gridDim.x) * blockDim.x) {
+        const size_t bg = e / per_which, rest = e % per_which;
+        float sb = 0.f, sc = 0.f;
+        for (uint32_t k = 0; k < blocks_per_group; ++k) {
+            const size_t base = ((bg * blocks_per_group + k) * 2) * per_which + rest;
+            sb += partial[base];
+            sc += partial[base + per_which];
+        }
+        if (p.b_variable) db[e] = hk::from_f32<T>(sb);
+        if (p.c_variable) dc[e] = hk::from_f32<T>(sc);
+    }
+}
+
+// Three blocks per SM (168 registers) fit the issue's grid in one wave; eight states per
+// lane (dstate > 128) need the registers of two.
+constexpr int bwd_min_blocks(int spt) { return spt > 4 ? 2 : 3; }
+
+}  // namespace hk_scan
+
+using hk_scan::ScanParams;
+
+#define HK_SCAN_FWD(T, SUFFIX, SPT, NT)                                                                       \
+    extern "C" __global__ void __launch_bounds__(hk_scan::BLOCK, 3) selective_scan_fwd_##SUFFIX##_s##SPT##_l##NT( \
+        const T* u, const T* delta, const float* A, const T* Bv, const float* Bc, const T* Cv, const float* Cc,  \
+        const float* Dp, const T* z, const float* bias, const float* h0, const uint8_t* resets, T* out,          \
+        float* last_state, float* ckpt, const ScanParams p) {                                                   \
+        hk_scan::scan_forward<T, SPT, NT>(u, delta, A, Bv, Bc, Cv, Cc, Dp, z, bias, h0, resets, out, last_state, \
+                                          ckpt, p);                                                            \
+    }
+
+#define HK_SCAN_BWD(T, SUFFIX, SPT, NT)                                                                        \
+    extern "C" __global__ void __launch_bounds__(hk_scan::BLOCK, hk_scan::bwd_min_blocks(SPT)) selective_scan_bwd_##SUFFIX##_s##SPT##_l##NT(  \
+        const T* u, const T* delta, const float* A, const T* Bv, const float* Bc, const T* Cv, const float* Cc,   \
+        const float* Dp, const T* z, const float* bias, const uint8_t* resets, const T* dout, const float* dlast, \
+        const float* ckpt, T* du, T* ddelta, T* dz, float* bc_partial, float* param_partial, float* dh0,         \
+        const ScanParams p) {                                                                                    \
+        hk_scan::scan_backward<T, SPT, NT>(u, delta, A, Bv, Bc, Cv, Cc, Dp, z, bias, resets, dout, dlast, ckpt,   \
+                                           du, ddelta, dz, bc_partial, param_partial, dh0, p);                   \
+    }
+
+#define HK_SCAN_ALL_LAYOUTS(M, T, SUFFIX) \
+    M(T, SUFFIX, 4, 1)                    \
+    M(T, SUFFIX, 4, 2)                    \
+    M(T, SUFFIX, 4, 4)                    \
+    M(T, SUFFIX, 4, 8)                    \
+    M(T, SUFFIX, 4, 16)                   \
+    M(T, SUFFIX, 4, 32)                   \
+    M(T, SUFFIX, 8, 32)
+
+#define HK_SCAN_DTYPE(T, SUFFIX)                                                                               \
+    HK_SCAN_ALL_LAYOUTS(HK_SCAN_FWD, T, SUFFIX)                                                                \
+    HK_SCAN_ALL_LAYOUTS(HK_SCAN_BWD, T, SUFFIX)                                                                \
+    extern "C" __global__ void selective_scan_reduce_bc_##SUFFIX(const float* partial, T* db, T* dc,            \
+                                                                 const ScanParams p, uint32_t blocks_per_group) { \
+        hk_scan::reduce_bc<T>(partial, db, dc, p, blocks_per_group);                                           \
+    }
+
+HK_SCAN_DTYPE(float, f32)
+HK_SCAN_DTYPE(__nv_bfloat16, bf16)
+HK_SCAN_DTYPE(__half, f16)
+
+// dA, constant dB / dC, dD, dbias = sums over the batch of the per-(b, d) partials, in batch
+// order. A partial row holds dA (n), dB (n), dC (n), dD, dbias for one (b, d).
+extern "C" __global__ void selective_scan_reduce_params(const float* partial, float* dA, float* dB, float* dC,
+                                                        float* dD, float* dbias, const ScanParams p) {
+    const size_t row = 3 * size_t(p.dstate) + 2;
+    const size_t n = size_t(p.dim) * row;
+    for (size_t e = size_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += size_t(gridDim.x) * blockDim.x) {
+        float acc = 0.f;
+        for (uint32_t b = 0; b < p.batch; ++b) acc += partial[size_t(b) * n + e];
+        const size_t d = e / row, c = e % row;
+        if (c < p.dstate) {
+            dA[d * p.dstate + c] = acc;
+        } else if (c < 2 * size_t(p.dstate)) {
+            if (!p.b_variable) dB[d * p.dstate + c - p.dstate] = acc;
+        } else if (c < 3 * size_t(p.dstate)) {
+            if (!p.c_variable) dC[d * p.dstate + c - 2 * p.dstate] = acc;
+        } else if (c == 3 * size_t(p.dstate)) {
+            if (p.has_d) dD[d] = acc;
+        } else if (p.has_bias) {
+            dbias[d] = acc;
+        }
+    }
+}

@@ -1,0 +1,431 @@
+//! Mamba's fused selective scan, forward and backward, with mamba-ssm's semantics
+//! (`selective_scan_fn`; the math is in [`cpu`]):
+//!
+//! - `u`, `delta`, `z`, `out`: `(batch, dim, len)`, element type f32, bf16 or f16;
+//! - `A`: `(dim, dstate)` f32; `D`, `delta_bias`: `(dim)` f32;
+//! - `B`, `C`: time-varying `(batch, groups, dstate, len)` in the element type (`groups`
+//!   divides `dim`; channel `d` reads group `d / (dim / groups)`), or constant `(dim, dstate)`
+//!   f32;
+//! - states (`h0`, the last state): `(batch, dim, dstate)` f32. Arithmetic is f32 on the GPU.
+//!
+//! Beyond mamba-ssm: an initial state `h0` and its gradient, a gradient into the returned
+//! last state, per-sequence resets for packed batches ([`SequenceResets`]), and a backward
+//! that is always deterministic (fixed-order sums, no float atomics: repeated calls agree
+//! bit for bit). `dstate` up to [`MAX_DSTATE`]; any `len` (time is walked in tiles, states
+//! carried between them).
+//!
+//! The backward recomputes the forward instead of storing per-step states. It starts from
+//! the states saved every [`ScanCheckpoints::interval`] steps, which
+//! [`selective_scan_for_backward`] returns with the output (`batch * dim * dstate *
+//! ceil(len / interval)` f32); without them the backward first reruns the forward to make them.
+
+pub mod cpu;
+mod cuda;
+
+use crate::device::{CudaDevice, Device};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use cudarc::driver::CudaSlice;
+use std::sync::Arc;
+
+/// Largest state size the kernels take (states per channel spread over up to 32 lanes of 8).
+pub const MAX_DSTATE: usize = 256;
+
+/// The inputs of one scan. Build with [`ScanInputs::new`] and set the optional fields:
+///
+/// ```no_run
+/// # use hybrid_kernels::{ops::selective_scan::*, Tensor};
+/// # fn f(u: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, z: &Tensor, bias: &Tensor)
+/// # -> hybrid_kernels::Result<()> {
+/// let inputs = ScanInputs { z: Some(z), delta_bias: Some(bias), delta_softplus: true, ..ScanInputs::new(u, delta, a, b, c) };
+/// let out = selective_scan(&inputs)?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct ScanInputs<'a> {
+    pub u: &'a Tensor,
+    pub delta: &'a Tensor,
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub c: &'a Tensor,
+    /// The skip term's weight `D`.
+    pub d: Option<&'a Tensor>,
+    /// The gate: `out = y SiLU(z)`.
+    pub z: Option<&'a Tensor>,
+    pub delta_bias: Option<&'a Tensor>,
+    /// `dt = softplus(delta + delta_bias)` (PyTorch's softplus, linear above 20).
+    pub delta_softplus: bool,
+    pub h0: Option<&'a Tensor>,
+    pub resets: Option<&'a SequenceResets>,
+}
+
+impl<'a> ScanInputs<'a> {
+    /// The required inputs; no D, z, bias, softplus, initial state or resets.
+    pub fn new(u: &'a Tensor, delta: &'a Tensor, a: &'a Tensor, b: &'a Tensor, c: &'a Tensor) -> ScanInputs<'a> {
+        ScanInputs {
+            u,
+            delta,
+            a,
+            b,
+            c,
+            d: None,
+            z: None,
+            delta_bias: None,
+            delta_softplus: false,
+            h0: None,
+            resets: None,
+        }
+    }
+}
+
+/// Where packed sequences start: at a flagged step `t` of row `b` the state carried in is
+/// dropped (zero), as if a new sequence began there. A start at step 0 drops `h0`.
+#[derive(Clone, Debug)]
+pub struct SequenceResets {
+    batch: usize,
+    len: usize,
+    flags: Vec<bool>,
+    device: Option<(CudaDevice, Arc<CudaSlice<u8>>)>,
+}
+
+impl SequenceResets {
+    /// From `(batch, len)` flags, row-major.
+    pub fn from_flags(batch: usize, len: usize, flags: &[bool]) -> Result<SequenceResets> {
+        let n = batch.checked_mul(len).ok_or_else(|| Error::invalid("flags", "batch * len in usize", "overflow"))?;
+        if flags.len() != n {
+            return Err(Error::invalid(
+                "flags",
+                format!("{n} flags (batch {batch} x len {len})"),
+                flags.len().to_string(),
+            ));
+        }
+        Ok(SequenceResets { batch, len, flags: flags.to_vec(), device: None })
+    }
+
+    /// From each row's sequence start positions (unsorted is fine; each below `len`).
+    pub fn from_starts(len: usize, starts: &[Vec<usize>]) -> Result<SequenceResets> {
+        let mut flags = vec![false; starts.len() * len];
+        for (b, row) in starts.iter().enumerate() {
+            for &t in row {
+                if t >= len {
+                    return Err(Error::invalid(
+                        "starts",
+                        format!("positions below len {len}"),
+                        format!("{t} in row {b}"),
+                    ));
+                }
+                flags[b * len + t] = true;
+            }
+        }
+        SequenceResets::from_flags(starts.len(), len, &flags)
+    }
+
+    /// One packed row (batch 1) of sequences with cumulative lengths `cu_seqlens`
+    /// (`[0, l0, l0 + l1, ..., len]`, non-decreasing) as flash-attention and mamba take
+    /// them. The first sequence keeps `h0`.
+    pub fn from_cu_seqlens(cu_seqlens: &[usize]) -> Result<SequenceResets> {
+        let (Some(&first), Some(&len)) = (cu_seqlens.first(), cu_seqlens.last()) else {
+            return Err(Error::invalid("cu_seqlens", "at least [0, len]", "an empty list"));
+        };
+        if first != 0 || cu_seqlens.windows(2).any(|w| w[1] < w[0]) {
+            return Err(Error::invalid(
+                "cu_seqlens",
+                "non-decreasing offsets starting at 0",
+                format!("{cu_seqlens:?}"),
+            ));
+        }
+        let starts: Vec<usize> = cu_seqlens[1..].iter().copied().filter(|&t| t > 0 && t < len).collect();
+        SequenceResets::from_starts(len, &[starts])
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.flags.is_empty()
+    }
+    pub fn flags(&self) -> &[bool] {
+        &self.flags
+    }
+
+    /// A copy with the flags also on `device` (kept, so repeated scans do not upload them).
+    pub fn to_device(&self, device: &Device) -> Result<SequenceResets> {
+        let mut r = SequenceResets { device: None, ..self.clone() };
+        if let Device::Cuda(dev) = device {
+            r.device = Some((dev.clone(), Arc::new(cuda::upload_flags(dev, &self.flags)?)));
+        }
+        Ok(r)
+    }
+}
+
+/// The output of a scan: `out` `(batch, dim, len)` and the state after the last step
+/// `(batch, dim, dstate)` f32 (the initial state when `len` is 0).
+#[derive(Clone, Debug)]
+pub struct ScanOutput {
+    pub out: Tensor,
+    pub last_state: Tensor,
+}
+
+/// States saved by [`selective_scan_for_backward`] every `interval` steps, where the
+/// backward restarts its recomputation. Opaque: valid only with the same inputs.
+#[derive(Clone, Debug)]
+pub struct ScanCheckpoints {
+    states: Option<Tensor>,
+    interval: usize,
+}
+
+impl ScanCheckpoints {
+    pub fn interval(&self) -> usize {
+        self.interval
+    }
+    /// Device bytes held.
+    pub fn size_in_bytes(&self) -> usize {
+        self.states.as_ref().map_or(0, Tensor::size_in_bytes)
+    }
+}
+
+/// Gradients of `sum(out * dout) + sum(last_state * dlast_state)`, each shaped and typed as
+/// its input (`dh0` f32 like `h0`).
+#[derive(Clone, Debug)]
+pub struct ScanGrads {
+    pub du: Tensor,
+    pub ddelta: Tensor,
+    pub da: Tensor,
+    pub db: Tensor,
+    pub dc: Tensor,
+    pub dd: Option<Tensor>,
+    pub dz: Option<Tensor>,
+    pub ddelta_bias: Option<Tensor>,
+    pub dh0: Option<Tensor>,
+}
+
+/// The validated sizes of a scan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScanDims {
+    pub batch: usize,
+    pub dim: usize,
+    pub dstate: usize,
+    pub len: usize,
+    /// Groups of the time-varying B / C; 1 when both are constant.
+    pub groups: usize,
+    pub b_variable: bool,
+    pub c_variable: bool,
+    pub dtype: DType,
+}
+
+impl ScanDims {
+    pub fn state_shape(&self) -> [usize; 3] {
+        [self.batch, self.dim, self.dstate]
+    }
+}
+
+/// How `B` or `C` is given: `Some(groups)` when time-varying.
+fn bc_layout(
+    arg: &'static str,
+    t: &Tensor,
+    batch: usize,
+    dim: usize,
+    len: usize,
+    dtype: DType,
+) -> Result<Option<(usize, usize)>> {
+    match t.shape() {
+        &[bb, g, n, l] => {
+            if bb != batch || l != len || g == 0 || dim % g != 0 {
+                return Err(Error::invalid(
+                    arg,
+                    format!("shape (batch {batch}, groups dividing dim {dim}, dstate, len {len}) or (dim, dstate)"),
+                    format!("shape {:?}", t.shape()),
+                ));
+            }
+            t.expect_dtype(arg, dtype)?;
+            Ok(Some((g, n)))
+        }
+        &[d, _] if d == dim => {
+            t.expect_dtype(arg, DType::F32)?;
+            Ok(None)
+        }
+        s => Err(Error::invalid(
+            arg,
+            format!("shape (batch {batch}, groups, dstate, len {len}) or (dim {dim}, dstate)"),
+            format!("shape {s:?}"),
+        )),
+    }
+}
+
+impl ScanInputs<'_> {
+    /// Checks every shape, element type and device; returns the sizes.
+    pub fn dims(&self) -> Result<ScanDims> {
+        let &[batch, dim, len] = self.u.shape() else {
+            return Err(Error::invalid("u", "shape (batch, dim, len)", format!("shape {:?}", self.u.shape())));
+        };
+        let dtype = self.u.dtype();
+        let device = self.u.device();
+        let seq = [batch, dim, len];
+        self.delta.expect_shape("delta", &seq)?;
+        self.delta.expect_dtype("delta", dtype)?;
+        let &[ad, dstate] = self.a.shape() else {
+            return Err(Error::invalid("A", "shape (dim, dstate)", format!("shape {:?}", self.a.shape())));
+        };
+        if ad != dim || dstate == 0 || dstate > MAX_DSTATE {
+            return Err(Error::invalid(
+                "A",
+                format!("shape (dim {dim}, dstate in 1..={MAX_DSTATE})"),
+                format!("shape {:?}", self.a.shape()),
+            ));
+        }
+        self.a.expect_dtype("A", DType::F32)?;
+        let b = bc_layout("B", self.b, batch, dim, len, dtype)?;
+        let c = bc_layout("C", self.c, batch, dim, len, dtype)?;
+        for (arg, t, lay) in [("B", self.b, b), ("C", self.c, c)] {
+            let n = lay.map_or(t.shape()[1], |(_, n)| n);
+            if n != dstate {
+                return Err(Error::invalid(arg, format!("dstate {dstate} (from A)"), format!("shape {:?}", t.shape())));
+            }
+        }
+        let groups = match (b, c) {
+            (Some((gb, _)), Some((gc, _))) if gb != gc => {
+                return Err(Error::invalid("C", format!("{gb} groups, as B"), format!("{gc} groups")));
+            }
+            (Some((g, _)), _) | (None, Some((g, _))) => g,
+            (None, None) => 1,
+        };
+        for (arg, t) in [("D", self.d), ("delta_bias", self.delta_bias)] {
+            if let Some(t) = t {
+                t.expect_shape(arg, &[dim])?;
+                t.expect_dtype(arg, DType::F32)?;
+            }
+        }
+        if let Some(z) = self.z {
+            z.expect_shape("z", &seq)?;
+            z.expect_dtype("z", dtype)?;
+        }
+        if let Some(h0) = self.h0 {
+            h0.expect_shape("h0", &[batch, dim, dstate])?;
+            h0.expect_dtype("h0", DType::F32)?;
+        }
+        if let Some(r) = self.resets {
+            if r.batch != batch || r.len != len {
+                return Err(Error::invalid(
+                    "resets",
+                    format!("flags for batch {batch} x len {len}"),
+                    format!("batch {} x len {}", r.batch, r.len),
+                ));
+            }
+        }
+        let named: [(&'static str, Option<&Tensor>); 9] = [
+            ("delta", Some(self.delta)),
+            ("A", Some(self.a)),
+            ("B", Some(self.b)),
+            ("C", Some(self.c)),
+            ("D", self.d),
+            ("z", self.z),
+            ("delta_bias", self.delta_bias),
+            ("h0", self.h0),
+            ("u", Some(self.u)),
+        ];
+        for (arg, t) in named {
+            if let Some(t) = t {
+                t.expect_device(arg, &device)?;
+            }
+        }
+        Ok(ScanDims { batch, dim, dstate, len, groups, b_variable: b.is_some(), c_variable: c.is_some(), dtype })
+    }
+
+    /// The inputs widened to f64 for the reference.
+    pub fn to_f64(&self) -> Result<cpu::Scan64> {
+        let dims = self.dims()?;
+        let opt = |t: Option<&Tensor>| t.map(Tensor::to_f64_vec).transpose();
+        let param = |t: &Tensor, variable: bool| -> Result<cpu::Param64> {
+            let v = t.to_f64_vec()?;
+            Ok(if variable { cpu::Param64::Variable(v) } else { cpu::Param64::Constant(v) })
+        };
+        Ok(cpu::Scan64 {
+            batch: dims.batch,
+            dim: dims.dim,
+            dstate: dims.dstate,
+            len: dims.len,
+            groups: dims.groups,
+            u: self.u.to_f64_vec()?,
+            delta: self.delta.to_f64_vec()?,
+            a: self.a.to_f64_vec()?,
+            b: param(self.b, dims.b_variable)?,
+            c: param(self.c, dims.c_variable)?,
+            d: opt(self.d)?,
+            z: opt(self.z)?,
+            delta_bias: opt(self.delta_bias)?,
+            delta_softplus: self.delta_softplus,
+            h0: opt(self.h0)?,
+            resets: self.resets.map(|r| r.flags.clone()),
+        })
+    }
+}
+
+/// The scan's output and last state.
+pub fn selective_scan(inputs: &ScanInputs) -> Result<ScanOutput> {
+    forward(inputs, false).map(|(o, _)| o)
+}
+
+/// The scan's output and last state, and the checkpoints that
+/// [`selective_scan_backward`] restarts from.
+pub fn selective_scan_for_backward(inputs: &ScanInputs) -> Result<(ScanOutput, ScanCheckpoints)> {
+    forward(inputs, true)
+}
+
+fn forward(inputs: &ScanInputs, checkpoints: bool) -> Result<(ScanOutput, ScanCheckpoints)> {
+    let dims = inputs.dims()?;
+    match inputs.u.device() {
+        Device::Cpu => {
+            let f = cpu::forward(&inputs.to_f64()?);
+            let out = Tensor::from_f64_rounded(&f.out, inputs.u.shape(), dims.dtype)?;
+            let last_state = Tensor::from_f64_rounded(&f.last_state, &dims.state_shape(), DType::F32)?;
+            Ok((ScanOutput { out, last_state }, ScanCheckpoints { states: None, interval: 0 }))
+        }
+        Device::Cuda(dev) => cuda::forward(&dev, inputs, &dims, checkpoints),
+    }
+}
+
+/// Gradients of `sum(out * dout) + sum(last_state * dlast_state)`. `dout` is shaped and
+/// typed like `u`; `dlast_state` like the last state. `checkpoints` from
+/// [`selective_scan_for_backward`] on the same inputs save a forward pass.
+pub fn selective_scan_backward(
+    inputs: &ScanInputs,
+    dout: &Tensor,
+    dlast_state: Option<&Tensor>,
+    checkpoints: Option<&ScanCheckpoints>,
+) -> Result<ScanGrads> {
+    let dims = inputs.dims()?;
+    let device = inputs.u.device();
+    dout.expect_shape("dout", inputs.u.shape())?;
+    dout.expect_dtype("dout", dims.dtype)?;
+    dout.expect_device("dout", &device)?;
+    if let Some(t) = dlast_state {
+        t.expect_shape("dlast_state", &dims.state_shape())?;
+        t.expect_dtype("dlast_state", DType::F32)?;
+        t.expect_device("dlast_state", &device)?;
+    }
+    match device {
+        Device::Cpu => {
+            let p = inputs.to_f64()?;
+            let dlast = dlast_state.map(Tensor::to_f64_vec).transpose()?;
+            let g = cpu::backward(&p, &dout.to_f64_vec()?, dlast.as_deref());
+            let dt = dims.dtype;
+            let like = |v: &[f64], t: &Tensor| Tensor::from_f64_rounded(v, t.shape(), t.dtype());
+            Ok(ScanGrads {
+                du: Tensor::from_f64_rounded(&g.du, inputs.u.shape(), dt)?,
+                ddelta: Tensor::from_f64_rounded(&g.ddelta, inputs.u.shape(), dt)?,
+                da: like(&g.da, inputs.a)?,
+                db: like(&g.db, inputs.b)?,
+                dc: like(&g.dc, inputs.c)?,
+                dd: g.dd.zip(inputs.d).map(|(v, t)| like(&v, t)).transpose()?,
+                dz: g.dz.zip(inputs.z).map(|(v, t)| like(&v, t)).transpose()?,
+                ddelta_bias: g.ddelta_bias.zip(inputs.delta_bias).map(|(v, t)| like(&v, t)).transpose()?,
+                dh0: g.dh0.zip(inputs.h0).map(|(v, t)| like(&v, t)).transpose()?,
+            })
+        }
+        Device::Cuda(dev) => cuda::backward(&dev, inputs, &dims, dout, dlast_state, checkpoints),
+    }
+}
