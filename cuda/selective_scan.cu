@@ -3,14 +3,18 @@
 //   out = y SiLU(z)
 // plus an initial state, per-sequence resets and a gradient into the last state.
 //
-// Work split: a block owns DB = BLOCK / NT channels d of one (batch, group); each channel's
+// Work split: a block owns DB = BLK / NT channels d of one (batch, group); each channel's
 // N states are spread over NT consecutive lanes, SPT states per lane, kept in registers for
-// the whole sequence. Time runs in tiles: the block stages a tile of u, dt, B, C (and z) in
-// shared memory as f32 (softplus and SiLU computed once per element, not once per state),
-// every lane advances its states through the tile, and y_t = sum_n C h is reduced across
-// the NT lanes with a transposing shuffle (NT - 1 shuffles per NT timesteps, not
-// log2(NT) per timestep). exp(dt A) is one ex2.approx per (t, n) on A pre-scaled by log2(e):
-// the special-function unit is the forward's bottleneck.
+// the whole sequence. Time runs in tiles: the block stages a tile of dt, u, B, C (and z)
+// in shared memory as f32 (softplus and SiLU computed once per element, not once per
+// state), every lane advances its states through the tile, and y_t = sum_n C h is reduced
+// across the NT lanes with a transposing shuffle (NT - 1 shuffles per NT timesteps, not
+// log2(NT) per timestep). Each thread loads its share of a tile in one batch into
+// registers; the forward issues the next tile's batch before scanning the current one, so
+// the loads' latency hides behind the scan. exp(dt A) is one ex2.approx per (t, n) on A
+// pre-scaled by log2(e): the special-function unit bounds the forward. Without resets and
+// with time-varying B and C (Mamba's usual call) the scan skips the reset mask and the
+// constant-B/C terms (the GENERAL = false instantiation).
 //
 // Backward: the forward is recomputed, not stored. The forward (scan with ckpt) leaves the
 // states at every `ckpt_interval` steps; the backward walks those intervals in reverse. Per
@@ -90,8 +94,8 @@ template <int V, int L> struct ReduceOwner {
 };
 
 // Where a block's channels are and what each thread owns.
-template <int SPT, int NT> struct Layout {
-    static constexpr int DB = BLOCK / NT;    // channels per block
+template <int SPT, int NT, int BLK> struct Layout {
+    static constexpr int DB = BLK / NT;      // channels per block
     static constexpr int NPAD = SPT * NT;    // states per channel, padded
     static constexpr int BS = NPAD + 4;      // row stride of the [t][n] B / C tiles (16-byte rows)
     static constexpr int R = NT < 8 ? NT : 8;  // forward: timesteps per y reduction
@@ -116,9 +120,9 @@ template <int SPT, int NT> struct Layout {
 // Time tiles, fixed per layout: the forward's keeps DB x tile and NPAD x tile at 2048
 // elements (~54 KiB of shared memory, 16 staged elements per thread and array); the
 // backward's (= the checkpoint interval) is at most 32, its shared memory being larger.
-template <int SPT, int NT> struct Tiles {
-    static constexpr int DB = BLOCK / NT, NPAD = SPT * NT;
-    static constexpr int cap(int t) { return (DB * t > 2048 || NPAD * t > 2048) ? cap(t / 2) : t; }
+template <int SPT, int NT, int BLK> struct Tiles {
+    static constexpr int DB = BLK / NT, NPAD = SPT * NT;
+    static constexpr int cap(int t) { return (t > 8 && (DB * t > 16 * BLK || NPAD * t > 16 * BLK)) ? cap(t / 2) : t; }
     static constexpr int FWD = cap(64);
     static constexpr int BWD = FWD < 32 ? FWD : 32;
 };
@@ -128,25 +132,25 @@ __device__ __forceinline__ float sigmoid_fast(float x) { return __fdividef(1.f, 
 // One tile's inputs in registers, loaded in one batch so that their latencies overlap
 // (the forward loads the next tile while it scans this one). PE elements of each
 // per-channel array and PB of B and C per thread.
-template <int SPT, int NT, int TILE, bool Backward> struct RawTile {
-    static constexpr int DB = BLOCK / NT, NPAD = SPT * NT;
-    static constexpr int PE = (DB * TILE + BLOCK - 1) / BLOCK;
-    static constexpr int PB = (NPAD * TILE + BLOCK - 1) / BLOCK;
+template <int SPT, int NT, int BLK, int TILE, bool Backward> struct RawTile {
+    static constexpr int DB = BLK / NT, NPAD = SPT * NT;
+    static constexpr int PE = (DB * TILE + BLK - 1) / BLK;
+    static constexpr int PB = (NPAD * TILE + BLK - 1) / BLK;
     float u[PE], delta[PE], z[PE], dout[Backward ? PE : 1], b[PB], c[PB];
     float keep;
     uint32_t real;  // bit i: element i is a real (channel, step), not padding
 
     // Steps past the end read as dt = 0, B = C = 0: they leave the states unchanged.
     template <typename T>
-    __device__ __forceinline__ void load(const Layout<SPT, NT>& lo, const ScanParams& p, int t0,
+    __device__ __forceinline__ void load(const Layout<SPT, NT, BLK>& lo, const ScanParams& p, int t0,
                                          const T* __restrict__ uu, const T* __restrict__ dd,
                                          const T* __restrict__ Bv, const T* __restrict__ Cv,
                                          const T* __restrict__ zz, const uint8_t* __restrict__ resets,
                                          const T* __restrict__ dout_g) {
-        // Thread x covers step x % TILE of rows x / TILE + i * (BLOCK / TILE): one base
+        // Thread x covers step x % TILE of rows x / TILE + i * (BLK / TILE): one base
         // pointer per array and a fixed stride, so the batch needs few address registers.
-        static_assert(BLOCK % TILE == 0, "tiles divide the block");
-        constexpr int ROWS = BLOCK / TILE;
+        static_assert(BLK % TILE == 0, "tiles divide the block");
+        constexpr int ROWS = BLK / TILE;
         const int len = int(p.len);
         const int t = threadIdx.x % TILE, row0 = threadIdx.x / TILE;
         const bool in_time = t0 + t < len;
@@ -184,13 +188,13 @@ template <int SPT, int NT, int TILE, bool Backward> struct RawTile {
 
     // Forward slots: dt, dt u, D u, SiLU(z) (1 without z). Backward slots: dt, u, dout,
     // softplus'(delta + bias) (1 without softplus), z. Rows of TILE + 4 floats.
-    __device__ __forceinline__ void store(const Layout<SPT, NT>& lo, const ScanParams& p,
+    __device__ __forceinline__ void store(const Layout<SPT, NT, BLK>& lo, const ScanParams& p,
                                           const float* __restrict__ Dp, const float* __restrict__ bias, float* sB,
                                           float* sC, float* slot0, float* slot1, float* slot2, float* slot3,
                                           float* slot4, float* sKeep) const {
         constexpr int RS = TILE + 4;
         constexpr int BS = NPAD + 4;
-        constexpr int ROWS = BLOCK / TILE;
+        constexpr int ROWS = BLK / TILE;
         const int t = threadIdx.x % TILE, row0 = threadIdx.x / TILE;
 #pragma unroll
         for (int i = 0; i < PE; ++i) {
@@ -229,8 +233,8 @@ template <int SPT, int NT, int TILE, bool Backward> struct RawTile {
 };
 
 // Per-thread constants: A (and A log2 e), constant B and C, for this thread's states.
-template <int SPT, int NT>
-__device__ __forceinline__ void load_state_params(const Layout<SPT, NT>& lo, const ScanParams& p,
+template <int SPT, int NT, int BLK>
+__device__ __forceinline__ void load_state_params(const Layout<SPT, NT, BLK>& lo, const ScanParams& p,
                                                   const float* __restrict__ A, const float* __restrict__ Bc,
                                                   const float* __restrict__ Cc, float (&a_nat)[SPT],
                                                   float (&a2)[SPT], float (&bc)[SPT], float (&cc)[SPT]) {
@@ -258,16 +262,16 @@ __device__ __forceinline__ void load_vec(const float* src, float (&dst)[SPT]) {
     }
 }
 
-template <typename T, int SPT, int NT>
-__device__ void scan_forward(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
+template <typename T, int SPT, int NT, int BLK, bool GENERAL>
+__device__ __forceinline__ void scan_forward(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
                              const T* __restrict__ Bv, const float* __restrict__ Bc, const T* __restrict__ Cv,
                              const float* __restrict__ Cc, const float* __restrict__ Dp, const T* __restrict__ z,
                              const float* __restrict__ bias, const float* __restrict__ h0,
                              const uint8_t* __restrict__ resets, T* __restrict__ out, float* __restrict__ last_state,
                              float* __restrict__ ckpt, const ScanParams p) {
-    using L = Layout<SPT, NT>;
+    using L = Layout<SPT, NT, BLK>;
     constexpr int R = L::R;
-    constexpr int TILE = Tiles<SPT, NT>::FWD;
+    constexpr int TILE = Tiles<SPT, NT, BLK>::FWD;
     constexpr int RS = TILE + 4;
     if (p.tile != uint32_t(TILE)) __trap();  // the host mirrors Tiles; a mismatch is a bug
     extern __shared__ float4 smem4[];
@@ -283,7 +287,7 @@ __device__ void scan_forward(const T* __restrict__ u, const T* __restrict__ delt
 
     const L lo(p);
     float a_nat[SPT], a2[SPT], bc[SPT], cc[SPT], h[SPT];
-    load_state_params<SPT, NT>(lo, p, A, Bc, Cc, a_nat, a2, bc, cc);
+    load_state_params<SPT, NT, BLK>(lo, p, A, Bc, Cc, a_nat, a2, bc, cc);
     const size_t state_base = (size_t(lo.b) * p.dim + lo.d) * p.dstate + size_t(lo.j) * SPT;
 #pragma unroll
     for (int s = 0; s < SPT; ++s) {
@@ -291,7 +295,7 @@ __device__ void scan_forward(const T* __restrict__ u, const T* __restrict__ delt
         h[s] = (ok && p.has_h0) ? h0[state_base + s] : 0.f;
     }
     const int len = int(p.len);
-    RawTile<SPT, NT, TILE, false> raw;
+    RawTile<SPT, NT, BLK, TILE, false> raw;
     raw.load(lo, p, 0, u, delta, Bv, Cv, z, resets, static_cast<const T*>(nullptr));
     for (int t0 = 0; t0 < len; t0 += TILE) {
         __syncthreads();  // the previous tile's shared memory is no longer read
@@ -314,16 +318,21 @@ __device__ void scan_forward(const T* __restrict__ u, const T* __restrict__ delt
                 const int t = tr + r;
                 const float dt = sDt[lo.dl * RS + t];
                 const float dtu = sDtu[lo.dl * RS + t];
-                const float keep = sKeep[t];
+                const float keep = GENERAL ? sKeep[t] : 1.f;
                 float bv[SPT], cv[SPT];
                 load_vec<SPT>(sB + t * L::BS + lo.j * SPT, bv);
                 load_vec<SPT>(sC + t * L::BS + lo.j * SPT, cv);
                 float acc = 0.f;
 #pragma unroll
                 for (int s = 0; s < SPT; ++s) {
-                    const float a = ex2(dt * a2[s]) * keep;
-                    h[s] = fmaf(a, h[s], dtu * (bv[s] + bc[s]));
-                    acc = fmaf(cv[s] + cc[s], h[s], acc);
+                    if (GENERAL) {
+                        const float a = ex2(dt * a2[s]) * keep;
+                        h[s] = fmaf(a, h[s], dtu * (bv[s] + bc[s]));
+                        acc = fmaf(cv[s] + cc[s], h[s], acc);
+                    } else {
+                        h[s] = fmaf(ex2(dt * a2[s]), h[s], dtu * bv[s]);
+                        acc = fmaf(cv[s], h[s], acc);
+                    }
                 }
                 y[r] = acc;
             }
@@ -336,7 +345,7 @@ __device__ void scan_forward(const T* __restrict__ u, const T* __restrict__ delt
         }
         __syncthreads();
 #pragma unroll 2
-        for (int e = threadIdx.x; e < L::DB * TILE; e += BLOCK) {
+        for (int e = threadIdx.x; e < L::DB * TILE; e += BLK) {
             const int dl = e / TILE, t = e % TILE;
             if (dl < lo.n_ch && t0 + t < len) {
                 const int k = dl * RS + t;
@@ -351,8 +360,8 @@ __device__ void scan_forward(const T* __restrict__ u, const T* __restrict__ delt
 }
 
 
-template <typename T, int SPT, int NT>
-__device__ void scan_backward(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
+template <typename T, int SPT, int NT, bool GENERAL>
+__device__ __forceinline__ void scan_backward(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
                               const T* __restrict__ Bv, const float* __restrict__ Bc, const T* __restrict__ Cv,
                               const float* __restrict__ Cc, const float* __restrict__ Dp, const T* __restrict__ z,
                               const float* __restrict__ bias, const uint8_t* __restrict__ resets,
@@ -360,11 +369,12 @@ __device__ void scan_backward(const T* __restrict__ u, const T* __restrict__ del
                               const float* __restrict__ ckpt, T* __restrict__ du, T* __restrict__ ddelta,
                               T* __restrict__ dz, float* __restrict__ bc_partial, float* __restrict__ param_partial,
                               float* __restrict__ dh0, const ScanParams p) {
-    using L = Layout<SPT, NT>;
+    constexpr int BLK = BLOCK;
+    using L = Layout<SPT, NT, BLK>;
     constexpr int DW = 32 / NT;  // channels per warp
     constexpr int WARPS = BLOCK / 32;
     constexpr int V = 2 * SPT;   // dB and dC values per lane and step
-    constexpr int TILE = Tiles<SPT, NT>::BWD;  // == the checkpoint interval
+    constexpr int TILE = Tiles<SPT, NT, BLK>::BWD;  // == the checkpoint interval
     constexpr int RS = TILE + 4;
     constexpr int n_sub = TILE / S;
     if (p.tile != uint32_t(TILE) || p.ckpt_interval != uint32_t(TILE)) __trap();
@@ -388,7 +398,7 @@ __device__ void scan_backward(const T* __restrict__ u, const T* __restrict__ del
     const int warp = threadIdx.x / 32;
     const int dlw = (threadIdx.x % 32) / NT;  // channel within the warp
     float a_nat[SPT], a2[SPT], bc[SPT], cc[SPT];
-    load_state_params<SPT, NT>(lo, p, A, Bc, Cc, a_nat, a2, bc, cc);
+    load_state_params<SPT, NT, BLK>(lo, p, A, Bc, Cc, a_nat, a2, bc, cc);
     const size_t state_base = (size_t(lo.b) * p.dim + lo.d) * p.dstate + size_t(lo.j) * SPT;
     bool state_ok[SPT];
     float g_next[SPT], dA[SPT], dBc[SPT], dCc[SPT];
@@ -408,7 +418,7 @@ __device__ void scan_backward(const T* __restrict__ u, const T* __restrict__ del
     for (int k = int(p.n_ckpt) - 1; k >= 0; --k) {
         const int t0 = k * tile;
         {
-            RawTile<SPT, NT, TILE, true> raw;
+            RawTile<SPT, NT, BLK, TILE, true> raw;
             raw.load(lo, p, t0, u, delta, Bv, Cv, z, resets, dout);
             __syncthreads();
             raw.store(lo, p, Dp, bias, sB, sC, sDt, sU, sDy, sSig, sZ, sKeep);
@@ -432,16 +442,21 @@ __device__ void scan_backward(const T* __restrict__ u, const T* __restrict__ del
                 const int t = tr + r;
                 const float dt = sDt[lo.dl * RS + t];
                 const float dtu = dt * sU[lo.dl * RS + t];
-                const float keep = sKeep[t];
+                const float keep = GENERAL ? sKeep[t] : 1.f;
                 float bv[SPT], cv[SPT];
                 load_vec<SPT>(sB + t * L::BS + lo.j * SPT, bv);
                 load_vec<SPT>(sC + t * L::BS + lo.j * SPT, cv);
                 float acc = 0.f;
 #pragma unroll
                 for (int s = 0; s < SPT; ++s) {
-                    const float a = ex2(dt * a2[s]) * keep;
-                    h[s] = fmaf(a, h[s], dtu * (bv[s] + bc[s]));
-                    acc = fmaf(cv[s] + cc[s], h[s], acc);
+                    if (GENERAL) {
+                        const float a = ex2(dt * a2[s]) * keep;
+                        h[s] = fmaf(a, h[s], dtu * (bv[s] + bc[s]));
+                        acc = fmaf(cv[s] + cc[s], h[s], acc);
+                    } else {
+                        h[s] = fmaf(ex2(dt * a2[s]), h[s], dtu * bv[s]);
+                        acc = fmaf(cv[s], h[s], acc);
+                    }
                 }
                 y[r] = acc;
             }
@@ -482,14 +497,14 @@ __device__ void scan_backward(const T* __restrict__ u, const T* __restrict__ del
                 const int t = sub * S + r;
                 const float dt = sDt[lo.dl * RS + t];
                 const float dtu = dt * sU[lo.dl * RS + t];
-                const float keep = sKeep[t];
+                const float keep = GENERAL ? sKeep[t] : 1.f;
                 float bv[SPT];
                 load_vec<SPT>(sB + t * L::BS + lo.j * SPT, bv);
 #pragma unroll
                 for (int s = 0; s < SPT; ++s) {
-                    a_r[r][s] = ex2(dt * a2[s]) * keep;
+                    a_r[r][s] = GENERAL ? ex2(dt * a2[s]) * keep : ex2(dt * a2[s]);
                     q_r[r][s] = a_r[r][s] * h[s];
-                    h[s] = fmaf(dtu, bv[s] + bc[s], q_r[r][s]);
+                    h[s] = fmaf(dtu, GENERAL ? bv[s] + bc[s] : bv[s], q_r[r][s]);
                 }
             }
             float du_p[S], dd_p[S];
@@ -507,8 +522,8 @@ __device__ void scan_backward(const T* __restrict__ u, const T* __restrict__ del
                 float du_acc = 0.f, dd_acc = 0.f;
 #pragma unroll
                 for (int s = 0; s < SPT; ++s) {
-                    const float bb = bv[s] + bc[s];
-                    const float g = fmaf(cv[s] + cc[s], dy, g_next[s]);
+                    const float bb = GENERAL ? bv[s] + bc[s] : bv[s];
+                    const float g = fmaf(GENERAL ? cv[s] + cc[s] : cv[s], dy, g_next[s]);
                     const float hcur = fmaf(dtu, bb, q_r[r][s]);
                     vals[s] = g * dtu;         // dB
                     vals[SPT + s] = dy * hcur;  // dC
@@ -519,10 +534,12 @@ __device__ void scan_backward(const T* __restrict__ u, const T* __restrict__ del
                 }
                 du_p[r] = du_acc * dt;
                 dd_p[r] = dd_acc;
+                if (GENERAL) {
 #pragma unroll
-                for (int s = 0; s < SPT; ++s) {
-                    dBc[s] += vals[s];
-                    dCc[s] += vals[SPT + s];
+                    for (int s = 0; s < SPT; ++s) {
+                        dBc[s] += vals[s];
+                        dCc[s] += vals[SPT + s];
+                    }
                 }
                 if (bc_var) {
                     transpose_reduce<V, DW, Log2<NT>::value>(vals, dlw);
@@ -635,32 +652,55 @@ __device__ void reduce_bc(const float* __restrict__ partial, T* __restrict__ db,
 
 // Three blocks per SM (168 registers) fit the issue's grid in one wave; eight states per
 // lane (dstate > 128) need the registers of two.
-constexpr int bwd_min_blocks(int spt) { return spt > 4 ? 2 : 3; }
+__host__ __device__ constexpr int bwd_min_blocks(int spt) { return spt > 4 ? 2 : 3; }
+// The forward: 64 threads (more, smaller blocks fill the SMs evenly) where a channel takes
+// up to 8 lanes, 128 beyond; registers capped at ~168 either way.
+__host__ __device__ constexpr int fwd_block(int nt) { return nt >= 16 ? 128 : 64; }
+__host__ __device__ constexpr int fwd_min_blocks(int nt) { return nt >= 16 ? 3 : 6; }
 
 }  // namespace hk_scan
 
 using hk_scan::ScanParams;
 
-#define HK_SCAN_FWD(T, SUFFIX, SPT, NT)                                                                       \
-    extern "C" __global__ void __launch_bounds__(hk_scan::BLOCK, 3) selective_scan_fwd_##SUFFIX##_s##SPT##_l##NT( \
-        const T* u, const T* delta, const float* A, const T* Bv, const float* Bc, const T* Cv, const float* Cc,  \
-        const float* Dp, const T* z, const float* bias, const float* h0, const uint8_t* resets, T* out,          \
-        float* last_state, float* ckpt, const ScanParams p) {                                                   \
-        hk_scan::scan_forward<T, SPT, NT>(u, delta, A, Bv, Bc, Cv, Cc, Dp, z, bias, h0, resets, out, last_state, \
-                                          ckpt, p);                                                            \
+// GENERAL: resets or a constant B / C. Without them (Mamba's usual call) the scan skips the
+// reset mask and the constant terms.
+#define HK_SCAN_FWD(T, SUFFIX, SPT, NT)                                                                          \
+    extern "C" __global__ void __launch_bounds__(hk_scan::fwd_block(NT), hk_scan::fwd_min_blocks(NT))             \
+        selective_scan_fwd_##SUFFIX##_s##SPT##_l##NT(const T* u, const T* delta, const float* A, const T* Bv,      \
+                                                     const float* Bc, const T* Cv, const float* Cc, const float* Dp, \
+                                                     const T* z, const float* bias, const float* h0,                \
+                                                     const uint8_t* resets, T* out, float* last_state, float* ckpt, \
+                                                     const ScanParams p) {                                         \
+        constexpr int BLK = hk_scan::fwd_block(NT);                                                              \
+        if (p.has_resets || !p.b_variable || !p.c_variable)                                                      \
+            hk_scan::scan_forward<T, SPT, NT, BLK, true>(u, delta, A, Bv, Bc, Cv, Cc, Dp, z, bias, h0, resets, out, \
+                                                         last_state, ckpt, p);                                   \
+        else                                                                                                     \
+            hk_scan::scan_forward<T, SPT, NT, BLK, false>(u, delta, A, Bv, Bc, Cv, Cc, Dp, z, bias, h0, resets,    \
+                                                          out, last_state, ckpt, p);                             \
     }
 
-#define HK_SCAN_BWD(T, SUFFIX, SPT, NT)                                                                        \
-    extern "C" __global__ void __launch_bounds__(hk_scan::BLOCK, hk_scan::bwd_min_blocks(SPT)) selective_scan_bwd_##SUFFIX##_s##SPT##_l##NT(  \
-        const T* u, const T* delta, const float* A, const T* Bv, const float* Bc, const T* Cv, const float* Cc,   \
-        const float* Dp, const T* z, const float* bias, const uint8_t* resets, const T* dout, const float* dlast, \
-        const float* ckpt, T* du, T* ddelta, T* dz, float* bc_partial, float* param_partial, float* dh0,         \
-        const ScanParams p) {                                                                                    \
-        hk_scan::scan_backward<T, SPT, NT>(u, delta, A, Bv, Bc, Cv, Cc, Dp, z, bias, resets, dout, dlast, ckpt,   \
-                                           du, ddelta, dz, bc_partial, param_partial, dh0, p);                   \
+#define HK_SCAN_BWD(T, SUFFIX, SPT, NT)                                                                           \
+    extern "C" __global__ void __launch_bounds__(hk_scan::BLOCK, hk_scan::bwd_min_blocks(SPT))                   \
+        selective_scan_bwd_##SUFFIX##_s##SPT##_l##NT(                                                             \
+            const T* u, const T* delta, const float* A, const T* Bv, const float* Bc, const T* Cv, const float* Cc, \
+            const float* Dp, const T* z, const float* bias, const uint8_t* resets, const T* dout,                   \
+            const float* dlast, const float* ckpt, T* du, T* ddelta, T* dz, float* bc_partial,                     \
+            float* param_partial, float* dh0, const ScanParams p) {                                                \
+        if (p.has_resets || !p.b_variable || !p.c_variable)                                                       \
+            hk_scan::scan_backward<T, SPT, NT, true>(u, delta, A, Bv, Bc, Cv, Cc, Dp, z, bias, resets, dout, dlast, \
+                                                     ckpt, du, ddelta, dz, bc_partial, param_partial, dh0, p);     \
+        else                                                                                                      \
+            hk_scan::scan_backward<T, SPT, NT, false>(u, delta, A, Bv, Bc, Cv, Cc, Dp, z, bias, resets, dout,       \
+                                                      dlast, ckpt, du, ddelta, dz, bc_partial, param_partial, dh0, \
+                                                      p);                                                         \
     }
 
-#define HK_SCAN_ALL_LAYOUTS(M, T, SUFFIX) \
+// Layouts (states per lane x lanes per channel): 4 states per lane, 8 only past 128 states.
+// Measured on H100 at dstate 16: 8 states on 2 lanes ran the forward 1.6x slower than 4 on
+// 4 (half the warps per SM to hide latency with); the backward's per-piece registers grow
+// with the states per lane.
+#define HK_SCAN_LAYOUTS(M, T, SUFFIX) \
     M(T, SUFFIX, 4, 1)                    \
     M(T, SUFFIX, 4, 2)                    \
     M(T, SUFFIX, 4, 4)                    \
@@ -670,8 +710,8 @@ using hk_scan::ScanParams;
     M(T, SUFFIX, 8, 32)
 
 #define HK_SCAN_DTYPE(T, SUFFIX)                                                                               \
-    HK_SCAN_ALL_LAYOUTS(HK_SCAN_FWD, T, SUFFIX)                                                                \
-    HK_SCAN_ALL_LAYOUTS(HK_SCAN_BWD, T, SUFFIX)                                                                \
+    HK_SCAN_LAYOUTS(HK_SCAN_FWD, T, SUFFIX)                                                                    \
+    HK_SCAN_LAYOUTS(HK_SCAN_BWD, T, SUFFIX)                                                                    \
     extern "C" __global__ void selective_scan_reduce_bc_##SUFFIX(const float* partial, T* db, T* dc,            \
                                                                  const ScanParams p, uint32_t blocks_per_group) { \
         hk_scan::reduce_bc<T>(partial, db, dc, p, blocks_per_group);                                           \

@@ -36,7 +36,7 @@ for t in tests/*; do
 done
 
 for tool in ${SANITIZER_TOOLS:-memcheck racecheck initcheck synccheck}; do
-  for name in bspline_gpu kan_gpu spline_activation tensor; do
+  for name in bspline_gpu kan_gpu spline_activation selective_scan_gpu tensor; do
     log="$out/sanitizer-$tool-$name.log"
     PROPTEST_CASES=${SANITIZER_CASES:-12} "$san" --tool "$tool" --error-exitcode 99 --print-limit 100 \
       "tests/$name" --test-threads=1 >"$log" 2>&1
@@ -59,6 +59,9 @@ for tool in ${SANITIZER_TOOLS:-memcheck racecheck initcheck synccheck}; do
   done
 done
 
+# Module load includes the driver JIT of the PTX: timed without the JIT cache.
+start=$(date +%s.%N); CUDA_CACHE_DISABLE=1 bin/hybrid-kernels info >"$out/info-nocache.log" 2>&1; end=$(date +%s.%N)
+note "info without the JIT cache (s)" "$(awk "BEGIN { printf \"%.1f\", $end - $start }")"
 bin/hybrid-kernels info >"$out/info.log" 2>&1 || failed=1
 bin/hybrid-kernels check >"$out/check.log" 2>&1 || failed=1
 note "check" "$(grep -E '^check:' "$out/check.log")"

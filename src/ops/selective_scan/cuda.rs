@@ -37,95 +37,107 @@ struct ScanParams {
 // SAFETY: eighteen u32 fields, repr(C), no padding: the same bytes as the C struct.
 unsafe impl DeviceRepr for ScanParams {}
 
-/// cuda/selective_scan.cu: BLOCK, S and the instantiated (states per lane, lanes per
-/// channel) layouts.
-const BLOCK: usize = 128;
+/// cuda/selective_scan.cu: the backward's BLOCK, S and the instantiated (states per lane,
+/// lanes per channel) layouts, `HK_SCAN_LAYOUTS`.
+const BWD_BLOCK: usize = 128;
 const PIECE: usize = 8;
 const LAYOUTS: [(usize, usize); 7] = [(4, 1), (4, 2), (4, 4), (4, 8), (4, 16), (4, 32), (8, 32)];
 const MAX_GRID_Y: usize = 65_535;
-/// Shared memory a block may use: H100's 227 KiB opt-in limit, less headroom (A100: 163 KiB).
+/// Above this much dynamic shared memory a kernel must opt in.
 const DEFAULT_SMEM: usize = 48 * 1024;
 
 macro_rules! kernel_names {
-    ($kind:literal, $dt:literal) => {
-        [
-            concat!("selective_scan_", $kind, "_", $dt, "_s4_l1"),
-            concat!("selective_scan_", $kind, "_", $dt, "_s4_l2"),
-            concat!("selective_scan_", $kind, "_", $dt, "_s4_l4"),
-            concat!("selective_scan_", $kind, "_", $dt, "_s4_l8"),
-            concat!("selective_scan_", $kind, "_", $dt, "_s4_l16"),
-            concat!("selective_scan_", $kind, "_", $dt, "_s4_l32"),
-            concat!("selective_scan_", $kind, "_", $dt, "_s8_l32"),
-        ]
+    ($kind:literal, $dt:literal, [$(($spt:literal, $nt:literal)),*]) => {
+        [$(concat!("selective_scan_", $kind, "_", $dt, "_s", $spt, "_l", $nt)),*]
     };
 }
 
-fn scan_kernel(backward: bool, dtype: DType, layout: usize) -> &'static str {
-    const FWD: [[&str; 7]; 3] =
-        [kernel_names!("fwd", "f32"), kernel_names!("fwd", "bf16"), kernel_names!("fwd", "f16")];
-    const BWD: [[&str; 7]; 3] =
-        [kernel_names!("bwd", "f32"), kernel_names!("bwd", "bf16"), kernel_names!("bwd", "f16")];
-    let d = match dtype {
+macro_rules! layout_names {
+    ($kind:literal, $dt:literal) => {
+        kernel_names!($kind, $dt, [(4, 1), (4, 2), (4, 4), (4, 8), (4, 16), (4, 32), (8, 32)])
+    };
+}
+
+fn dtype_index(dtype: DType) -> usize {
+    match dtype {
         DType::F32 => 0,
         DType::BF16 => 1,
         DType::F16 => 2,
-    };
-    if backward {
-        BWD[d][layout]
-    } else {
-        FWD[d][layout]
     }
 }
 
-/// The layout for `dstate` states per channel: index into LAYOUTS.
-fn layout_for(dstate: usize) -> usize {
-    LAYOUTS.iter().position(|&(spt, nt)| spt * nt >= dstate).unwrap_or(LAYOUTS.len() - 1)
-}
-
+/// A kernel's thread layout: `spt` states per lane, `nt` lanes per channel, `blk` threads.
+#[derive(Clone, Copy, Debug)]
 struct Geometry {
     spt: usize,
     nt: usize,
+    blk: usize,
+    name: &'static str,
 }
 
 impl Geometry {
-    fn new(layout: usize) -> Geometry {
-        let (spt, nt) = LAYOUTS[layout];
-        Geometry { spt, nt }
+    /// The smallest layout that holds `dstate` states per channel.
+    fn layout(dstate: usize) -> usize {
+        LAYOUTS.iter().position(|&(spt, nt)| spt * nt >= dstate).unwrap_or(LAYOUTS.len() - 1)
     }
+
+    /// The forward: 64-thread blocks up to 8 lanes per channel (more, smaller blocks fill
+    /// the SMs evenly), 128 beyond.
+    fn forward(dstate: usize, dtype: DType) -> Geometry {
+        const NAMES: [[&str; 7]; 3] =
+            [layout_names!("fwd", "f32"), layout_names!("fwd", "bf16"), layout_names!("fwd", "f16")];
+        let i = Geometry::layout(dstate);
+        let (spt, nt) = LAYOUTS[i];
+        Geometry { spt, nt, blk: if nt >= 16 { 128 } else { 64 }, name: NAMES[dtype_index(dtype)][i] }
+    }
+
+    fn backward(dstate: usize, dtype: DType) -> Geometry {
+        const NAMES: [[&str; 7]; 3] =
+            [layout_names!("bwd", "f32"), layout_names!("bwd", "bf16"), layout_names!("bwd", "f16")];
+        let i = Geometry::layout(dstate);
+        let (spt, nt) = LAYOUTS[i];
+        Geometry { spt, nt, blk: BWD_BLOCK, name: NAMES[dtype_index(dtype)][i] }
+    }
+
     fn channels_per_block(&self) -> usize {
-        BLOCK / self.nt
+        self.blk / self.nt
     }
     fn npad(&self) -> usize {
         self.spt * self.nt
     }
-    /// `forward_smem_floats` in the .cu, in bytes.
-    fn forward_smem(&self, tile: usize) -> usize {
-        4 * (2 * tile * (self.npad() + 4) + 5 * self.channels_per_block() * (tile + 4) + tile)
-    }
-    /// `backward_smem_floats` in the .cu, in bytes.
-    fn backward_smem(&self, tile: usize) -> usize {
-        let (db, npad) = (self.channels_per_block(), self.npad());
-        4 * (2 * tile * (npad + 4)
-            + 6 * db * (tile + 4)
-            + tile
-            + (tile / PIECE) * self.spt * BLOCK
-            + (BLOCK / 32) * PIECE * 2 * npad
-            + 2 * npad * (tile + 4))
-    }
-    /// The forward's time tile, `Tiles::FWD` in the .cu: 64, halved while a block's
-    /// channels or padded states times the tile exceed 2048 (shared memory and the
-    /// registers of the batched loads).
-    fn forward_tile(&self) -> usize {
+    /// `Tiles::cap(64)` in the .cu: halved while a thread would stage more than 16
+    /// elements of a per-channel array or of B / C (never below 8).
+    fn tile(&self) -> usize {
         let mut t = 64;
-        while self.channels_per_block() * t > 2048 || self.npad() * t > 2048 {
+        while t > 8 && (self.channels_per_block() * t > 16 * self.blk || self.npad() * t > 16 * self.blk) {
             t /= 2;
         }
         t
     }
-    /// Steps between checkpoints = the backward's tile, `Tiles::BWD`: at most 32.
-    fn checkpoint_interval(&self) -> usize {
-        self.forward_tile().min(32)
+    /// The forward's shared memory in bytes (its tile: `tile()`).
+    fn forward_smem(&self) -> usize {
+        let tile = self.tile();
+        4 * (2 * tile * (self.npad() + 4) + 5 * self.channels_per_block() * (tile + 4) + tile)
     }
+    /// The backward's tile = the checkpoint interval: `Tiles::BWD`, at most 32.
+    fn backward_tile(&self) -> usize {
+        self.tile().min(32)
+    }
+    /// The backward's shared memory in bytes.
+    fn backward_smem(&self) -> usize {
+        let (tile, db, npad) = (self.backward_tile(), self.channels_per_block(), self.npad());
+        4 * (2 * tile * (npad + 4)
+            + 6 * db * (tile + 4)
+            + tile
+            + (tile / PIECE) * self.spt * self.blk
+            + (self.blk / 32) * PIECE * 2 * npad
+            + 2 * npad * (tile + 4))
+    }
+}
+
+/// Steps between the checkpoints the forward saves for the backward.
+fn checkpoint_interval(dims: &ScanDims) -> usize {
+    Geometry::backward(dims.dstate, dims.dtype).backward_tile()
 }
 
 fn params(dims: &ScanDims, inputs: &ScanInputs) -> Result<ScanParams> {
@@ -157,7 +169,7 @@ fn grid(dims: &ScanDims, g: &Geometry, smem: usize) -> LaunchConfig {
     let blocks_per_group = (dims.dim / dims.groups).div_ceil(g.channels_per_block());
     LaunchConfig {
         grid_dim: ((dims.groups * blocks_per_group) as u32, dims.batch as u32, 1),
-        block_dim: (BLOCK as u32, 1, 1),
+        block_dim: (g.blk as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     }
 }
@@ -216,12 +228,10 @@ fn forward_typed<T: CudaElement>(
     dims: &ScanDims,
     checkpoints: bool,
 ) -> Result<(ScanOutput, ScanCheckpoints)> {
-    let layout = layout_for(dims.dstate);
-    let g = Geometry::new(layout);
+    let g = Geometry::forward(dims.dstate, dims.dtype);
     let mut p = params(dims, inputs)?;
-    let tile = g.forward_tile();
-    let interval = g.checkpoint_interval();
-    p.tile = tile as u32;
+    let interval = checkpoint_interval(dims);
+    p.tile = g.tile() as u32;
     p.ckpt_interval = interval as u32;
     p.n_ckpt = dims.len.div_ceil(interval) as u32;
     p.write_ckpt = u32::from(checkpoints);
@@ -235,9 +245,8 @@ fn forward_typed<T: CudaElement>(
         None
     };
     let resets = resets_on(dev, inputs)?;
-    let kernel = scan_kernel(false, dims.dtype, layout);
-    let f = dev.function(KernelModule::SelectiveScan, kernel)?;
-    let smem = g.forward_smem(tile);
+    let f = dev.function(KernelModule::SelectiveScan, g.name)?;
+    let smem = g.forward_smem();
     allow_smem(dev, &f, smem)?;
     let null = 0u64;
     let mut args = dev.stream().launch_builder(&f);
@@ -383,9 +392,8 @@ fn backward_typed<T: CudaElement>(
     dlast: Option<&Tensor>,
     checkpoints: Option<&ScanCheckpoints>,
 ) -> Result<ScanGrads> {
-    let layout = layout_for(dims.dstate);
-    let g = Geometry::new(layout);
-    let interval = g.checkpoint_interval();
+    let g = Geometry::backward(dims.dstate, dims.dtype);
+    let interval = g.backward_tile();
     let n_ckpt = dims.len.div_ceil(interval);
     let made;
     let ckpt = match checkpoints {
@@ -444,9 +452,8 @@ fn backward_typed<T: CudaElement>(
     let resets = resets_on(dev, inputs)?;
     let null = 0u64;
     {
-        let kernel = scan_kernel(true, dt, layout);
-        let f = dev.function(KernelModule::SelectiveScan, kernel)?;
-        let smem = g.backward_smem(interval);
+        let f = dev.function(KernelModule::SelectiveScan, g.name)?;
+        let smem = g.backward_smem();
         allow_smem(dev, &f, smem)?;
         let mut args = dev.stream().launch_builder(&f);
         args.arg(inputs.u.cuda_slice::<T>("u")?)
