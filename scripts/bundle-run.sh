@@ -4,7 +4,8 @@
 #                       memcheck/racecheck/initcheck/synccheck, `check`, `bench`
 # Env: OUT (log folder, default ./out), SANITIZER_TOOLS (default: all four),
 #      SANITIZER_CASES (proptest cases under the sanitizer, default 12),
-#      CRITERION=1 also runs the criterion benches.
+#      CRITERION=1 also runs the criterion benches, JIT_TIMING=1 times the first module load
+#      without the driver JIT cache.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here"
