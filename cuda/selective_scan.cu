@@ -744,3 +744,59 @@ extern "C" __global__ void selective_scan_reduce_params(const float* partial, fl
         }
     }
 }
+
+// One decoding step (mamba's selective_state_update), the state updated in place:
+//   dt = softplus(dt + bias); h = exp(dt A) h + dt B x; out = (C . h + D x) SiLU(z)
+// One thread per (batch, channel) walks its dstate states; the state rows are contiguous,
+// so a warp's loads cover consecutive rows. B / C are (batch, groups, dstate) or constant
+// (dim, dstate) f32.
+template <typename T>
+__device__ __forceinline__ void state_update(float* __restrict__ state, const T* __restrict__ x,
+                                             const T* __restrict__ dt_in, const float* __restrict__ A,
+                                             const T* __restrict__ Bv, const float* __restrict__ Bc,
+                                             const T* __restrict__ Cv, const float* __restrict__ Cc,
+                                             const float* __restrict__ Dp, const T* __restrict__ z,
+                                             const float* __restrict__ bias, T* __restrict__ out,
+                                             const ScanParams p) {
+    const size_t n_rows = size_t(p.batch) * p.dim;
+    const int N = int(p.dstate);
+    for (size_t row = size_t(blockIdx.x) * blockDim.x + threadIdx.x; row < n_rows;
+         row += size_t(gridDim.x) * blockDim.x) {
+        const size_t b = row / p.dim, d = row % p.dim;
+        const size_t g = d / (p.dim / p.groups);
+        float xv = hk::to_f32(x[row]);
+        float dx = hk::to_f32(dt_in[row]);
+        if (p.has_bias) dx += bias[d];
+        const float dt = p.softplus ? hk_scan::softplus(dx) : dx;
+        const float dtx = dt * xv;
+        float* h = state + row * N;
+        const float* a = A + d * N;
+        const size_t bc_row = (b * p.groups + g) * N;
+        float acc = 0.f;
+#pragma unroll 4
+        for (int n = 0; n < N; ++n) {
+            const float bn = p.b_variable ? hk::to_f32(Bv[bc_row + n]) : Bc[d * N + n];
+            const float cn = p.c_variable ? hk::to_f32(Cv[bc_row + n]) : Cc[d * N + n];
+            const float hn = fmaf(hk_scan::ex2(dt * a[n] * hk_scan::LOG2E), h[n], dtx * bn);
+            h[n] = hn;
+            acc = fmaf(cn, hn, acc);
+        }
+        if (p.has_d) acc = fmaf(Dp[d], xv, acc);
+        if (p.has_z) {
+            const float zz = hk::to_f32(z[row]);
+            acc *= zz * hk_scan::sigmoid_fast(zz);
+        }
+        out[row] = hk::from_f32<T>(acc);
+    }
+}
+
+#define HK_STATE_UPDATE(T, SUFFIX)                                                                            \
+    extern "C" __global__ void selective_state_update_##SUFFIX(                                               \
+        float* state, const T* x, const T* dt, const float* A, const T* Bv, const float* Bc, const T* Cv,      \
+        const float* Cc, const float* Dp, const T* z, const float* bias, T* out, const ScanParams p) {          \
+        state_update<T>(state, x, dt, A, Bv, Bc, Cv, Cc, Dp, z, bias, out, p);                                 \
+    }
+
+HK_STATE_UPDATE(float, f32)
+HK_STATE_UPDATE(__nv_bfloat16, bf16)
+HK_STATE_UPDATE(__half, f16)

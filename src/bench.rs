@@ -548,3 +548,63 @@ pub fn bench_scan(
         peak_extra_bytes,
     })
 }
+
+/// Benchmarks one decoding step (`selective_state_update`) at `batch`, D = 1536, N = 16, with
+/// time-varying B and C, D, z, dt_bias and softplus; states rotate among copies (up to 16,
+/// or as many as exceed ~150 MB).
+pub fn bench_scan_step(
+    device: &Device,
+    dtype: DType,
+    batch: usize,
+    reps: Repeats,
+    copy_gbs: Option<f64>,
+) -> Result<BenchRow> {
+    use crate::ops::selective_scan::{selective_state_update, StepInputs};
+    let (dim, n) = (1536usize, 16usize);
+    let state_bytes = batch * dim * n * 4;
+    let sets = if device.is_cuda() { (150_000_000 / state_bytes.max(1)).clamp(2, 16) } else { 1 };
+    let mut rng = Rng::new(0xDEC0);
+    let mut gen =
+        |count: usize, lo: f64, hi: f64| -> Vec<f32> { (0..count).map(|_| rng.uniform(lo, hi) as f32).collect() };
+    let t = |v: Vec<f32>, shape: &[usize], dt: DType| Tensor::from_f32(&v, shape, dt, device);
+    let x = t(gen(batch * dim, -1.0, 1.0), &[batch, dim], dtype)?;
+    let dt = t(gen(batch * dim, -2.0, 1.0), &[batch, dim], dtype)?;
+    let z = t(gen(batch * dim, -2.0, 2.0), &[batch, dim], dtype)?;
+    let a = t(gen(dim * n, -16.0, -0.5), &[dim, n], DType::F32)?;
+    let b = t(gen(batch * n, -1.0, 1.0), &[batch, 1, n], dtype)?;
+    let c = t(gen(batch * n, -1.0, 1.0), &[batch, 1, n], dtype)?;
+    let d = t(gen(dim, -1.0, 1.0), &[dim], DType::F32)?;
+    let bias = t(gen(dim, -3.0, -0.5), &[dim], DType::F32)?;
+    let mut states = (0..sets)
+        .map(|_| t(gen(batch * dim * n, -1.0, 1.0), &[batch, dim, n], DType::F32))
+        .collect::<Result<Vec<_>>>()?;
+    let inputs = StepInputs {
+        d: Some(&d),
+        z: Some(&z),
+        dt_bias: Some(&bias),
+        dt_softplus: true,
+        ..StepInputs::new(&x, &dt, &a, &b, &c)
+    };
+    let mut step = |i: usize| -> Result<()> { selective_state_update(&mut states[i % sets], &inputs).map(drop) };
+    let timing = match device {
+        Device::Cuda(dev) => time_cuda(dev, reps, &mut step)?,
+        Device::Cpu => time_host(Repeats { warmup: 0, iters: reps.iters.min(3) }, &mut step)?,
+    };
+    let es = dtype.size_in_bytes() as f64;
+    let bytes = 2.0 * state_bytes as f64
+        + 4.0 * (batch * dim) as f64 * es
+        + 2.0 * (batch * n) as f64 * es
+        + (dim * n * 4) as f64;
+    Ok(BenchRow {
+        op: "selective_state_update".into(),
+        dtype,
+        shape: format!("B{batch} D{dim} N{n}"),
+        device: device.to_string(),
+        timing,
+        bytes,
+        flops: 0.0,
+        copy_gbs,
+        target_us: None,
+        peak_extra_bytes: None,
+    })
+}

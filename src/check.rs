@@ -570,3 +570,56 @@ impl ScanCase {
         ])
     }
 }
+
+/// Decoding a [`ScanCase`] token by token with `selective_state_update` from its `h0`
+/// against one `selective_scan` over the sequence, both on `device`: relative errors of the
+/// outputs (all tokens) and of the final state. Resets do not apply to decoding (the case's
+/// are ignored).
+pub fn decode_against_scan(case: &ScanCase, seed: u64, device: &Device) -> Result<(f64, f64)> {
+    use crate::ops::selective_scan::{selective_scan, selective_state_update, StepInputs};
+    let case = ScanCase { with_resets: false, with_h0: true, ..case.clone() };
+    let host = case.tensors(&mut Rng::new(seed))?;
+    let dev_t = host.to_device(device)?;
+    let scan = selective_scan(&dev_t.inputs())?;
+    let (bt, dm, n, l, g) = (case.batch, case.dim, case.dstate, case.len, case.groups);
+    let dt = case.dtype;
+    let seq = |t: &Tensor| t.to_f32_vec();
+    let (u, delta) = (seq(&host.u)?, seq(&host.delta)?);
+    let z = host.z.as_ref().map(seq).transpose()?;
+    let col = |v: &[f32], t: usize| -> Vec<f32> { (0..bt * dm).map(|r| v[r * l + t]).collect() };
+    let bc_at = |p: &Tensor, variable: bool, t: usize| -> Result<Tensor> {
+        let v = p.to_f32_vec()?;
+        if variable {
+            let s: Vec<f32> = (0..bt * g * n).map(|r| v[r * l + t]).collect();
+            Tensor::from_f32(&s, &[bt, g, n], dt, device)
+        } else {
+            Ok(p.to_device(device)?)
+        }
+    };
+    let mut state = host
+        .h0
+        .as_ref()
+        .map_or_else(|| Tensor::full(0.0, &[bt, dm, n], DType::F32, device), |h| h.to_device(device))?;
+    let mut outs = vec![0.0f64; bt * dm * l];
+    for t in 0..l {
+        let x = Tensor::from_f32(&col(&u, t), &[bt, dm], dt, device)?;
+        let dtt = Tensor::from_f32(&col(&delta, t), &[bt, dm], dt, device)?;
+        let zt = z.as_ref().map(|z| Tensor::from_f32(&col(z, t), &[bt, dm], dt, device)).transpose()?;
+        let (bt_t, ct_t) = (bc_at(&host.b, case.b_variable, t)?, bc_at(&host.c, case.c_variable, t)?);
+        let inputs = StepInputs {
+            d: dev_t.d.as_ref(),
+            z: zt.as_ref(),
+            dt_bias: dev_t.delta_bias.as_ref(),
+            dt_softplus: case.softplus,
+            ..StepInputs::new(&x, &dtt, &dev_t.a, &bt_t, &ct_t)
+        };
+        let y = selective_state_update(&mut state, &inputs)?.to_f64_vec()?;
+        for (r, v) in y.into_iter().enumerate() {
+            outs[r * l + t] = v;
+        }
+    }
+    Ok((
+        relative_error(&outs, &scan.out.to_f64_vec()?),
+        relative_error(&state.to_f64_vec()?, &scan.last_state.to_f64_vec()?),
+    ))
+}

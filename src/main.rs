@@ -447,6 +447,16 @@ fn bench_cmd(device: &Device, json: bool, short: bool, group: Option<&str>) -> R
             break;
         }
     }
+    if wanted("scan") {
+        for batch in [1usize, 64, 256] {
+            if short && batch != 64 {
+                continue;
+            }
+            for dtype in [DType::BF16, DType::F32] {
+                rows.push(bench::bench_scan_step(device, dtype, batch, reps, copy_gbs)?);
+            }
+        }
+    }
     if json {
         println!("{}", to_json(&rows, copy_gbs));
     } else {

@@ -217,3 +217,30 @@ fn bad_inputs_get_typed_errors_naming_the_argument() {
     assert!(SequenceResets::from_starts(4, &[vec![4]]).is_err());
     assert!(SequenceResets::from_flags(2, 3, &[true; 5]).is_err());
 }
+
+/// On the CPU backend the decode step is the reference at L = 1: stepping reproduces the scan.
+#[test]
+fn decode_step_reproduces_the_scan_on_the_cpu() {
+    let c = ScanCase { checkpoints: false, ..case(2, 4, 3, 9, 2, 0b1_0111_1100) };
+    let (out, state) = hybrid_kernels::check::decode_against_scan(&c, 4, &Device::Cpu).unwrap();
+    assert!(out < 1e-6 && state < 1e-6, "outputs {out:e}, state {state:e}");
+}
+
+#[test]
+fn decode_step_errors_name_the_argument() {
+    use hybrid_kernels::ops::selective_scan::{selective_state_update, StepInputs};
+    let f = |shape: &[usize]| Tensor::full(0.5, shape, DType::F32, &Device::Cpu).unwrap();
+    let (x, a, b) = (f(&[2, 4]), f(&[4, 3]), f(&[2, 1, 3]));
+    let mut state = f(&[2, 4, 3]);
+    assert!(selective_state_update(&mut state, &StepInputs::new(&x, &x, &a, &b, &b)).is_ok());
+    let mut wrong = f(&[2, 4, 2]);
+    match selective_state_update(&mut wrong, &StepInputs::new(&x, &x, &a, &b, &b)) {
+        Err(Error::InvalidArgument { arg, .. }) => assert_eq!(arg, "state"),
+        other => panic!("expected an error naming state, got {other:?}"),
+    }
+    let dt = f(&[2, 5]);
+    match selective_state_update(&mut state, &StepInputs::new(&x, &dt, &a, &b, &b)) {
+        Err(Error::InvalidArgument { arg, .. }) => assert_eq!(arg, "dt"),
+        other => panic!("expected an error naming dt, got {other:?}"),
+    }
+}

@@ -136,3 +136,20 @@ fn scan_backward_is_bitwise_repeatable() {
         }
     }
 }
+
+/// The decode step reproduces the scan token by token, for every dtype and B / C layout.
+#[test]
+fn decode_step_reproduces_the_scan() {
+    let Some(gpu) = common::gpu("decode_step_reproduces_the_scan") else { return };
+    for (dtype, dstate, bv, cv, groups) in [
+        (DType::F32, 16, true, true, 2),
+        (DType::BF16, 16, true, false, 1),
+        (DType::F16, 64, false, true, 1),
+        (DType::F32, 5, false, false, 1),
+    ] {
+        let case = ScanCase { b_variable: bv, c_variable: cv, ..full_case(3, 34, dstate, 40, groups, dtype) };
+        let (out, state) = hybrid_kernels::check::decode_against_scan(&case, 17, &gpu).unwrap();
+        let tol = scan_tolerance(dtype);
+        assert!(out <= tol && state <= tol, "{case:?}: outputs {out:e}, state {state:e} (tolerance {tol:e})");
+    }
+}

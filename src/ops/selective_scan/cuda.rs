@@ -571,3 +571,74 @@ fn backward_typed<T: CudaElement>(
     };
     Ok(ScanGrads { du, ddelta, da, db: pick(db, db_const)?, dc: pick(dc, dc_const)?, dd, dz, ddelta_bias: dbias, dh0 })
 }
+
+pub(super) fn state_update(
+    dev: &CudaDevice,
+    state: &mut Tensor,
+    inputs: &super::StepInputs,
+    dims: &ScanDims,
+) -> Result<Tensor> {
+    match dims.dtype {
+        DType::F32 => state_update_typed::<f32>(dev, state, inputs, dims),
+        DType::BF16 => state_update_typed::<bf16>(dev, state, inputs, dims),
+        DType::F16 => state_update_typed::<f16>(dev, state, inputs, dims),
+    }
+}
+
+fn state_update_typed<T: CudaElement>(
+    dev: &CudaDevice,
+    state: &mut Tensor,
+    inputs: &super::StepInputs,
+    dims: &ScanDims,
+) -> Result<Tensor> {
+    // SAFETY (allocation): the kernel writes out for every (batch, channel).
+    let mut out = unsafe { Tensor::cuda_uninit(dev, dims.dtype, &[dims.batch, dims.dim])? };
+    let rows = dims.batch * dims.dim;
+    if rows == 0 {
+        return Ok(out);
+    }
+    if dims.dim > u32::MAX as usize || dims.batch > u32::MAX as usize {
+        return Err(Error::invalid("x", "batch and dim below 2^32", format!("{} x {}", dims.batch, dims.dim)));
+    }
+    let p = ScanParams {
+        batch: dims.batch as u32,
+        dim: dims.dim as u32,
+        dstate: dims.dstate as u32,
+        len: 1,
+        groups: dims.groups as u32,
+        b_variable: u32::from(dims.b_variable),
+        c_variable: u32::from(dims.c_variable),
+        has_d: u32::from(inputs.d.is_some()),
+        has_z: u32::from(inputs.z.is_some()),
+        has_bias: u32::from(inputs.dt_bias.is_some()),
+        softplus: u32::from(inputs.dt_softplus),
+        ..ScanParams::default()
+    };
+    let kernel = match dims.dtype {
+        DType::F32 => "selective_state_update_f32",
+        DType::BF16 => "selective_state_update_bf16",
+        DType::F16 => "selective_state_update_f16",
+    };
+    let f = dev.function(KernelModule::SelectiveScan, kernel)?;
+    let cfg = dev.grid_stride_config(KernelModule::SelectiveScan, kernel, 128, rows, 128)?;
+    let null = 0u64;
+    let mut args = dev.stream().launch_builder(&f);
+    args.arg(state.cuda_slice_mut::<f32>("state")?)
+        .arg(inputs.x.cuda_slice::<T>("x")?)
+        .arg(inputs.dt.cuda_slice::<T>("dt")?)
+        .arg(inputs.a.cuda_slice::<f32>("A")?);
+    push_bc::<T>(&mut args, inputs.b, dims.b_variable, "B", &null)?;
+    push_bc::<T>(&mut args, inputs.c, dims.c_variable, "C", &null)?;
+    push_opt::<f32>(&mut args, inputs.d, "D", &null)?;
+    push_opt::<T>(&mut args, inputs.z, "z", &null)?;
+    push_opt::<f32>(&mut args, inputs.dt_bias, "dt_bias", &null)?;
+    args.arg(out.cuda_slice_mut::<T>("out")?).arg(&p);
+    // SAFETY: selective_state_update_<T>(state, x, dt, A, Bv, Bc, Cv, Cc, D, z, bias, out,
+    // ScanParams): StepInputs::dims checked every shape, type and device; state holds
+    // batch*dim*dstate f32 (read and written by its own thread only), x, dt, z, out
+    // batch*dim T, A dim*dstate f32, Bv/Cv batch*groups*dstate T or Bc/Cc dim*dstate f32 (the
+    // other null, selected by b_variable / c_variable), D and bias dim f32; absent ones null
+    // with their flag 0.
+    unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching selective_state_update", e))?;
+    Ok(out)
+}

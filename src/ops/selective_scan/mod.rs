@@ -429,3 +429,142 @@ pub fn selective_scan_backward(
         Device::Cuda(dev) => cuda::backward(&dev, inputs, &dims, dout, dlast_state, checkpoints),
     }
 }
+
+/// The inputs of one decoding step ([`selective_state_update`]): `x`, `dt`, `z` `(batch,
+/// dim)` in the element type; `A` `(dim, dstate)` f32; `B`, `C` `(batch, groups, dstate)` in
+/// the element type or constant `(dim, dstate)` f32; `D`, `dt_bias` `(dim)` f32.
+#[derive(Clone, Copy, Debug)]
+pub struct StepInputs<'a> {
+    pub x: &'a Tensor,
+    pub dt: &'a Tensor,
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub c: &'a Tensor,
+    pub d: Option<&'a Tensor>,
+    pub z: Option<&'a Tensor>,
+    pub dt_bias: Option<&'a Tensor>,
+    pub dt_softplus: bool,
+}
+
+impl<'a> StepInputs<'a> {
+    pub fn new(x: &'a Tensor, dt: &'a Tensor, a: &'a Tensor, b: &'a Tensor, c: &'a Tensor) -> StepInputs<'a> {
+        StepInputs { x, dt, a, b, c, d: None, z: None, dt_bias: None, dt_softplus: false }
+    }
+
+    /// Checks shapes, element types and devices against `state` `(batch, dim, dstate)` f32.
+    fn dims(&self, state: &Tensor) -> Result<ScanDims> {
+        let &[batch, dim] = self.x.shape() else {
+            return Err(Error::invalid("x", "shape (batch, dim)", format!("shape {:?}", self.x.shape())));
+        };
+        let dtype = self.x.dtype();
+        let device = self.x.device();
+        self.dt.expect_shape("dt", &[batch, dim])?;
+        self.dt.expect_dtype("dt", dtype)?;
+        let &[ad, dstate] = self.a.shape() else {
+            return Err(Error::invalid("A", "shape (dim, dstate)", format!("shape {:?}", self.a.shape())));
+        };
+        if ad != dim || dstate == 0 || dstate > MAX_DSTATE {
+            return Err(Error::invalid(
+                "A",
+                format!("shape (dim {dim}, dstate in 1..={MAX_DSTATE})"),
+                format!("shape {:?}", self.a.shape()),
+            ));
+        }
+        self.a.expect_dtype("A", DType::F32)?;
+        state.expect_shape("state", &[batch, dim, dstate])?;
+        state.expect_dtype("state", DType::F32)?;
+        let layout = |arg: &'static str, t: &Tensor| -> Result<Option<usize>> {
+            match t.shape() {
+                &[bb, g, n] if bb == batch && g > 0 && dim % g == 0 && n == dstate => {
+                    t.expect_dtype(arg, dtype)?;
+                    Ok(Some(g))
+                }
+                &[d, n] if d == dim && n == dstate => {
+                    t.expect_dtype(arg, DType::F32)?;
+                    Ok(None)
+                }
+                s => Err(Error::invalid(
+                    arg,
+                    format!(
+                        "shape (batch {batch}, groups dividing {dim}, dstate {dstate}) or (dim {dim}, dstate {dstate})"
+                    ),
+                    format!("shape {s:?}"),
+                )),
+            }
+        };
+        let (gb, gc) = (layout("B", self.b)?, layout("C", self.c)?);
+        let groups = match (gb, gc) {
+            (Some(x), Some(y)) if x != y => {
+                return Err(Error::invalid("C", format!("{x} groups, as B"), format!("{y} groups")))
+            }
+            (Some(g), _) | (None, Some(g)) => g,
+            (None, None) => 1,
+        };
+        for (arg, t) in [("D", self.d), ("dt_bias", self.dt_bias)] {
+            if let Some(t) = t {
+                t.expect_shape(arg, &[dim])?;
+                t.expect_dtype(arg, DType::F32)?;
+            }
+        }
+        if let Some(z) = self.z {
+            z.expect_shape("z", &[batch, dim])?;
+            z.expect_dtype("z", dtype)?;
+        }
+        let named: [(&'static str, Option<&Tensor>); 9] = [
+            ("dt", Some(self.dt)),
+            ("A", Some(self.a)),
+            ("B", Some(self.b)),
+            ("C", Some(self.c)),
+            ("D", self.d),
+            ("z", self.z),
+            ("dt_bias", self.dt_bias),
+            ("state", Some(state)),
+            ("x", Some(self.x)),
+        ];
+        for (arg, t) in named {
+            if let Some(t) = t {
+                t.expect_device(arg, &device)?;
+            }
+        }
+        Ok(ScanDims { batch, dim, dstate, len: 1, groups, b_variable: gb.is_some(), c_variable: gc.is_some(), dtype })
+    }
+}
+
+/// One decoding step, mamba's `selective_state_update`: advances `state` `(batch, dim,
+/// dstate)` f32 in place by one token and returns that token's output `(batch, dim)`. The
+/// state layout is the scan's (`h0`, `last_state`), so a prefill by [`selective_scan`] hands
+/// over to decoding directly, and stepping through a sequence reproduces the scan.
+pub fn selective_state_update(state: &mut Tensor, inputs: &StepInputs) -> Result<Tensor> {
+    let dims = inputs.dims(state)?;
+    match inputs.x.device() {
+        Device::Cpu => {
+            let param = |t: &Tensor, variable: bool| -> Result<cpu::Param64> {
+                let v = t.to_f64_vec()?;
+                Ok(if variable { cpu::Param64::Variable(v) } else { cpu::Param64::Constant(v) })
+            };
+            let opt = |t: Option<&Tensor>| t.map(Tensor::to_f64_vec).transpose();
+            let p = cpu::Scan64 {
+                batch: dims.batch,
+                dim: dims.dim,
+                dstate: dims.dstate,
+                len: 1,
+                groups: dims.groups,
+                u: inputs.x.to_f64_vec()?,
+                delta: inputs.dt.to_f64_vec()?,
+                a: inputs.a.to_f64_vec()?,
+                b: param(inputs.b, dims.b_variable)?,
+                c: param(inputs.c, dims.c_variable)?,
+                d: opt(inputs.d)?,
+                z: opt(inputs.z)?,
+                delta_bias: opt(inputs.dt_bias)?,
+                delta_softplus: inputs.dt_softplus,
+                h0: Some(state.to_f64_vec()?),
+                resets: None,
+            };
+            let f = cpu::forward(&p);
+            *state = Tensor::from_f64_rounded(&f.last_state, &dims.state_shape(), DType::F32)?;
+            Tensor::from_f64_rounded(&f.out, &[dims.batch, dims.dim], dims.dtype)
+        }
+        Device::Cuda(dev) => cuda::state_update(&dev, state, inputs, &dims),
+    }
+}
