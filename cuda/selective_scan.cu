@@ -262,6 +262,49 @@ __device__ __forceinline__ void load_vec(const float* src, float (&dst)[SPT]) {
     }
 }
 
+// Advances this lane's states through steps tr .. tr + R of the staged tile (rows of RS
+// floats) and writes y for those steps to sY, reduced over the channel's NT lanes. The
+// forward stages dt u (DtuStaged); the backward keeps u and forms dt u here.
+template <int SPT, int NT, int BLK, int RS, bool GENERAL, bool DtuStaged>
+__device__ __forceinline__ void advance_and_emit_y(const Layout<SPT, NT, BLK>& lo, int tr, float (&h)[SPT],
+                                                   const float (&a2)[SPT], const float (&bc)[SPT],
+                                                   const float (&cc)[SPT], const float* sB, const float* sC,
+                                                   const float* sDt, const float* sDtuOrU, const float* sKeep,
+                                                   float* sY) {
+    using L = Layout<SPT, NT, BLK>;
+    constexpr int R = L::R;
+    float y[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int t = tr + r;
+        const float dt = sDt[lo.dl * RS + t];
+        const float dtu = DtuStaged ? sDtuOrU[lo.dl * RS + t] : dt * sDtuOrU[lo.dl * RS + t];
+        const float keep = GENERAL ? sKeep[t] : 1.f;
+        float bv[SPT], cv[SPT];
+        load_vec<SPT>(sB + t * L::BS + lo.j * SPT, bv);
+        load_vec<SPT>(sC + t * L::BS + lo.j * SPT, cv);
+        float acc = 0.f;
+#pragma unroll
+        for (int s = 0; s < SPT; ++s) {
+            if (GENERAL) {
+                const float a = ex2(dt * a2[s]) * keep;
+                h[s] = fmaf(a, h[s], dtu * (bv[s] + bc[s]));
+                acc = fmaf(cv[s] + cc[s], h[s], acc);
+            } else {
+                h[s] = fmaf(ex2(dt * a2[s]), h[s], dtu * bv[s]);
+                acc = fmaf(cv[s], h[s], acc);
+            }
+        }
+        y[r] = acc;
+    }
+    transpose_reduce<R, NT, 0>(y, lo.j);
+    using Own = ReduceOwner<R, NT>;
+    if (Own::owns(lo.j)) {
+#pragma unroll
+        for (int i = 0; i < Own::count; ++i) sY[lo.dl * RS + tr + Own::first(lo.j) + i] = y[i];
+    }
+}
+
 template <typename T, int SPT, int NT, int BLK, bool GENERAL>
 __device__ __forceinline__ void scan_forward(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
                              const T* __restrict__ Bv, const float* __restrict__ Bc, const T* __restrict__ Cv,
@@ -312,36 +355,7 @@ __device__ __forceinline__ void scan_forward(const T* __restrict__ u, const T* _
                 for (int s = 0; s < SPT; ++s)
                     if (lo.valid && lo.j * SPT + s < int(p.dstate)) ckpt[cb + s] = h[s];
             }
-            float y[R];
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const int t = tr + r;
-                const float dt = sDt[lo.dl * RS + t];
-                const float dtu = sDtu[lo.dl * RS + t];
-                const float keep = GENERAL ? sKeep[t] : 1.f;
-                float bv[SPT], cv[SPT];
-                load_vec<SPT>(sB + t * L::BS + lo.j * SPT, bv);
-                load_vec<SPT>(sC + t * L::BS + lo.j * SPT, cv);
-                float acc = 0.f;
-#pragma unroll
-                for (int s = 0; s < SPT; ++s) {
-                    if (GENERAL) {
-                        const float a = ex2(dt * a2[s]) * keep;
-                        h[s] = fmaf(a, h[s], dtu * (bv[s] + bc[s]));
-                        acc = fmaf(cv[s] + cc[s], h[s], acc);
-                    } else {
-                        h[s] = fmaf(ex2(dt * a2[s]), h[s], dtu * bv[s]);
-                        acc = fmaf(cv[s], h[s], acc);
-                    }
-                }
-                y[r] = acc;
-            }
-            transpose_reduce<R, NT, 0>(y, lo.j);
-            using Own = ReduceOwner<R, NT>;
-            if (Own::owns(lo.j)) {
-#pragma unroll
-                for (int i = 0; i < Own::count; ++i) sY[lo.dl * RS + tr + Own::first(lo.j) + i] = y[i];
-            }
+            advance_and_emit_y<SPT, NT, BLK, RS, GENERAL, true>(lo, tr, h, a2, bc, cc, sB, sC, sDt, sDtu, sKeep, sY);
         }
         __syncthreads();
 #pragma unroll 2
@@ -436,36 +450,7 @@ __device__ __forceinline__ void scan_backward(const T* __restrict__ u, const T* 
 #pragma unroll
                 for (int s = 0; s < SPT; ++s) sH[((tr / S) * SPT + s) * BLOCK + threadIdx.x] = h[s];
             }
-            float y[R];
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const int t = tr + r;
-                const float dt = sDt[lo.dl * RS + t];
-                const float dtu = dt * sU[lo.dl * RS + t];
-                const float keep = GENERAL ? sKeep[t] : 1.f;
-                float bv[SPT], cv[SPT];
-                load_vec<SPT>(sB + t * L::BS + lo.j * SPT, bv);
-                load_vec<SPT>(sC + t * L::BS + lo.j * SPT, cv);
-                float acc = 0.f;
-#pragma unroll
-                for (int s = 0; s < SPT; ++s) {
-                    if (GENERAL) {
-                        const float a = ex2(dt * a2[s]) * keep;
-                        h[s] = fmaf(a, h[s], dtu * (bv[s] + bc[s]));
-                        acc = fmaf(cv[s] + cc[s], h[s], acc);
-                    } else {
-                        h[s] = fmaf(ex2(dt * a2[s]), h[s], dtu * bv[s]);
-                        acc = fmaf(cv[s], h[s], acc);
-                    }
-                }
-                y[r] = acc;
-            }
-            transpose_reduce<R, NT, 0>(y, lo.j);
-            using Own = ReduceOwner<R, NT>;
-            if (Own::owns(lo.j)) {
-#pragma unroll
-                for (int i = 0; i < Own::count; ++i) sY[lo.dl * RS + tr + Own::first(lo.j) + i] = y[i];
-            }
+            advance_and_emit_y<SPT, NT, BLK, RS, GENERAL, false>(lo, tr, h, a2, bc, cc, sB, sC, sDt, sU, sKeep, sY);
         }
         __syncthreads();
         // 2. The gate: dz, and dy = dout SiLU(z) in place of dout.

@@ -406,7 +406,7 @@ pub fn bench_activation(
     })
 }
 
-/// A selective-scan benchmark shape (mamba-ssm's layout: B, D, L, N, groups of B / C).
+/// A selective-scan benchmark shape (mamba-ssm's layout: B, D, L, N; one group of B / C).
 #[derive(Clone, Copy, Debug)]
 pub struct ScanShape {
     pub batch: usize,

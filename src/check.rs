@@ -473,6 +473,40 @@ impl ScanTensors {
 }
 
 impl ScanCase {
+    /// A case with its options from the bits of `flags`: 0 constant B, 1 constant C, 2 D,
+    /// 3 z, 4 delta_bias, 5 softplus, 6 h0, 7 resets, 8 a last-state gradient, 9 the
+    /// forward's checkpoints handed to the backward; A in -(0.5..16).
+    pub fn from_option_bits(
+        batch: usize,
+        dim: usize,
+        dstate: usize,
+        len: usize,
+        groups: usize,
+        flags: u32,
+        dtype: DType,
+    ) -> ScanCase {
+        let bit = |i: u32| flags & (1 << i) != 0;
+        ScanCase {
+            batch,
+            dim,
+            dstate,
+            len,
+            groups,
+            b_variable: !bit(0),
+            c_variable: !bit(1),
+            with_d: bit(2),
+            with_z: bit(3),
+            with_bias: bit(4),
+            softplus: bit(5),
+            with_h0: bit(6),
+            with_resets: bit(7),
+            with_dlast: bit(8),
+            checkpoints: bit(9),
+            a_max: 16.0,
+            dtype,
+        }
+    }
+
     /// mamba-like inputs on the host: dt = softplus(delta + bias) in about 0.005..1, A in
     /// -(0.5..a_max), B, C, u, z, D, h0 of order one, resets at ~3% of the steps.
     pub fn tensors(&self, rng: &mut Rng) -> Result<ScanTensors> {

@@ -10,25 +10,10 @@ use hybrid_kernels::{DType, Device, Error, Tensor};
 use proptest::prelude::*;
 
 fn case(batch: usize, dim: usize, dstate: usize, len: usize, groups: usize, flags: u32) -> ScanCase {
-    let bit = |i: u32| flags & (1 << i) != 0;
     ScanCase {
-        batch,
-        dim,
-        dstate,
-        len,
-        groups,
-        b_variable: !bit(0),
-        c_variable: !bit(1),
-        with_d: bit(2),
-        with_z: bit(3),
-        with_bias: bit(4),
-        softplus: bit(5),
-        with_h0: bit(6),
-        with_resets: bit(7),
-        with_dlast: bit(8),
         checkpoints: true,
         a_max: 4.0,
-        dtype: DType::F32,
+        ..ScanCase::from_option_bits(batch, dim, dstate, len, groups, flags, DType::F32)
     }
 }
 

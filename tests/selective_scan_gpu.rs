@@ -60,14 +60,9 @@ proptest! {
         dtype in prop_oneof![Just(DType::F32), Just(DType::BF16), Just(DType::F16)],
     ) {
         let Some(gpu) = common::gpu("scan_gpu_matches_cpu_reference") else { return Ok(()) };
-        let bit = |i: u32| flags & (1 << i) != 0;
         // Keep the reference's cost bounded: the big state sizes with shorter sequences.
         let len = if dstate >= 64 { len.min(300) } else { len };
-        let case = ScanCase {
-            b_variable: !bit(0), c_variable: !bit(1), with_d: bit(2), with_z: bit(3), with_bias: bit(4),
-            softplus: bit(5), with_h0: bit(6), with_resets: bit(7), with_dlast: bit(8), checkpoints: bit(9),
-            ..full_case(batch, dpg * groups, dstate, len, groups, dtype)
-        };
+        let case = ScanCase::from_option_bits(batch, dpg * groups, dstate, len, groups, flags, dtype);
         assert_within(&case, &case.run(seed, &gpu).unwrap());
     }
 }

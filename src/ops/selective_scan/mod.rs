@@ -256,6 +256,60 @@ fn bc_layout(
     }
 }
 
+/// `A`: `(dim, dstate)` f32 with dstate in 1..=MAX_DSTATE; returns dstate.
+fn state_size(a: &Tensor, dim: usize) -> Result<usize> {
+    let &[ad, dstate] = a.shape() else {
+        return Err(Error::invalid("A", "shape (dim, dstate)", format!("shape {:?}", a.shape())));
+    };
+    if ad != dim || dstate == 0 || dstate > MAX_DSTATE {
+        return Err(Error::invalid(
+            "A",
+            format!("shape (dim {dim}, dstate in 1..={MAX_DSTATE})"),
+            format!("shape {:?}", a.shape()),
+        ));
+    }
+    a.expect_dtype("A", DType::F32)?;
+    Ok(dstate)
+}
+
+/// The group count of B and C (each `Some(groups)` when time-varying): equal when both vary.
+fn common_groups(b: Option<usize>, c: Option<usize>) -> Result<usize> {
+    match (b, c) {
+        (Some(gb), Some(gc)) if gb != gc => {
+            Err(Error::invalid("C", format!("{gb} groups, as B"), format!("{gc} groups")))
+        }
+        (Some(g), _) | (None, Some(g)) => Ok(g),
+        (None, None) => Ok(1),
+    }
+}
+
+/// The optional per-channel f32 vectors (`D`, the dt bias): `(dim)` f32 each.
+fn check_per_channel(dim: usize, args: [(&'static str, Option<&Tensor>); 2]) -> Result<()> {
+    for (arg, t) in args {
+        if let Some(t) = t {
+            t.expect_shape(arg, &[dim])?;
+            t.expect_dtype(arg, DType::F32)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every present tensor on `device`.
+fn check_devices(device: &Device, named: &[(&'static str, Option<&Tensor>)]) -> Result<()> {
+    for &(arg, t) in named {
+        if let Some(t) = t {
+            t.expect_device(arg, device)?;
+        }
+    }
+    Ok(())
+}
+
+/// B or C widened for the reference, in the layout it was given in.
+fn param64(t: &Tensor, variable: bool) -> Result<cpu::Param64> {
+    let v = t.to_f64_vec()?;
+    Ok(if variable { cpu::Param64::Variable(v) } else { cpu::Param64::Constant(v) })
+}
+
 impl ScanInputs<'_> {
     /// Checks every shape, element type and device; returns the sizes.
     pub fn dims(&self) -> Result<ScanDims> {
@@ -267,17 +321,7 @@ impl ScanInputs<'_> {
         let seq = [batch, dim, len];
         self.delta.expect_shape("delta", &seq)?;
         self.delta.expect_dtype("delta", dtype)?;
-        let &[ad, dstate] = self.a.shape() else {
-            return Err(Error::invalid("A", "shape (dim, dstate)", format!("shape {:?}", self.a.shape())));
-        };
-        if ad != dim || dstate == 0 || dstate > MAX_DSTATE {
-            return Err(Error::invalid(
-                "A",
-                format!("shape (dim {dim}, dstate in 1..={MAX_DSTATE})"),
-                format!("shape {:?}", self.a.shape()),
-            ));
-        }
-        self.a.expect_dtype("A", DType::F32)?;
+        let dstate = state_size(self.a, dim)?;
         let b = bc_layout("B", self.b, batch, dim, len, dtype)?;
         let c = bc_layout("C", self.c, batch, dim, len, dtype)?;
         for (arg, t, lay) in [("B", self.b, b), ("C", self.c, c)] {
@@ -286,19 +330,8 @@ impl ScanInputs<'_> {
                 return Err(Error::invalid(arg, format!("dstate {dstate} (from A)"), format!("shape {:?}", t.shape())));
             }
         }
-        let groups = match (b, c) {
-            (Some((gb, _)), Some((gc, _))) if gb != gc => {
-                return Err(Error::invalid("C", format!("{gb} groups, as B"), format!("{gc} groups")));
-            }
-            (Some((g, _)), _) | (None, Some((g, _))) => g,
-            (None, None) => 1,
-        };
-        for (arg, t) in [("D", self.d), ("delta_bias", self.delta_bias)] {
-            if let Some(t) = t {
-                t.expect_shape(arg, &[dim])?;
-                t.expect_dtype(arg, DType::F32)?;
-            }
-        }
+        let groups = common_groups(b.map(|(g, _)| g), c.map(|(g, _)| g))?;
+        check_per_channel(dim, [("D", self.d), ("delta_bias", self.delta_bias)])?;
         if let Some(z) = self.z {
             z.expect_shape("z", &seq)?;
             z.expect_dtype("z", dtype)?;
@@ -316,22 +349,20 @@ impl ScanInputs<'_> {
                 ));
             }
         }
-        let named: [(&'static str, Option<&Tensor>); 9] = [
-            ("delta", Some(self.delta)),
-            ("A", Some(self.a)),
-            ("B", Some(self.b)),
-            ("C", Some(self.c)),
-            ("D", self.d),
-            ("z", self.z),
-            ("delta_bias", self.delta_bias),
-            ("h0", self.h0),
-            ("u", Some(self.u)),
-        ];
-        for (arg, t) in named {
-            if let Some(t) = t {
-                t.expect_device(arg, &device)?;
-            }
-        }
+        check_devices(
+            &device,
+            &[
+                ("delta", Some(self.delta)),
+                ("A", Some(self.a)),
+                ("B", Some(self.b)),
+                ("C", Some(self.c)),
+                ("D", self.d),
+                ("z", self.z),
+                ("delta_bias", self.delta_bias),
+                ("h0", self.h0),
+                ("u", Some(self.u)),
+            ],
+        )?;
         Ok(ScanDims { batch, dim, dstate, len, groups, b_variable: b.is_some(), c_variable: c.is_some(), dtype })
     }
 
@@ -339,10 +370,6 @@ impl ScanInputs<'_> {
     pub fn to_f64(&self) -> Result<cpu::Scan64> {
         let dims = self.dims()?;
         let opt = |t: Option<&Tensor>| t.map(Tensor::to_f64_vec).transpose();
-        let param = |t: &Tensor, variable: bool| -> Result<cpu::Param64> {
-            let v = t.to_f64_vec()?;
-            Ok(if variable { cpu::Param64::Variable(v) } else { cpu::Param64::Constant(v) })
-        };
         Ok(cpu::Scan64 {
             batch: dims.batch,
             dim: dims.dim,
@@ -352,8 +379,8 @@ impl ScanInputs<'_> {
             u: self.u.to_f64_vec()?,
             delta: self.delta.to_f64_vec()?,
             a: self.a.to_f64_vec()?,
-            b: param(self.b, dims.b_variable)?,
-            c: param(self.c, dims.c_variable)?,
+            b: param64(self.b, dims.b_variable)?,
+            c: param64(self.c, dims.c_variable)?,
             d: opt(self.d)?,
             z: opt(self.z)?,
             delta_bias: opt(self.delta_bias)?,
@@ -460,17 +487,7 @@ impl<'a> StepInputs<'a> {
         let device = self.x.device();
         self.dt.expect_shape("dt", &[batch, dim])?;
         self.dt.expect_dtype("dt", dtype)?;
-        let &[ad, dstate] = self.a.shape() else {
-            return Err(Error::invalid("A", "shape (dim, dstate)", format!("shape {:?}", self.a.shape())));
-        };
-        if ad != dim || dstate == 0 || dstate > MAX_DSTATE {
-            return Err(Error::invalid(
-                "A",
-                format!("shape (dim {dim}, dstate in 1..={MAX_DSTATE})"),
-                format!("shape {:?}", self.a.shape()),
-            ));
-        }
-        self.a.expect_dtype("A", DType::F32)?;
+        let dstate = state_size(self.a, dim)?;
         state.expect_shape("state", &[batch, dim, dstate])?;
         state.expect_dtype("state", DType::F32)?;
         let layout = |arg: &'static str, t: &Tensor| -> Result<Option<usize>> {
@@ -493,39 +510,26 @@ impl<'a> StepInputs<'a> {
             }
         };
         let (gb, gc) = (layout("B", self.b)?, layout("C", self.c)?);
-        let groups = match (gb, gc) {
-            (Some(x), Some(y)) if x != y => {
-                return Err(Error::invalid("C", format!("{x} groups, as B"), format!("{y} groups")))
-            }
-            (Some(g), _) | (None, Some(g)) => g,
-            (None, None) => 1,
-        };
-        for (arg, t) in [("D", self.d), ("dt_bias", self.dt_bias)] {
-            if let Some(t) = t {
-                t.expect_shape(arg, &[dim])?;
-                t.expect_dtype(arg, DType::F32)?;
-            }
-        }
+        let groups = common_groups(gb, gc)?;
+        check_per_channel(dim, [("D", self.d), ("dt_bias", self.dt_bias)])?;
         if let Some(z) = self.z {
             z.expect_shape("z", &[batch, dim])?;
             z.expect_dtype("z", dtype)?;
         }
-        let named: [(&'static str, Option<&Tensor>); 9] = [
-            ("dt", Some(self.dt)),
-            ("A", Some(self.a)),
-            ("B", Some(self.b)),
-            ("C", Some(self.c)),
-            ("D", self.d),
-            ("z", self.z),
-            ("dt_bias", self.dt_bias),
-            ("state", Some(state)),
-            ("x", Some(self.x)),
-        ];
-        for (arg, t) in named {
-            if let Some(t) = t {
-                t.expect_device(arg, &device)?;
-            }
-        }
+        check_devices(
+            &device,
+            &[
+                ("dt", Some(self.dt)),
+                ("A", Some(self.a)),
+                ("B", Some(self.b)),
+                ("C", Some(self.c)),
+                ("D", self.d),
+                ("z", self.z),
+                ("dt_bias", self.dt_bias),
+                ("state", Some(state)),
+                ("x", Some(self.x)),
+            ],
+        )?;
         Ok(ScanDims { batch, dim, dstate, len: 1, groups, b_variable: gb.is_some(), c_variable: gc.is_some(), dtype })
     }
 }
@@ -538,10 +542,6 @@ pub fn selective_state_update(state: &mut Tensor, inputs: &StepInputs) -> Result
     let dims = inputs.dims(state)?;
     match inputs.x.device() {
         Device::Cpu => {
-            let param = |t: &Tensor, variable: bool| -> Result<cpu::Param64> {
-                let v = t.to_f64_vec()?;
-                Ok(if variable { cpu::Param64::Variable(v) } else { cpu::Param64::Constant(v) })
-            };
             let opt = |t: Option<&Tensor>| t.map(Tensor::to_f64_vec).transpose();
             let p = cpu::Scan64 {
                 batch: dims.batch,
@@ -552,8 +552,8 @@ pub fn selective_state_update(state: &mut Tensor, inputs: &StepInputs) -> Result
                 u: inputs.x.to_f64_vec()?,
                 delta: inputs.dt.to_f64_vec()?,
                 a: inputs.a.to_f64_vec()?,
-                b: param(inputs.b, dims.b_variable)?,
-                c: param(inputs.c, dims.c_variable)?,
+                b: param64(inputs.b, dims.b_variable)?,
+                c: param64(inputs.c, dims.c_variable)?,
                 d: opt(inputs.d)?,
                 z: opt(inputs.z)?,
                 delta_bias: opt(inputs.dt_bias)?,
