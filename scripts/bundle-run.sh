@@ -2,8 +2,12 @@
 # run.sh of the GPU bundle (copied there by scripts/gpu-bundle.sh). On a GPU host:
 #   ./run.sh            tests (GPU required), the GPU tests under compute-sanitizer
 #                       memcheck/racecheck/initcheck/synccheck, `check`, `bench`
-# Env: OUT (log folder, default ./out), SANITIZER_TOOLS (default: all four),
-#      SANITIZER_CASES (proptest cases under the sanitizer, default 12),
+# A full run takes about ten minutes on an H100; STAGES splits it over several calls.
+# Env: OUT (log folder, default ./out), STAGES (default: tests sanitizer check bench),
+#      TESTS (test binaries to run, default: all), SANITIZER_TOOLS (default: all four),
+#      SANITIZER_SUITES (GPU test binaries run under each tool, default: every GPU suite),
+#      SANITIZER_CASES (proptest cases under the sanitizer, default 12), BENCH_GROUP (one
+#      bench group: basis, kan, activation, scan or conv; default: all),
 #      CRITERION=1 also runs the criterion benches, JIT_TIMING=1 times the first module load
 #      without the driver JIT cache.
 set -u
@@ -25,8 +29,12 @@ summary=()
 failed=0
 note() { summary+=("$(printf '%-44s %s' "$1" "$2")"); }
 
-for t in tests/*; do
-  name=$(basename "$t")
+stages=" ${STAGES:-tests sanitizer check bench} "
+stage() { [[ "$stages" == *" $1 "* ]]; }
+
+for name in ${TESTS:-$(ls tests)}; do
+  stage tests || break
+  t=tests/$name
   "$t" --test-threads=4 >"$out/test-$name.log" 2>&1
   rc=$?
   counts=$(grep -E '^test result:' "$out/test-$name.log" | tail -1 | sed 's/test result: //; s/; finished.*//')
@@ -37,7 +45,8 @@ for t in tests/*; do
 done
 
 for tool in ${SANITIZER_TOOLS:-memcheck racecheck initcheck synccheck}; do
-  for name in bspline_gpu kan_gpu spline_activation selective_scan_gpu tensor; do
+  stage sanitizer || break
+  for name in ${SANITIZER_SUITES:-bspline_gpu kan_gpu spline_activation selective_scan_gpu causal_conv1d_gpu tensor}; do
     log="$out/sanitizer-$tool-$name.log"
     PROPTEST_CASES=${SANITIZER_CASES:-12} "$san" --tool "$tool" --error-exitcode 99 --print-limit 100 \
       "tests/$name" --test-threads=1 >"$log" 2>&1
@@ -66,15 +75,21 @@ if [ "${JIT_TIMING:-0}" = 1 ]; then
   note "info without the JIT cache (s)" "$(awk "BEGIN { printf \"%.1f\", $end - $start }")"
 fi
 bin/hybrid-kernels info >"$out/info.log" 2>&1 || failed=1
-bin/hybrid-kernels check >"$out/check.log" 2>&1 || failed=1
-note "check" "$(grep -E '^check:' "$out/check.log")"
-bin/hybrid-kernels bench --json >"$out/bench.json" 2>"$out/bench-json.err" || failed=1
-bin/hybrid-kernels bench >"$out/bench.log" 2>&1 || failed=1
-if [ "${CRITERION:-0}" = 1 ]; then
-  for b in benches/*; do "$b" --bench >"$out/criterion-$(basename "$b").log" 2>&1 || failed=1; done
+cat "$out/info.log"
+if stage check; then
+  bin/hybrid-kernels check >"$out/check.log" 2>&1 || failed=1
+  note "check" "$(grep -E '^check:' "$out/check.log")"
+  cat "$out/check.log"
+fi
+if stage bench; then
+  bin/hybrid-kernels bench ${BENCH_GROUP:-} --json >"$out/bench.json" 2>"$out/bench-json.err" || failed=1
+  bin/hybrid-kernels bench ${BENCH_GROUP:-} >"$out/bench.log" 2>&1 || failed=1
+  if [ "${CRITERION:-0}" = 1 ]; then
+    for b in benches/*; do "$b" --bench >"$out/criterion-$(basename "$b").log" 2>&1 || failed=1; done
+  fi
+  cat "$out/bench.log"
 fi
 
-cat "$out/info.log" "$out/check.log" "$out/bench.log"
 echo "== summary"
 printf '%s\n' "${summary[@]}"
 echo "bundle: $([ $failed = 0 ] && echo PASS || echo FAIL)"

@@ -12,6 +12,7 @@ pub enum KernelModule {
     KanDirect,
     SplineActivation,
     SelectiveScan,
+    CausalConv1d,
 }
 
 impl KernelModule {
@@ -21,6 +22,7 @@ impl KernelModule {
         KernelModule::KanDirect,
         KernelModule::SplineActivation,
         KernelModule::SelectiveScan,
+        KernelModule::CausalConv1d,
     ];
 
     /// The source stem: `cuda/<name>.cu`, `ptx/<name>.ptx`.
@@ -31,6 +33,7 @@ impl KernelModule {
             KernelModule::KanDirect => "kan_direct",
             KernelModule::SplineActivation => "spline_activation",
             KernelModule::SelectiveScan => "selective_scan",
+            KernelModule::CausalConv1d => "causal_conv1d",
         }
     }
 
@@ -41,6 +44,7 @@ impl KernelModule {
             KernelModule::KanDirect => include_str!(concat!(env!("OUT_DIR"), "/kan_direct.ptx")),
             KernelModule::SplineActivation => include_str!(concat!(env!("OUT_DIR"), "/spline_activation.ptx")),
             KernelModule::SelectiveScan => include_str!(concat!(env!("OUT_DIR"), "/selective_scan.ptx")),
+            KernelModule::CausalConv1d => include_str!(concat!(env!("OUT_DIR"), "/causal_conv1d.ptx")),
         }
     }
 

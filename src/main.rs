@@ -1,13 +1,15 @@
 //! `hybrid-kernels`: device info, kernel checks against the CPU references, benchmarks,
 //! and running one op on user tensors. With no arguments: `info`, `check`, short `bench`.
 
-use hybrid_kernels::bench::{self, BenchRow, KanPass, Repeats, ScanPass, BASIS_SHAPES, KAN_SHAPES};
+use hybrid_kernels::bench::{self, BenchRow, ConvPass, KanPass, Repeats, ScanPass, BASIS_SHAPES, KAN_SHAPES};
 use hybrid_kernels::check::{
-    kan_tolerance, scan_tolerance, tolerance, ActivationCase, BasisCase, GridLayout, KanCase, Rng, ScanCase,
+    conv_tolerance, decode_against_conv, kan_tolerance, scan_tolerance, tolerance, ActivationCase, BasisCase, ConvCase,
+    GridLayout, KanCase, Rng, ScanCase,
 };
 use hybrid_kernels::device::{cuda_device_count, driver_available, driver_version};
 use hybrid_kernels::kernels::{KernelModule, PTX_ORIGIN};
 use hybrid_kernels::ops::bspline::{self, BasisKind, KnotGrid};
+use hybrid_kernels::ops::causal_conv1d::{causal_conv1d, causal_conv1d_backward, causal_conv1d_update, ConvInputs};
 use hybrid_kernels::ops::kan::{KanForwardPath, KanLinear, KanLinearConfig};
 use hybrid_kernels::ops::selective_scan::{selective_scan, selective_scan_backward, ScanInputs};
 use hybrid_kernels::ops::spline_activation::SplineActivation;
@@ -22,7 +24,8 @@ commands:
   check [--seed N]         every kernel against its f64 CPU reference on random inputs
   bench [GROUP] [--json] [--short]
                            every kernel at standard shapes (CUDA events, median);
-                           GROUP (basis, kan, activation, scan) times only that group
+                           GROUP (basis, kan, activation, scan, conv) times only
+                           that group
   run OP --input IN.safetensors --output OUT.safetensors [--order K]
                            run one op on your tensors (K: spline order, default 3).
                            IN holds `x` (.., in) and `grid` (in, n_knots, f32), and:
@@ -42,6 +45,14 @@ commands:
                              selective_scan -> out, last_state
                              selective_scan_backward: the same and dout[, dlast_state]
                                -> du, ddelta, dA, dB, dC[, dD, dz, ddelta_bias, dh0]
+                           The conv1d takes x (B, D, L), weight (D, W) f32 (W 2..4) and
+                           optionally bias (D) f32, initial_state (B, D, W-1); --silu
+                           applies SiLU:
+                             causal_conv1d -> out, final_state
+                             causal_conv1d_backward: the same and dout[, dfinal_state]
+                               -> dx, dweight[, dbias, dinitial_state]
+                             causal_conv1d_update: x (B, D[, T]), weight[, bias] and
+                               state (B, D, S >= W-1) -> out, state
   (none)                   info, check and a short bench
 
 options for every command:
@@ -101,6 +112,7 @@ struct Options {
     json: bool,
     short: bool,
     softplus: bool,
+    silu: bool,
     help: bool,
 }
 
@@ -121,6 +133,7 @@ impl Options {
                 "--json" => o.json = true,
                 "--short" => o.short = true,
                 "--softplus" => o.softplus = true,
+                "--silu" => o.silu = true,
                 "--device" => o.device = Some(value("--device")?),
                 "--input" => o.input = Some(value("--input")?),
                 "--output" => o.output = Some(value("--output")?),
@@ -337,16 +350,42 @@ fn check(device: &Device, seed: Option<u64>) -> Result<bool> {
             if ok { "pass" } else { "FAIL" }
         );
     }
+    // Causal conv1d: output, final state and every gradient; decoding against the conv.
+    let conv_cases: &[(usize, usize, usize, usize, u32)] = &[
+        // (batch, dim, len, width, option bits of ConvCase::from_option_bits)
+        (1, 1, 1, 2, 0b11111),
+        (2, 7, 33, 3, 0b10111),
+        (3, 40, 1025, 4, 0b11111),
+        (1, 33, 3000, 4, 0b00011),
+    ];
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let mut worst = 0.0f64;
+        for &(batch, dim, len, width, flags) in conv_cases {
+            let case = ConvCase::from_option_bits(batch, dim, len, width, flags, dtype);
+            worst = case.run(rng.next_u64(), device)?.into_iter().fold(worst, |w, (_, e)| w.max(e));
+            let (out, last) = decode_against_conv(&case, rng.next_u64(), device, 7, width + 2)?;
+            worst = worst.max(out).max(last);
+        }
+        let tol = conv_tolerance(dtype);
+        let ok = worst <= tol;
+        all_ok &= ok;
+        println!(
+            "{:<26} {dtype:<6} {:>7} {worst:>12.3e} {tol:>10.1e}  {}",
+            "causal_conv1d fwd+grads",
+            conv_cases.len(),
+            if ok { "pass" } else { "FAIL" }
+        );
+    }
     println!("check: {}\n", if all_ok { "all kernels pass" } else { "FAILURES above" });
     Ok(all_ok)
 }
 
 fn bench_cmd(device: &Device, json: bool, short: bool, group: Option<&str>) -> Result<()> {
-    const GROUPS: [&str; 4] = ["basis", "kan", "activation", "scan"];
+    const GROUPS: [&str; 5] = ["basis", "kan", "activation", "scan", "conv"];
     if let Some(g) = group.filter(|g| !GROUPS.contains(g)) {
         return Err(Error::InvalidArgument {
             arg: "GROUP",
-            expected: "basis, kan, activation or scan".into(),
+            expected: "basis, kan, activation, scan or conv".into(),
             found: g.into(),
         });
     }
@@ -438,6 +477,23 @@ fn bench_cmd(device: &Device, json: bool, short: bool, group: Option<&str>) -> R
             }
         }
     }
+    if wanted("conv") {
+        // The scan's shape: Mamba's conv runs on the same (batch, inner dim, len) tensor.
+        let shape = if device.is_cuda() { (8, 1536, 2048) } else { (1, 16, 256) };
+        for pass in [ConvPass::Forward, ConvPass::Backward] {
+            for &dtype in dtypes {
+                rows.push(bench::bench_conv(device, pass, dtype, shape, reps, copy_gbs)?);
+            }
+        }
+        for batch in [1usize, 64, 256] {
+            if short && batch != 64 {
+                continue;
+            }
+            for dtype in [DType::BF16, DType::F32] {
+                rows.push(bench::bench_conv_step(device, dtype, batch, reps, copy_gbs)?);
+            }
+        }
+    }
     if json {
         println!("{}", to_json(&rows, copy_gbs));
     } else {
@@ -516,8 +572,9 @@ fn to_json(rows: &[BenchRow], copy_gbs: Option<f64>) -> String {
 
 fn run(device: &Device, opts: &mut Options) -> Result<()> {
     const OPS: &str = "bspline_basis, bspline_basis_derivative, kan_linear, kan_linear_backward, \
-                       spline_activation, spline_activation_backward, selective_scan or \
-                       selective_scan_backward";
+                       spline_activation, spline_activation_backward, selective_scan, \
+                       selective_scan_backward, causal_conv1d, causal_conv1d_backward or \
+                       causal_conv1d_update";
     let op = opts.positional.first().cloned().ok_or_else(|| Error::InvalidArgument {
         arg: "OP",
         expected: OPS.into(),
@@ -537,6 +594,9 @@ fn run(device: &Device, opts: &mut Options) -> Result<()> {
     };
     if op.starts_with("selective_scan") {
         return run_scan(device, &op, &tensors, opts.softplus, &input, &output);
+    }
+    if op.starts_with("causal_conv1d") {
+        return run_conv(device, &op, &tensors, opts.silu, &input, &output);
     }
     let order = opts.order.unwrap_or(3);
     let grid = KnotGrid::from_knots(get("grid")?, order)?;
@@ -631,5 +691,59 @@ fn run_scan(
     save_safetensors(output, &refs)?;
     let names: Vec<&str> = outputs.iter().map(|(n, _)| *n).collect();
     println!("{op} on {device}: u {:?} {} -> {names:?}, written to {output}", inputs.u.shape(), inputs.u.dtype());
+    Ok(())
+}
+
+fn run_conv(
+    device: &Device,
+    op: &str,
+    tensors: &std::collections::HashMap<String, Tensor>,
+    silu: bool,
+    input: &str,
+    output: &str,
+) -> Result<()> {
+    let get = |name: &'static str| {
+        tensors.get(name).ok_or_else(|| Error::InvalidArgument {
+            arg: name,
+            expected: format!("a tensor `{name}` in {input}"),
+            found: "none".into(),
+        })
+    };
+    let x = get("x")?;
+    let inputs = ConvInputs {
+        bias: tensors.get("bias"),
+        initial_state: tensors.get("initial_state"),
+        silu,
+        ..ConvInputs::new(x, get("weight")?)
+    };
+    let outputs: Vec<(&str, Tensor)> = match op {
+        "causal_conv1d" => {
+            let o = causal_conv1d(&inputs)?;
+            vec![("out", o.out), ("final_state", o.final_state)]
+        }
+        "causal_conv1d_backward" => {
+            let g = causal_conv1d_backward(&inputs, get("dout")?, tensors.get("dfinal_state"))?;
+            let mut v = vec![("dx", g.dx), ("dweight", g.dweight)];
+            v.extend(g.dbias.map(|t| ("dbias", t)));
+            v.extend(g.dinitial_state.map(|t| ("dinitial_state", t)));
+            v
+        }
+        "causal_conv1d_update" => {
+            let mut state = get("state")?.clone();
+            let out = causal_conv1d_update(&mut state, x, inputs.weight, inputs.bias, silu)?;
+            vec![("out", out), ("state", state)]
+        }
+        other => {
+            return Err(Error::InvalidArgument {
+                arg: "OP",
+                expected: "causal_conv1d, causal_conv1d_backward or causal_conv1d_update".into(),
+                found: other.into(),
+            })
+        }
+    };
+    let refs: Vec<(&str, &Tensor)> = outputs.iter().map(|(n, t)| (*n, t)).collect();
+    save_safetensors(output, &refs)?;
+    let names: Vec<&str> = outputs.iter().map(|(n, _)| *n).collect();
+    println!("{op} on {device}: x {:?} {} -> {names:?}, written to {output}", x.shape(), x.dtype());
     Ok(())
 }

@@ -3,6 +3,8 @@
 //! `cuda.rs`), `tests/<op>*.rs` and `benches/<op>.rs`.
 
 pub mod bspline;
+pub mod causal_conv1d;
 pub mod kan;
 pub mod selective_scan;
+pub mod sequence_resets;
 pub mod spline_activation;

@@ -182,18 +182,9 @@ fn allow_smem(dev: &CudaDevice, f: &CudaFunction, bytes: usize) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn upload_flags(dev: &CudaDevice, flags: &[bool]) -> Result<CudaSlice<u8>> {
-    let bytes: Vec<u8> = flags.iter().map(|&f| u8::from(f)).collect();
-    dev.stream().clone_htod(&bytes).map_err(|e| dev.map_err_bytes("copying reset flags", e, bytes.len()))
-}
-
-/// The reset flags on `dev`: the copy made by `SequenceResets::to_device`, or a fresh upload.
+/// The reset flags on `dev`, when the scan has them.
 fn resets_on(dev: &CudaDevice, inputs: &ScanInputs) -> Result<Option<std::sync::Arc<CudaSlice<u8>>>> {
-    let Some(r) = inputs.resets else { return Ok(None) };
-    match &r.device {
-        Some((d, s)) if d == dev => Ok(Some(s.clone())),
-        _ => Ok(Some(std::sync::Arc::new(upload_flags(dev, &r.flags)?))),
-    }
+    inputs.resets.map(|r| r.on_device(dev)).transpose()
 }
 
 /// Empty problems (no batch, channel or step) go through the reference and are copied over.

@@ -22,12 +22,11 @@
 pub mod cpu;
 mod cuda;
 
-use crate::device::{CudaDevice, Device};
+pub use super::sequence_resets::SequenceResets;
+use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
-use cudarc::driver::CudaSlice;
-use std::sync::Arc;
 
 /// Largest state size the kernels take (states per channel spread over up to 32 lanes of 8).
 pub const MAX_DSTATE: usize = 256;
@@ -76,89 +75,6 @@ impl<'a> ScanInputs<'a> {
             h0: None,
             resets: None,
         }
-    }
-}
-
-/// Where packed sequences start: at a flagged step `t` of row `b` the state carried in is
-/// dropped (zero), as if a new sequence began there. A start at step 0 drops `h0`.
-#[derive(Clone, Debug)]
-pub struct SequenceResets {
-    batch: usize,
-    len: usize,
-    flags: Vec<bool>,
-    device: Option<(CudaDevice, Arc<CudaSlice<u8>>)>,
-}
-
-impl SequenceResets {
-    /// From `(batch, len)` flags, row-major.
-    pub fn from_flags(batch: usize, len: usize, flags: &[bool]) -> Result<SequenceResets> {
-        let n = batch.checked_mul(len).ok_or_else(|| Error::invalid("flags", "batch * len in usize", "overflow"))?;
-        if flags.len() != n {
-            return Err(Error::invalid(
-                "flags",
-                format!("{n} flags (batch {batch} x len {len})"),
-                flags.len().to_string(),
-            ));
-        }
-        Ok(SequenceResets { batch, len, flags: flags.to_vec(), device: None })
-    }
-
-    /// From each row's sequence start positions (unsorted is fine; each below `len`).
-    pub fn from_starts(len: usize, starts: &[Vec<usize>]) -> Result<SequenceResets> {
-        let mut flags = vec![false; starts.len() * len];
-        for (b, row) in starts.iter().enumerate() {
-            for &t in row {
-                if t >= len {
-                    return Err(Error::invalid(
-                        "starts",
-                        format!("positions below len {len}"),
-                        format!("{t} in row {b}"),
-                    ));
-                }
-                flags[b * len + t] = true;
-            }
-        }
-        SequenceResets::from_flags(starts.len(), len, &flags)
-    }
-
-    /// One packed row (batch 1) of sequences with cumulative lengths `cu_seqlens`
-    /// (`[0, l0, l0 + l1, ..., len]`, non-decreasing) as flash-attention and mamba take
-    /// them. The first sequence keeps `h0`.
-    pub fn from_cu_seqlens(cu_seqlens: &[usize]) -> Result<SequenceResets> {
-        let (Some(&first), Some(&len)) = (cu_seqlens.first(), cu_seqlens.last()) else {
-            return Err(Error::invalid("cu_seqlens", "at least [0, len]", "an empty list"));
-        };
-        if first != 0 || cu_seqlens.windows(2).any(|w| w[1] < w[0]) {
-            return Err(Error::invalid(
-                "cu_seqlens",
-                "non-decreasing offsets starting at 0",
-                format!("{cu_seqlens:?}"),
-            ));
-        }
-        let starts: Vec<usize> = cu_seqlens[1..].iter().copied().filter(|&t| t > 0 && t < len).collect();
-        SequenceResets::from_starts(len, &[starts])
-    }
-
-    pub fn batch(&self) -> usize {
-        self.batch
-    }
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.flags.is_empty()
-    }
-    pub fn flags(&self) -> &[bool] {
-        &self.flags
-    }
-
-    /// A copy with the flags also on `device` (kept, so repeated scans do not upload them).
-    pub fn to_device(&self, device: &Device) -> Result<SequenceResets> {
-        let mut r = SequenceResets { device: None, ..self.clone() };
-        if let Device::Cuda(dev) = device {
-            r.device = Some((dev.clone(), Arc::new(cuda::upload_flags(dev, &self.flags)?)));
-        }
-        Ok(r)
     }
 }
 
@@ -341,13 +257,7 @@ impl ScanInputs<'_> {
             h0.expect_dtype("h0", DType::F32)?;
         }
         if let Some(r) = self.resets {
-            if r.batch != batch || r.len != len {
-                return Err(Error::invalid(
-                    "resets",
-                    format!("flags for batch {batch} x len {len}"),
-                    format!("batch {} x len {}", r.batch, r.len),
-                ));
-            }
+            r.expect_size(batch, len)?;
         }
         check_devices(
             &device,
@@ -386,7 +296,7 @@ impl ScanInputs<'_> {
             delta_bias: opt(self.delta_bias)?,
             delta_softplus: self.delta_softplus,
             h0: opt(self.h0)?,
-            resets: self.resets.map(|r| r.flags.clone()),
+            resets: self.resets.map(|r| r.flags().to_vec()),
         })
     }
 }
