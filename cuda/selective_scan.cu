@@ -127,7 +127,6 @@ template <int SPT, int NT, int BLK> struct Tiles {
     static constexpr int BWD = FWD < 32 ? FWD : 32;
 };
 
-__device__ __forceinline__ float sigmoid_fast(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
 
 // One tile's inputs in registers, loaded in one batch so that their latencies overlap
 // (the forward loads the next tile while it scans this one). PE elements of each
@@ -212,7 +211,7 @@ template <int SPT, int NT, int BLK, int TILE, bool Backward> struct RawTile {
                 slot0[k] = dt;
                 slot1[k] = dt * u[i];
                 slot2[k] = dd * u[i];
-                slot3[k] = p.has_z ? z[i] * sigmoid_fast(z[i]) : 1.f;
+                slot3[k] = p.has_z ? z[i] * hk::sigmoid_fast(z[i]) : 1.f;
             } else {
                 slot0[k] = dt;
                 slot1[k] = u[i];
@@ -467,7 +466,7 @@ __device__ __forceinline__ void scan_backward(const T* __restrict__ u, const T* 
                     const size_t i = (size_t(lo.b) * p.dim + lo.d0 + dl) * p.len + t0 + t;
                     dz[i] = hk::from_f32<T>(dout_v * yf * silu_grad(zz));
                 }
-                sDy[kk] = dout_v * zz * sigmoid_fast(zz);
+                sDy[kk] = dout_v * zz * hk::sigmoid_fast(zz);
             }
         }
         __syncthreads();
@@ -769,7 +768,7 @@ __device__ __forceinline__ void state_update(float* __restrict__ state, const T*
         if (p.has_d) acc = fmaf(Dp[d], xv, acc);
         if (p.has_z) {
             const float zz = hk::to_f32(z[row]);
-            acc *= zz * hk_scan::sigmoid_fast(zz);
+            acc *= zz * hk::sigmoid_fast(zz);
         }
         out[row] = hk::from_f32<T>(acc);
     }

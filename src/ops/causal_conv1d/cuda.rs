@@ -29,57 +29,82 @@ struct ConvParams {
 // SAFETY: eleven u32 fields, repr(C), no padding: the same bytes as the C struct.
 unsafe impl DeviceRepr for ConvParams {}
 
-/// `hk_conv::THREADS` and `TILE` in the .cu: steps per block.
+/// `hk_conv::THREADS` in the .cu.
 const THREADS: usize = 128;
-const TILE: usize = 1024;
+
+/// Steps per block: THREADS chunks of 32 bytes (`hk_conv::chunk_of`).
+fn tile(dtype: DType) -> usize {
+    THREADS * 32 / dtype.size_in_bytes()
+}
 const MAX_GRID_X: usize = i32::MAX as usize;
 
-/// `causal_conv1d_<kind>_<dtype>_w<width>`.
-fn kernel_name(kind: &str, dtype: DType, width: usize) -> &'static str {
-    const NAMES: [[[&str; 3]; 3]; 3] = [
+/// `causal_conv1d_<kind>_<dtype>_w<width><tail>` for f32, bf16, f16 x widths 2, 3, 4.
+macro_rules! conv_names {
+    ($kind:literal, $tail:literal) => {
         [
-            ["causal_conv1d_fwd_f32_w2", "causal_conv1d_fwd_f32_w3", "causal_conv1d_fwd_f32_w4"],
-            ["causal_conv1d_fwd_bf16_w2", "causal_conv1d_fwd_bf16_w3", "causal_conv1d_fwd_bf16_w4"],
-            ["causal_conv1d_fwd_f16_w2", "causal_conv1d_fwd_f16_w3", "causal_conv1d_fwd_f16_w4"],
-        ],
-        [
-            ["causal_conv1d_bwd_f32_w2", "causal_conv1d_bwd_f32_w3", "causal_conv1d_bwd_f32_w4"],
-            ["causal_conv1d_bwd_bf16_w2", "causal_conv1d_bwd_bf16_w3", "causal_conv1d_bwd_bf16_w4"],
-            ["causal_conv1d_bwd_f16_w2", "causal_conv1d_bwd_f16_w3", "causal_conv1d_bwd_f16_w4"],
-        ],
-        [
-            ["causal_conv1d_update_f32_w2", "causal_conv1d_update_f32_w3", "causal_conv1d_update_f32_w4"],
-            ["causal_conv1d_update_bf16_w2", "causal_conv1d_update_bf16_w3", "causal_conv1d_update_bf16_w4"],
-            ["causal_conv1d_update_f16_w2", "causal_conv1d_update_f16_w3", "causal_conv1d_update_f16_w4"],
-        ],
-    ];
-    let k = match kind {
-        "fwd" => 0,
-        "bwd" => 1,
-        _ => 2,
+            [
+                concat!("causal_conv1d_", $kind, "_f32_w2", $tail),
+                concat!("causal_conv1d_", $kind, "_f32_w3", $tail),
+                concat!("causal_conv1d_", $kind, "_f32_w4", $tail),
+            ],
+            [
+                concat!("causal_conv1d_", $kind, "_bf16_w2", $tail),
+                concat!("causal_conv1d_", $kind, "_bf16_w3", $tail),
+                concat!("causal_conv1d_", $kind, "_bf16_w4", $tail),
+            ],
+            [
+                concat!("causal_conv1d_", $kind, "_f16_w2", $tail),
+                concat!("causal_conv1d_", $kind, "_f16_w3", $tail),
+                concat!("causal_conv1d_", $kind, "_f16_w4", $tail),
+            ],
+        ]
+    };
+}
+
+/// Which kernel of cuda/causal_conv1d.cu: the passes have a variant for packed rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    Forward { resets: bool },
+    Backward { resets: bool },
+    Update,
+}
+
+fn kernel_name(kernel: Kernel, dtype: DType, width: usize) -> &'static str {
+    const FWD: [[&str; 3]; 3] = conv_names!("fwd", "");
+    const FWD_RESETS: [[&str; 3]; 3] = conv_names!("fwd", "_resets");
+    const BWD: [[&str; 3]; 3] = conv_names!("bwd", "");
+    const BWD_RESETS: [[&str; 3]; 3] = conv_names!("bwd", "_resets");
+    const UPDATE: [[&str; 3]; 3] = conv_names!("update", "");
+    let table = match kernel {
+        Kernel::Forward { resets: false } => &FWD,
+        Kernel::Forward { resets: true } => &FWD_RESETS,
+        Kernel::Backward { resets: false } => &BWD,
+        Kernel::Backward { resets: true } => &BWD_RESETS,
+        Kernel::Update => &UPDATE,
     };
     let d = match dtype {
         DType::F32 => 0,
         DType::BF16 => 1,
         DType::F16 => 2,
     };
-    NAMES[k][d][width - super::MIN_WIDTH]
+    table[d][width - super::MIN_WIDTH]
 }
 
 fn params(dims: &ConvDims, inputs: &ConvInputs) -> Result<(ConvParams, LaunchConfig)> {
-    let tiles = dims.len.div_ceil(TILE);
+    let tile = tile(dims.dtype);
+    let tiles = dims.len.div_ceil(tile);
     let rows = dims.batch * dims.dim;
-    if dims.len > i32::MAX as usize - TILE || dims.dim > u32::MAX as usize || dims.batch > u32::MAX as usize {
+    if dims.len > i32::MAX as usize - tile || dims.dim > u32::MAX as usize || dims.batch > u32::MAX as usize {
         return Err(Error::invalid(
             "x",
-            "batch and dim below 2^32, len below 2^31 - 1024",
+            format!("batch and dim below 2^32, len below 2^31 - {tile}"),
             format!("shape {:?}", inputs.x.shape()),
         ));
     }
     let blocks = rows.checked_mul(tiles).filter(|&b| b <= MAX_GRID_X).ok_or_else(|| {
         Error::invalid(
             "x",
-            format!("batch * dim * ceil(len / {TILE}) up to {MAX_GRID_X} blocks"),
+            format!("batch * dim * ceil(len / {tile}) up to {MAX_GRID_X} blocks"),
             format!("shape {:?}", inputs.x.shape()),
         )
     })?;
@@ -140,7 +165,7 @@ fn forward_typed<T: CudaElement>(dev: &CudaDevice, inputs: &ConvInputs, dims: &C
     let mut out = unsafe { Tensor::cuda_uninit(dev, dims.dtype, inputs.x.shape())? };
     let mut final_state = unsafe { Tensor::cuda_uninit(dev, dims.dtype, &dims.state_shape())? };
     let resets = inputs.resets.map(|r| r.on_device(dev)).transpose()?;
-    let name = kernel_name("fwd", dims.dtype, dims.width);
+    let name = kernel_name(Kernel::Forward { resets: inputs.resets.is_some() }, dims.dtype, dims.width);
     let f = dev.function(KernelModule::CausalConv1d, name)?;
     let null = 0u64;
     let mut args = dev.stream().launch_builder(&f);
@@ -152,7 +177,7 @@ fn forward_typed<T: CudaElement>(dev: &CudaDevice, inputs: &ConvInputs, dims: &C
         None => args.arg(&null),
     };
     args.arg(out.cuda_slice_mut::<T>("out")?).arg(final_state.cuda_slice_mut::<T>("final_state")?).arg(&p);
-    // SAFETY: causal_conv1d_fwd_<T>_w<W>(x, weight, bias, init, resets, out, final_state,
+    // SAFETY: causal_conv1d_fwd_<T>_w<W>[_resets](x, weight, bias, init, resets, out, final_state,
     // ConvParams): ConvInputs::dims checked every shape, type and device; x and out hold
     // batch*dim*len T, weight dim*W f32, bias dim f32, init and final_state batch*dim*(W-1)
     // T, resets batch*len bytes; absent ones are null with their flag 0. The grid is
@@ -221,7 +246,7 @@ fn backward_typed<T: CudaElement>(
     let resets = inputs.resets.map(|r| r.on_device(dev)).transpose()?;
     let null = 0u64;
     {
-        let name = kernel_name("bwd", dims.dtype, w);
+        let name = kernel_name(Kernel::Backward { resets: inputs.resets.is_some() }, dims.dtype, w);
         let f = dev.function(KernelModule::CausalConv1d, name)?;
         let mut args = dev.stream().launch_builder(&f);
         args.arg(inputs.x.cuda_slice::<T>("x")?).arg(inputs.weight.cuda_slice::<f32>("weight")?);
@@ -239,7 +264,7 @@ fn backward_typed<T: CudaElement>(
             None => args.arg(&null),
         };
         args.arg(partial.cuda_slice_mut::<f32>("partial")?).arg(&p);
-        // SAFETY: causal_conv1d_bwd_<T>_w<W>(x, weight, bias, init, resets, dout, dfinal, dx,
+        // SAFETY: causal_conv1d_bwd_<T>_w<W>[_resets](x, weight, bias, init, resets, dout, dfinal, dx,
         // dinit, partial, ConvParams): shapes, types and devices checked by dims() and
         // causal_conv1d_backward; x, dout, dx hold batch*dim*len T, weight dim*W f32, bias dim
         // f32, init, dfinal, dinit batch*dim*(W-1) T, resets batch*len bytes, partial
@@ -318,7 +343,7 @@ fn update_typed<T: CudaElement>(
         tokens: dims.tokens as u32,
         ..ConvParams::default()
     };
-    let name = kernel_name("update", dims.dtype, dims.width);
+    let name = kernel_name(Kernel::Update, dims.dtype, dims.width);
     let f = dev.function(KernelModule::CausalConv1d, name)?;
     let cfg = dev.grid_stride_config(KernelModule::CausalConv1d, name, 128, rows, 128)?;
     let null = 0u64;
