@@ -7,6 +7,10 @@
 //!   (efficient-kan semantics).
 //! - [`ops::kan`]: KANLinear forward, backward, grid update and regularization
 //!   (efficient-kan semantics), on the basis kernel and cuBLAS.
+//! - [`ops::selective_scan`]: Mamba's fused selective scan, forward, backward and the
+//!   decoding step (mamba-ssm semantics).
+//! - [`ops::causal_conv1d`]: the causal depthwise conv1d of Mamba blocks, forward, backward
+//!   and the rolling-state decoding update (causal-conv1d semantics).
 //! - [`ops::spline_activation`]: a learnable per-channel B-spline activation (the
 //!   "B-spline MLP"), forward and backward.
 //!
