@@ -136,7 +136,7 @@ impl CudaDevice {
         let multiprocessors = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as u32;
         let name = ctx.name().map_err(|e| Error::driver("cuDeviceGetName", e))?;
         let stream = ctx.new_stream().map_err(|e| Error::driver("creating a stream", e))?;
-        let device = CudaDevice(Arc::new(CudaDeviceInner {
+        Ok(CudaDevice(Arc::new(CudaDeviceInner {
             ordinal,
             name,
             compute_capability,
@@ -146,13 +146,7 @@ impl CudaDevice {
             functions: Mutex::new(HashMap::new()),
             resident_blocks: Mutex::new(HashMap::new()),
             blas: Mutex::new(None),
-        }));
-        // Every op allocates its outputs from the default pool. With CUDA's default release
-        // threshold (0) freed memory goes back to the driver at each synchronization and is
-        // mapped again by later allocations: measured on an H100, that made the scan's
-        // backward 7-11% and the conv1d 1.4x slower inside a long-running process.
-        device.set_pool_release_threshold(u64::MAX)?;
-        Ok(device)
+        })))
     }
 
     pub fn ordinal(&self) -> usize {
@@ -209,29 +203,6 @@ impl CudaDevice {
                 pool,
                 sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
                 (&mut zero) as *mut u64 as *mut _,
-            )
-        }
-        .result()
-        .map_err(|e| Error::driver("cuMemPoolSetAttribute", e))
-    }
-
-    /// How many freed bytes the device's default pool (where this crate allocates) keeps
-    /// reserved across synchronizations instead of returning them to the driver.
-    /// [`CudaDevice::new`] sets `u64::MAX`: freed memory stays in the pool for the next
-    /// allocation, as in PyTorch's caching allocator, and other processes do not get it back
-    /// until the pool is trimmed or the process ends. `0` (CUDA's default) returns it at each
-    /// synchronization, at a measured cost in speed. The pool is the device's, shared with
-    /// anything else in the process that allocates from it.
-    pub fn set_pool_release_threshold(&self, bytes: u64) -> Result<()> {
-        let pool = self.default_pool()?;
-        let mut value = bytes;
-        // SAFETY: RELEASE_THRESHOLD is a u64 attribute of the device's default pool; `value`
-        // is a valid u64 pointer for the call.
-        unsafe {
-            sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut value) as *mut u64 as *mut _,
             )
         }
         .result()
