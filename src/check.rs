@@ -400,6 +400,20 @@ pub fn scan_tolerance(dtype: DType) -> f64 {
     }
 }
 
+/// [`relative_error`] of a device or host tensor against its reference.
+fn tensor_error(t: &Tensor, reference: &[f64]) -> Result<f64> {
+    Ok(relative_error(&t.to_f64_vec()?, reference))
+}
+
+/// [`tensor_error`] of an optional gradient: 0 when both are absent, infinite when only one is.
+fn optional_error(t: &Option<Tensor>, reference: &Option<Vec<f64>>) -> Result<f64> {
+    match (t, reference) {
+        (Some(t), Some(r)) => tensor_error(t, r),
+        (None, None) => Ok(0.0),
+        _ => Ok(f64::INFINITY),
+    }
+}
+
 /// One random selective-scan problem: which optional inputs it has and how large.
 #[derive(Clone, Debug)]
 pub struct ScanCase {
@@ -581,14 +595,7 @@ impl ScanCase {
         let (dout_d, dlast_d) = (dout.to_device(device)?, dlast.as_ref().map(|t| t.to_device(device)).transpose()?);
         let (out, ckpt) = selective_scan_for_backward(&inputs)?;
         let g = selective_scan_backward(&inputs, &dout_d, dlast_d.as_ref(), self.checkpoints.then_some(&ckpt))?;
-        let err = |t: &Tensor, r: &[f64]| -> Result<f64> { Ok(relative_error(&t.to_f64_vec()?, r)) };
-        let opt = |t: &Option<Tensor>, r: &Option<Vec<f64>>| -> Result<f64> {
-            match (t, r) {
-                (Some(t), Some(r)) => err(t, r),
-                (None, None) => Ok(0.0),
-                _ => Ok(f64::INFINITY),
-            }
-        };
+        let (err, opt) = (tensor_error, optional_error);
         Ok(vec![
             ("out", err(&out.out, &f_ref.out)?),
             ("last_state", err(&out.last_state, &f_ref.last_state)?),
@@ -806,14 +813,7 @@ impl ConvCase {
         let (dout_d, dfinal_d) = (dout.to_device(device)?, dfinal.as_ref().map(|t| t.to_device(device)).transpose()?);
         let out = causal_conv1d(&inputs)?;
         let g = causal_conv1d_backward(&inputs, &dout_d, dfinal_d.as_ref())?;
-        let err = |t: &Tensor, r: &[f64]| -> Result<f64> { Ok(relative_error(&t.to_f64_vec()?, r)) };
-        let opt = |t: &Option<Tensor>, r: &Option<Vec<f64>>| -> Result<f64> {
-            match (t, r) {
-                (Some(t), Some(r)) => err(t, r),
-                (None, None) => Ok(0.0),
-                _ => Ok(f64::INFINITY),
-            }
-        };
+        let (err, opt) = (tensor_error, optional_error);
         Ok(vec![
             ("out", err(&out.out, &f_ref.out)?),
             ("final_state", err(&out.final_state, &f_ref.final_state)?),

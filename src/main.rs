@@ -585,13 +585,7 @@ fn run(device: &Device, opts: &mut Options) -> Result<()> {
     let input = opts.input.take().ok_or_else(|| missing("--input"))?;
     let output = opts.output.take().ok_or_else(|| missing("--output"))?;
     let tensors = load_safetensors(&input, device)?;
-    let get = |name: &'static str| {
-        tensors.get(name).ok_or_else(|| Error::InvalidArgument {
-            arg: name,
-            expected: format!("a tensor `{name}` in {input}"),
-            found: "none".into(),
-        })
-    };
+    let get = |name: &'static str| required(&tensors, name, &input);
     if op.starts_with("selective_scan") {
         return run_scan(device, &op, &tensors, opts.softplus, &input, &output);
     }
@@ -635,11 +629,7 @@ fn run(device: &Device, opts: &mut Options) -> Result<()> {
         }
         other => return Err(Error::InvalidArgument { arg: "OP", expected: OPS.into(), found: other.into() }),
     };
-    let refs: Vec<(&str, &Tensor)> = outputs.iter().map(|(n, t)| (*n, t)).collect();
-    save_safetensors(&output, &refs)?;
-    let names: Vec<&str> = outputs.iter().map(|(n, _)| *n).collect();
-    println!("{op} on {device}: x {:?} {} -> {names:?}, written to {output}", x.shape(), x.dtype());
-    Ok(())
+    save_outputs(&op, device, ("x", x), &outputs, &output)
 }
 
 fn run_scan(
@@ -650,13 +640,7 @@ fn run_scan(
     input: &str,
     output: &str,
 ) -> Result<()> {
-    let get = |name: &'static str| {
-        tensors.get(name).ok_or_else(|| Error::InvalidArgument {
-            arg: name,
-            expected: format!("a tensor `{name}` in {input}"),
-            found: "none".into(),
-        })
-    };
+    let get = |name: &'static str| required(tensors, name, input);
     let inputs = ScanInputs {
         d: tensors.get("D"),
         z: tensors.get("z"),
@@ -687,11 +671,7 @@ fn run_scan(
             })
         }
     };
-    let refs: Vec<(&str, &Tensor)> = outputs.iter().map(|(n, t)| (*n, t)).collect();
-    save_safetensors(output, &refs)?;
-    let names: Vec<&str> = outputs.iter().map(|(n, _)| *n).collect();
-    println!("{op} on {device}: u {:?} {} -> {names:?}, written to {output}", inputs.u.shape(), inputs.u.dtype());
-    Ok(())
+    save_outputs(op, device, ("u", inputs.u), &outputs, output)
 }
 
 fn run_conv(
@@ -702,13 +682,7 @@ fn run_conv(
     input: &str,
     output: &str,
 ) -> Result<()> {
-    let get = |name: &'static str| {
-        tensors.get(name).ok_or_else(|| Error::InvalidArgument {
-            arg: name,
-            expected: format!("a tensor `{name}` in {input}"),
-            found: "none".into(),
-        })
-    };
+    let get = |name: &'static str| required(tensors, name, input);
     let x = get("x")?;
     let inputs = ConvInputs {
         bias: tensors.get("bias"),
@@ -741,9 +715,35 @@ fn run_conv(
             })
         }
     };
+    save_outputs(op, device, ("x", x), &outputs, output)
+}
+
+/// Tensor `name` of the input file, or an error naming it.
+fn required<'a>(
+    tensors: &'a std::collections::HashMap<String, Tensor>,
+    name: &'static str,
+    input: &str,
+) -> Result<&'a Tensor> {
+    tensors.get(name).ok_or_else(|| Error::InvalidArgument {
+        arg: name,
+        expected: format!("a tensor `{name}` in {input}"),
+        found: "none".into(),
+    })
+}
+
+/// Writes an op's named outputs to `output` and says what ran on what (`input`: the main
+/// input's name and tensor).
+fn save_outputs(
+    op: &str,
+    device: &Device,
+    input: (&str, &Tensor),
+    outputs: &[(&str, Tensor)],
+    output: &str,
+) -> Result<()> {
     let refs: Vec<(&str, &Tensor)> = outputs.iter().map(|(n, t)| (*n, t)).collect();
     save_safetensors(output, &refs)?;
     let names: Vec<&str> = outputs.iter().map(|(n, _)| *n).collect();
-    println!("{op} on {device}: x {:?} {} -> {names:?}, written to {output}", x.shape(), x.dtype());
+    let (name, t) = input;
+    println!("{op} on {device}: {name} {:?} {} -> {names:?}, written to {output}", t.shape(), t.dtype());
     Ok(())
 }

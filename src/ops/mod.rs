@@ -8,3 +8,19 @@ pub mod kan;
 pub mod selective_scan;
 pub mod sequence_resets;
 pub mod spline_activation;
+
+/// Pushes `t`'s device slice as a kernel argument, or `null` (a `0u64` the caller keeps alive)
+/// when the optional input is absent; the kernels test a flag before reading it.
+pub(crate) fn push_opt<'a, T: crate::tensor::CudaElement>(
+    args: &mut cudarc::driver::LaunchArgs<'a>,
+    t: Option<&'a crate::tensor::Tensor>,
+    arg: &'static str,
+    null: &'a u64,
+) -> crate::error::Result<()> {
+    use cudarc::driver::PushKernelArg;
+    match t {
+        Some(t) => args.arg(t.cuda_slice::<T>(arg)?),
+        None => args.arg(null),
+    };
+    Ok(())
+}

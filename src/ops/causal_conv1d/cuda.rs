@@ -5,6 +5,7 @@ use crate::device::CudaDevice;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernels::KernelModule;
+use crate::ops::push_opt;
 use crate::tensor::{CudaElement, Tensor};
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
@@ -126,19 +127,6 @@ fn params(dims: &ConvDims, inputs: &ConvInputs) -> Result<(ConvParams, LaunchCon
 /// Empty problems (no batch, channel or step) go through the reference and are copied over.
 fn degenerate(dims: &ConvDims) -> bool {
     dims.batch == 0 || dims.dim == 0 || dims.len == 0
-}
-
-fn push_opt<'a, T: CudaElement>(
-    args: &mut cudarc::driver::LaunchArgs<'a>,
-    t: Option<&'a Tensor>,
-    arg: &'static str,
-    null: &'a u64,
-) -> Result<()> {
-    match t {
-        Some(t) => args.arg(t.cuda_slice::<T>(arg)?),
-        None => args.arg(null),
-    };
-    Ok(())
 }
 
 pub(super) fn forward(dev: &CudaDevice, inputs: &ConvInputs, dims: &ConvDims) -> Result<ConvOutput> {

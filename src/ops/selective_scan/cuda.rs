@@ -5,6 +5,7 @@ use crate::device::CudaDevice;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernels::KernelModule;
+use crate::ops::push_opt;
 use crate::tensor::{CudaElement, Tensor};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -284,19 +285,6 @@ fn push_bc<'a, T: CudaElement>(
     } else {
         args.arg(null).arg(t.cuda_slice::<f32>(arg)?);
     }
-    Ok(())
-}
-
-fn push_opt<'a, T: CudaElement>(
-    args: &mut cudarc::driver::LaunchArgs<'a>,
-    t: Option<&'a Tensor>,
-    arg: &'static str,
-    null: &'a u64,
-) -> Result<()> {
-    match t {
-        Some(t) => args.arg(t.cuda_slice::<T>(arg)?),
-        None => args.arg(null),
-    };
     Ok(())
 }
 
