@@ -46,7 +46,7 @@ done
 
 for tool in ${SANITIZER_TOOLS:-memcheck racecheck initcheck synccheck}; do
   stage sanitizer || break
-  for name in ${SANITIZER_SUITES:-bspline_gpu kan_gpu spline_activation selective_scan_gpu causal_conv1d_gpu tensor}; do
+  for name in ${SANITIZER_SUITES:-bspline_gpu kan_gpu spline_activation selective_scan_gpu causal_conv1d_gpu mlstm_gpu tensor}; do
     log="$out/sanitizer-$tool-$name.log"
     PROPTEST_CASES=${SANITIZER_CASES:-12} "$san" --tool "$tool" --error-exitcode 99 --print-limit 100 \
       "tests/$name" --test-threads=1 >"$log" 2>&1

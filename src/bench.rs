@@ -80,6 +80,15 @@ pub fn time_host(reps: Repeats, mut f: impl FnMut(usize) -> Result<()>) -> Resul
     Ok(Timing::from_samples(us))
 }
 
+/// Times `f(i)` by CUDA events on a GPU, or on the host clock with at most two calls (the
+/// CPU path is the f64 reference: slow, and timed only to show it runs).
+pub fn time_on(device: &Device, reps: Repeats, f: impl FnMut(usize) -> Result<()>) -> Result<Timing> {
+    match device {
+        Device::Cuda(dev) => time_cuda(dev, reps, f),
+        Device::Cpu => time_host(Repeats { warmup: 0, iters: reps.iters.min(2) }, f),
+    }
+}
+
 /// Device-to-device copy bandwidth in GB/s (bytes read plus bytes written), on a
 /// buffer far larger than L2.
 pub fn copy_bandwidth_gbs(dev: &CudaDevice, reps: Repeats) -> Result<f64> {
@@ -712,6 +721,134 @@ pub fn bench_conv_step(
         timing,
         bytes,
         flops: 0.0,
+        copy_gbs,
+        target_us: None,
+        peak_extra_bytes: None,
+    })
+}
+
+/// A standard mLSTM benchmark shape: batch, heads, sequence length, head dimension (dqk =
+/// dhv).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MlstmShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub len: usize,
+    pub head_dim: usize,
+}
+
+impl MlstmShape {
+    pub const D128: MlstmShape = MlstmShape { batch: 8, heads: 16, len: 4096, head_dim: 128 };
+    pub const D256: MlstmShape = MlstmShape { batch: 8, heads: 8, len: 4096, head_dim: 256 };
+}
+
+/// The targets (H100, bf16): forward 400 µs at D128, 600 µs at D256.
+pub fn mlstm_target_us(shape: MlstmShape, dtype: DType) -> Option<f64> {
+    match (shape, dtype) {
+        (MlstmShape::D128, DType::BF16) => Some(400.0),
+        (MlstmShape::D256, DType::BF16) => Some(600.0),
+        _ => None,
+    }
+}
+
+/// Benchmarks the mLSTM forward (`mlstm`, no initial state) at `shape`, chunk `chunk` (None:
+/// the default); two input sets rotate on the GPU.
+pub fn bench_mlstm(
+    device: &Device,
+    dtype: DType,
+    shape: MlstmShape,
+    chunk: Option<usize>,
+    reps: Repeats,
+    copy_gbs: Option<f64>,
+) -> Result<BenchRow> {
+    use crate::check::MlstmCase;
+    use crate::ops::mlstm::mlstm;
+    let MlstmShape { batch, heads, len, head_dim: d } = shape;
+    let case = MlstmCase { chunk, ..MlstmCase::new(batch, heads, len, d, d, dtype) };
+    let sets = if device.is_cuda() { 2 } else { 1 };
+    let mut rng = Rng::new(0x3157);
+    let data = (0..sets).map(|_| case.tensors(&mut rng)?.to_device(device)).collect::<Result<Vec<_>>>()?;
+    let timing = time_on(device, reps, |i| mlstm(&data[i % sets].inputs()).map(drop))?;
+    let tokens = (batch * heads * len) as f64;
+    let (es, d) = (dtype.size_in_bytes() as f64, d as f64);
+    // Read q, k, v and the gates; write h.
+    let bytes = tokens * (4.0 * d * es + 8.0);
+    // Causal halves of Q K^T and P V per chunk, Q C and K^T V at every step.
+    let l = match device {
+        Device::Cuda(dev) => crate::ops::mlstm::forward_tiling(dev, &case_dims(&case), chunk)?.chunk as f64,
+        Device::Cpu => 1.0,
+    };
+    let flops = tokens * (2.0 * l * d + 4.0 * d * d);
+    Ok(BenchRow {
+        op: format!("mlstm forward (chunk {l})"),
+        dtype,
+        shape: format!("B{batch} NH{heads} S{len} D{}", shape.head_dim),
+        device: device.to_string(),
+        timing,
+        bytes,
+        flops,
+        copy_gbs,
+        target_us: mlstm_target_us(shape, dtype),
+        peak_extra_bytes: None,
+    })
+}
+
+fn case_dims(case: &crate::check::MlstmCase) -> crate::ops::mlstm::MlstmDims {
+    crate::ops::mlstm::MlstmDims {
+        batch: case.batch,
+        heads: case.heads,
+        len: case.len,
+        dqk: case.dqk,
+        dhv: case.dhv,
+        dtype: case.dtype,
+    }
+}
+
+/// Benchmarks one decoding step (`mlstm_step`) at `batch` x 16 heads, head dim 128; states
+/// rotate among copies (up to 16, or as many as exceed ~150 MB).
+pub fn bench_mlstm_step(
+    device: &Device,
+    dtype: DType,
+    batch: usize,
+    reps: Repeats,
+    copy_gbs: Option<f64>,
+) -> Result<BenchRow> {
+    use crate::check::MlstmCase;
+    use crate::ops::mlstm::{mlstm_step, DEFAULT_EPS};
+    let (heads, d) = (16, 128);
+    let state_bytes = batch * heads * (d * d + d + 1) * 4;
+    let sets = if device.is_cuda() { (150_000_000 / state_bytes).clamp(2, 16) } else { 1 };
+    let case = MlstmCase { with_init: true, ..MlstmCase::new(batch, heads, 1, d, d, dtype) };
+    let mut rng = Rng::new(0x57E9);
+    let mut data = Vec::with_capacity(sets);
+    for _ in 0..sets {
+        let t = case.tensors(&mut rng)?.to_device(device)?;
+        let shape_qk = [batch, heads, d];
+        let q = t.q.clone().reshape(&shape_qk)?;
+        let k = t.k.clone().reshape(&shape_qk)?;
+        let v = t.v.clone().reshape(&shape_qk)?;
+        let i = t.i.clone().reshape(&[batch, heads])?;
+        let f = t.f.clone().reshape(&[batch, heads])?;
+        let state = t.initial.clone().ok_or_else(|| Error::invalid("state", "an initial state", "none"))?;
+        data.push((state, q, k, v, i, f));
+    }
+    let timing = time_on(device, reps, |n| {
+        let (state, q, k, v, i, f) = &mut data[n % sets];
+        mlstm_step(state, q, k, v, i, f, DEFAULT_EPS).map(drop)
+    })?;
+    let es = dtype.size_in_bytes() as f64;
+    let hb = (batch * heads) as f64;
+    let dd = d as f64;
+    // Read and write C, n, m; read q, k, v and the gates; write h.
+    let bytes = hb * (2.0 * 4.0 * (dd * dd + dd + 1.0) + 4.0 * dd * es + 8.0);
+    Ok(BenchRow {
+        op: "mlstm_step (decode)".into(),
+        dtype,
+        shape: format!("B{batch} NH{heads} D{d}"),
+        device: device.to_string(),
+        timing,
+        bytes,
+        flops: hb * 4.0 * dd * dd,
         copy_gbs,
         target_us: None,
         peak_extra_bytes: None,

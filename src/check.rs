@@ -873,3 +873,230 @@ pub fn decode_against_conv(
     let last: Vec<f64> = (0..rows).flat_map(|r| st[r * state_len + state_len - sl..][..sl].to_vec()).collect();
     Ok((relative_error(&outs, &conv.out.to_f64_vec()?), relative_error(&last, &conv.final_state.to_f64_vec()?)))
 }
+
+/// Tolerance of the mLSTM's h ([`scaled_error`] against the f64 recurrence on the same
+/// rounded inputs, scaled by [`crate::ops::mlstm::cpu::h_magnitude`]) and final states
+/// ([`relative_error`]). f32: FMA sums over a chunk and the head
+/// dimension, gates through `__expf`. bf16 / f16: the tensor-core products take P (the gated
+/// scores) and the carried C rounded to the element type, two roundings beyond the output's
+/// (2^-9 / 2^-11 each), so five times the rounding step.
+pub fn mlstm_tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 2e-5,
+        DType::BF16 => 1e-2,
+        DType::F16 => 2.5e-3,
+    }
+}
+
+/// One random mLSTM problem.
+#[derive(Clone, Debug)]
+pub struct MlstmCase {
+    pub batch: usize,
+    pub heads: usize,
+    pub len: usize,
+    pub dqk: usize,
+    pub dhv: usize,
+    pub with_init: bool,
+    pub with_dfinal: bool,
+    /// Input gate preactivations are drawn from this range, forget gates from `f_range`.
+    pub i_range: (f64, f64),
+    pub f_range: (f64, f64),
+    /// q, k, v are drawn from ±`scale`.
+    pub scale: f64,
+    pub chunk: Option<usize>,
+    pub dtype: DType,
+}
+
+/// The tensors of an [`MlstmCase`], owned.
+#[derive(Clone, Debug)]
+pub struct MlstmTensors {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub i: Tensor,
+    pub f: Tensor,
+    pub initial: Option<crate::ops::mlstm::MlstmState>,
+    pub chunk: Option<usize>,
+}
+
+impl MlstmTensors {
+    pub fn inputs(&self) -> crate::ops::mlstm::MlstmInputs<'_> {
+        crate::ops::mlstm::MlstmInputs {
+            initial: self.initial.as_ref(),
+            chunk: self.chunk,
+            ..crate::ops::mlstm::MlstmInputs::new(&self.q, &self.k, &self.v, &self.i, &self.f)
+        }
+    }
+
+    pub fn to_device(&self, device: &Device) -> Result<MlstmTensors> {
+        Ok(MlstmTensors {
+            q: self.q.to_device(device)?,
+            k: self.k.to_device(device)?,
+            v: self.v.to_device(device)?,
+            i: self.i.to_device(device)?,
+            f: self.f.to_device(device)?,
+            initial: self.initial.as_ref().map(|s| s.to_device(device)).transpose()?,
+            chunk: self.chunk,
+        })
+    }
+}
+
+impl MlstmCase {
+    /// Gates as xLSTM's layers see them early in training: i in [-3, 3], f in [-2, 6].
+    pub fn new(batch: usize, heads: usize, len: usize, dqk: usize, dhv: usize, dtype: DType) -> MlstmCase {
+        MlstmCase {
+            batch,
+            heads,
+            len,
+            dqk,
+            dhv,
+            with_init: false,
+            with_dfinal: false,
+            i_range: (-3.0, 3.0),
+            f_range: (-2.0, 6.0),
+            scale: 1.0,
+            chunk: None,
+            dtype,
+        }
+    }
+
+    /// Strongly negative forget gates and large input gates: the max state moves by tens
+    /// every step.
+    pub fn extreme_gates(self) -> MlstmCase {
+        MlstmCase { i_range: (5.0, 30.0), f_range: (-30.0, -5.0), ..self }
+    }
+
+    fn state_dims(&self) -> (usize, usize, usize, usize) {
+        (self.batch, self.heads, self.dqk, self.dhv)
+    }
+
+    fn random_state(&self, rng: &mut Rng, m_range: (f64, f64)) -> Result<crate::ops::mlstm::MlstmState> {
+        let (b, h, dk, dv) = self.state_dims();
+        let mut gen = |n: usize, lo: f64, hi: f64| -> Vec<f32> { (0..n).map(|_| rng.uniform(lo, hi) as f32).collect() };
+        let dev = Device::Cpu;
+        Ok(crate::ops::mlstm::MlstmState {
+            c: Tensor::from_f32(&gen(b * h * dk * dv, -1.0, 1.0), &[b, h, dk, dv], DType::F32, &dev)?,
+            n: Tensor::from_f32(&gen(b * h * dk, -1.0, 1.0), &[b, h, dk], DType::F32, &dev)?,
+            m: Tensor::from_f32(&gen(b * h, m_range.0, m_range.1), &[b, h], DType::F32, &dev)?,
+        })
+    }
+
+    /// Inputs on the host.
+    pub fn tensors(&self, rng: &mut Rng) -> Result<MlstmTensors> {
+        let dev = Device::Cpu;
+        let (b, h, l) = (self.batch, self.heads, self.len);
+        let mut gen = |n: usize, lo: f64, hi: f64| -> Vec<f32> { (0..n).map(|_| rng.uniform(lo, hi) as f32).collect() };
+        let s = self.scale;
+        let q = Tensor::from_f32(&gen(b * h * l * self.dqk, -s, s), &[b, h, l, self.dqk], self.dtype, &dev)?;
+        let k = Tensor::from_f32(&gen(b * h * l * self.dqk, -s, s), &[b, h, l, self.dqk], self.dtype, &dev)?;
+        let v = Tensor::from_f32(&gen(b * h * l * self.dhv, -s, s), &[b, h, l, self.dhv], self.dtype, &dev)?;
+        let i = Tensor::from_f32(&gen(b * h * l, self.i_range.0, self.i_range.1), &[b, h, l], DType::F32, &dev)?;
+        let f = Tensor::from_f32(&gen(b * h * l, self.f_range.0, self.f_range.1), &[b, h, l], DType::F32, &dev)?;
+        let initial = self.with_init.then(|| self.random_state(rng, (-2.0, 2.0))).transpose()?;
+        Ok(MlstmTensors { q, k, v, i, f, initial, chunk: self.chunk })
+    }
+
+    /// The forward on `device` against the f64 recurrence: `(name, error)` of h
+    /// ([`scaled_error`] against [`crate::ops::mlstm::cpu::h_magnitude`]) and the final C, n
+    /// and m ([`relative_error`]).
+    pub fn run_forward(&self, seed: u64, device: &Device) -> Result<Vec<(&'static str, f64)>> {
+        use crate::ops::mlstm::{cpu, mlstm};
+        let host = self.tensors(&mut Rng::new(seed))?;
+        let p = host.inputs().to_f64()?;
+        let r = cpu::forward_recurrent(&p);
+        let dev_t = host.to_device(device)?;
+        let out = mlstm(&dev_t.inputs())?;
+        Ok(vec![
+            ("h", scaled_error(&out.h.to_f64_vec()?, &r.h, &cpu::h_magnitude(&p))),
+            ("final.c", tensor_error(&out.final_state.c, &r.final_state.c)?),
+            ("final.n", tensor_error(&out.final_state.n, &r.final_state.n)?),
+            ("final.m", tensor_error(&out.final_state.m, &r.final_state.m)?),
+        ])
+    }
+
+    /// Every gradient on `device` against the f64 reference backward.
+    pub fn run_backward(
+        &self,
+        seed: u64,
+        device: &Device,
+        mode: crate::ops::mlstm::NormalizerGrad,
+    ) -> Result<Vec<(&'static str, f64)>> {
+        use crate::ops::mlstm::{cpu, mlstm_backward};
+        let mut rng = Rng::new(seed);
+        let host = self.tensors(&mut rng)?;
+        let (b, h, l) = (self.batch, self.heads, self.len);
+        let dh_v: Vec<f32> = (0..b * h * l * self.dhv).map(|_| rng.uniform(-1.0, 1.0) as f32).collect();
+        let dh = Tensor::from_f32(&dh_v, &[b, h, l, self.dhv], self.dtype, &Device::Cpu)?;
+        let dfinal = self.with_dfinal.then(|| self.random_state(&mut rng, (-1.0, 1.0))).transpose()?;
+        let p = host.inputs().to_f64()?;
+        let dfinal64 = dfinal
+            .as_ref()
+            .map(|s| -> Result<cpu::State64> {
+                Ok(cpu::State64 { c: s.c.to_f64_vec()?, n: s.n.to_f64_vec()?, m: s.m.to_f64_vec()? })
+            })
+            .transpose()?;
+        let g_ref = cpu::backward(&p, &dh.to_f64_vec()?, dfinal64.as_ref(), mode);
+        let dev_t = host.to_device(device)?;
+        let dfinal_d = dfinal.as_ref().map(|s| s.to_device(device)).transpose()?;
+        let g = mlstm_backward(&dev_t.inputs(), &dh.to_device(device)?, dfinal_d.as_ref(), mode)?;
+        let (gi, ri) = (g.dinitial.as_ref(), g_ref.dinitial.as_ref());
+        let state_err = |pick: fn(&crate::ops::mlstm::MlstmState) -> &Tensor,
+                         pick64: fn(&cpu::State64) -> &Vec<f64>| {
+            match (gi, ri) {
+                (Some(a), Some(b)) => tensor_error(pick(a), pick64(b)),
+                (None, None) => Ok(0.0),
+                _ => Ok(f64::INFINITY),
+            }
+        };
+        Ok(vec![
+            ("dq", tensor_error(&g.dq, &g_ref.dq)?),
+            ("dk", tensor_error(&g.dk, &g_ref.dk)?),
+            ("dv", tensor_error(&g.dv, &g_ref.dv)?),
+            ("di", tensor_error(&g.di, &g_ref.di)?),
+            ("df", tensor_error(&g.df, &g_ref.df)?),
+            ("dinitial.c", state_err(|s| &s.c, |s| &s.c)?),
+            ("dinitial.n", state_err(|s| &s.n, |s| &s.n)?),
+            ("dinitial.m", state_err(|s| &s.m, |s| &s.m)?),
+        ])
+    }
+}
+
+/// Decoding an [`MlstmCase`] token by token with `mlstm_step` from its initial state
+/// against one `mlstm` pass over the sequence, both on `device`: the error of h (all tokens;
+/// [`scaled_error`] as in [`MlstmCase::run_forward`]) and the relative errors of the final
+/// C, n and m.
+pub fn decode_against_mlstm(case: &MlstmCase, seed: u64, device: &Device) -> Result<[f64; 4]> {
+    use crate::ops::mlstm::{mlstm, mlstm_step, MlstmState};
+    let host = case.tensors(&mut Rng::new(seed))?;
+    let dev_t = host.to_device(device)?;
+    let seq = mlstm(&dev_t.inputs())?;
+    let (b, h, l, dk, dv) = (case.batch, case.heads, case.len, case.dqk, case.dhv);
+    let mut state = match &dev_t.initial {
+        Some(s) => s.clone(),
+        None => MlstmState::zeros(b, h, dk, dv, device)?,
+    };
+    let (q, k, v) = (host.q.to_f32_vec()?, host.k.to_f32_vec()?, host.v.to_f32_vec()?);
+    let (ig, fg) = (host.i.to_f32_vec()?, host.f.to_f32_vec()?);
+    let mut outs = vec![0.0f64; b * h * l * dv];
+    let pick = |x: &[f32], t: usize, d: usize| -> Vec<f32> {
+        (0..b * h).flat_map(|hd| x[(hd * l + t) * d..(hd * l + t + 1) * d].to_vec()).collect()
+    };
+    for t in 0..l {
+        let qt = Tensor::from_f32(&pick(&q, t, dk), &[b, h, dk], case.dtype, device)?;
+        let kt = Tensor::from_f32(&pick(&k, t, dk), &[b, h, dk], case.dtype, device)?;
+        let vt = Tensor::from_f32(&pick(&v, t, dv), &[b, h, dv], case.dtype, device)?;
+        let it = Tensor::from_f32(&pick(&ig, t, 1), &[b, h], DType::F32, device)?;
+        let ft = Tensor::from_f32(&pick(&fg, t, 1), &[b, h], DType::F32, device)?;
+        let y = mlstm_step(&mut state, &qt, &kt, &vt, &it, &ft, crate::ops::mlstm::DEFAULT_EPS)?.to_f64_vec()?;
+        for hd in 0..b * h {
+            outs[(hd * l + t) * dv..(hd * l + t + 1) * dv].copy_from_slice(&y[hd * dv..(hd + 1) * dv]);
+        }
+    }
+    let magnitude = crate::ops::mlstm::cpu::h_magnitude(&host.inputs().to_f64()?);
+    Ok([
+        scaled_error(&outs, &seq.h.to_f64_vec()?, &magnitude),
+        tensor_error(&state.c, &seq.final_state.c.to_f64_vec()?)?,
+        tensor_error(&state.n, &seq.final_state.n.to_f64_vec()?)?,
+        tensor_error(&state.m, &seq.final_state.m.to_f64_vec()?)?,
+    ])
+}

@@ -101,6 +101,7 @@ struct CudaDeviceInner {
     name: String,
     compute_capability: (i32, i32),
     multiprocessors: u32,
+    max_shared_per_block: usize,
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<KernelModule, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(KernelModule, &'static str), CudaFunction>>,
@@ -134,6 +135,7 @@ impl CudaDevice {
         let compute_capability =
             (attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?, attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?);
         let multiprocessors = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as u32;
+        let max_shared_per_block = attr(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(0) as usize;
         let name = ctx.name().map_err(|e| Error::driver("cuDeviceGetName", e))?;
         let stream = ctx.new_stream().map_err(|e| Error::driver("creating a stream", e))?;
         Ok(CudaDevice(Arc::new(CudaDeviceInner {
@@ -141,6 +143,7 @@ impl CudaDevice {
             name,
             compute_capability,
             multiprocessors,
+            max_shared_per_block,
             stream,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
@@ -163,6 +166,11 @@ impl CudaDevice {
 
     pub fn multiprocessors(&self) -> u32 {
         self.0.multiprocessors
+    }
+
+    /// The most shared memory one block may ask for (bytes, after opting in).
+    pub fn max_shared_memory_per_block(&self) -> usize {
+        self.0.max_shared_per_block
     }
 
     /// The stream every operation on this device is queued on, in order.

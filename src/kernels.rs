@@ -13,6 +13,7 @@ pub enum KernelModule {
     SplineActivation,
     SelectiveScan,
     CausalConv1d,
+    Mlstm,
 }
 
 impl KernelModule {
@@ -23,6 +24,7 @@ impl KernelModule {
         KernelModule::SplineActivation,
         KernelModule::SelectiveScan,
         KernelModule::CausalConv1d,
+        KernelModule::Mlstm,
     ];
 
     /// The source stem: `cuda/<name>.cu`, `ptx/<name>.ptx`.
@@ -34,6 +36,7 @@ impl KernelModule {
             KernelModule::SplineActivation => "spline_activation",
             KernelModule::SelectiveScan => "selective_scan",
             KernelModule::CausalConv1d => "causal_conv1d",
+            KernelModule::Mlstm => "mlstm",
         }
     }
 
@@ -45,6 +48,7 @@ impl KernelModule {
             KernelModule::SplineActivation => include_str!(concat!(env!("OUT_DIR"), "/spline_activation.ptx")),
             KernelModule::SelectiveScan => include_str!(concat!(env!("OUT_DIR"), "/selective_scan.ptx")),
             KernelModule::CausalConv1d => include_str!(concat!(env!("OUT_DIR"), "/causal_conv1d.ptx")),
+            KernelModule::Mlstm => include_str!(concat!(env!("OUT_DIR"), "/mlstm.ptx")),
         }
     }
 

@@ -1,16 +1,21 @@
 //! `hybrid-kernels`: device info, kernel checks against the CPU references, benchmarks,
 //! and running one op on user tensors. With no arguments: `info`, `check`, short `bench`.
 
-use hybrid_kernels::bench::{self, BenchRow, ConvPass, KanPass, Repeats, ScanPass, BASIS_SHAPES, KAN_SHAPES};
+use hybrid_kernels::bench::{
+    self, BenchRow, ConvPass, KanPass, MlstmShape, Repeats, ScanPass, BASIS_SHAPES, KAN_SHAPES,
+};
 use hybrid_kernels::check::{
-    conv_tolerance, decode_against_conv, kan_tolerance, scan_tolerance, tolerance, ActivationCase, BasisCase, ConvCase,
-    GridLayout, KanCase, Rng, ScanCase,
+    conv_tolerance, decode_against_conv, decode_against_mlstm, kan_tolerance, mlstm_tolerance, scan_tolerance,
+    tolerance, ActivationCase, BasisCase, ConvCase, GridLayout, KanCase, MlstmCase, Rng, ScanCase,
 };
 use hybrid_kernels::device::{cuda_device_count, driver_available, driver_version};
 use hybrid_kernels::kernels::{KernelModule, PTX_ORIGIN};
 use hybrid_kernels::ops::bspline::{self, BasisKind, KnotGrid};
 use hybrid_kernels::ops::causal_conv1d::{causal_conv1d, causal_conv1d_backward, causal_conv1d_update, ConvInputs};
 use hybrid_kernels::ops::kan::{KanForwardPath, KanLinear, KanLinearConfig};
+use hybrid_kernels::ops::mlstm::{
+    mlstm, mlstm_backward, mlstm_step, MlstmInputs, MlstmState, NormalizerGrad, DEFAULT_EPS,
+};
 use hybrid_kernels::ops::selective_scan::{selective_scan, selective_scan_backward, ScanInputs};
 use hybrid_kernels::ops::spline_activation::SplineActivation;
 use hybrid_kernels::{load_safetensors, save_safetensors, DType, Device, Error, Result, Tensor};
@@ -24,7 +29,8 @@ commands:
   check [--seed N]         every kernel against its f64 CPU reference on random inputs
   bench [GROUP] [--json] [--short]
                            every kernel at standard shapes (CUDA events, median);
-                           GROUP (basis, kan, activation, scan, conv) times only
+                           GROUP (basis, kan, activation, scan, conv, mlstm) times
+                           only
                            that group
   run OP --input IN.safetensors --output OUT.safetensors [--order K]
                            run one op on your tensors (K: spline order, default 3).
@@ -53,6 +59,16 @@ commands:
                                -> dx, dweight[, dbias, dinitial_state]
                              causal_conv1d_update: x (B, D[, T]), weight[, bias] and
                                state (B, D, S >= W-1) -> out, state
+                           The mLSTM takes q, k (B, NH, S, DQK), v (B, NH, S, DHV), i, f
+                           (B, NH, S) f32 and optionally an initial state c (B, NH, DQK,
+                           DHV), n (B, NH, DQK), m (B, NH), all f32; --chunk N picks the
+                           GPU chunk (16, 32, 64, 128):
+                             mlstm -> h, c, n, m (the final state)
+                             mlstm_backward: the same and dh[, dc, dn, dm]; --constant-
+                               normalizer holds the denominator and m constant (as
+                               mlstm_kernels does) -> dq, dk, dv, di, df[, dc0, dn0, dm0]
+                             mlstm_step: q, k (B, NH, DQK), v (B, NH, DHV), i, f (B, NH)
+                               and c, n, m -> h, c, n, m
   (none)                   info, check and a short bench
 
 options for every command:
@@ -113,6 +129,8 @@ struct Options {
     short: bool,
     softplus: bool,
     silu: bool,
+    constant_normalizer: bool,
+    chunk: Option<usize>,
     help: bool,
 }
 
@@ -134,6 +152,8 @@ impl Options {
                 "--short" => o.short = true,
                 "--softplus" => o.softplus = true,
                 "--silu" => o.silu = true,
+                "--constant-normalizer" => o.constant_normalizer = true,
+                "--chunk" => o.chunk = Some(parse_num("--chunk", &value("--chunk")?)?),
                 "--device" => o.device = Some(value("--device")?),
                 "--input" => o.input = Some(value("--input")?),
                 "--output" => o.output = Some(value("--output")?),
@@ -376,16 +396,48 @@ fn check(device: &Device, seed: Option<u64>) -> Result<bool> {
             if ok { "pass" } else { "FAIL" }
         );
     }
+    // mLSTM: h and the final state against the f64 recurrence; decoding against the pass.
+    // (batch, heads, len, dqk, dhv, initial state, extreme gates, chunk)
+    type MlstmCheck = (usize, usize, usize, usize, usize, bool, bool, Option<usize>);
+    let mlstm_cases: &[MlstmCheck] = &[
+        (1, 1, 1, 16, 16, true, false, None),
+        (2, 3, 65, 33, 40, false, false, Some(32)),
+        (1, 2, 300, 128, 128, true, true, None),
+        (1, 1, 200, 256, 96, true, false, Some(16)),
+        (2, 2, 130, 64, 64, false, false, Some(128)),
+    ];
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let mut worst = 0.0f64;
+        for &(batch, heads, len, dqk, dhv, init, extreme, chunk) in mlstm_cases {
+            let mut case = MlstmCase { with_init: init, chunk, ..MlstmCase::new(batch, heads, len, dqk, dhv, dtype) };
+            if extreme {
+                case = case.extreme_gates();
+            }
+            worst = case.run_forward(rng.next_u64(), device)?.into_iter().fold(worst, |w, (_, e)| w.max(e));
+            if len <= 70 {
+                worst = decode_against_mlstm(&case, rng.next_u64(), device)?.into_iter().fold(worst, f64::max);
+            }
+        }
+        let tol = mlstm_tolerance(dtype);
+        let ok = worst <= tol;
+        all_ok &= ok;
+        println!(
+            "{:<26} {dtype:<6} {:>7} {worst:>12.3e} {tol:>10.1e}  {}",
+            "mlstm fwd+decode",
+            mlstm_cases.len(),
+            if ok { "pass" } else { "FAIL" }
+        );
+    }
     println!("check: {}\n", if all_ok { "all kernels pass" } else { "FAILURES above" });
     Ok(all_ok)
 }
 
 fn bench_cmd(device: &Device, json: bool, short: bool, group: Option<&str>) -> Result<()> {
-    const GROUPS: [&str; 5] = ["basis", "kan", "activation", "scan", "conv"];
+    const GROUPS: [&str; 6] = ["basis", "kan", "activation", "scan", "conv", "mlstm"];
     if let Some(g) = group.filter(|g| !GROUPS.contains(g)) {
         return Err(Error::InvalidArgument {
             arg: "GROUP",
-            expected: "basis, kan, activation, scan or conv".into(),
+            expected: "basis, kan, activation, scan, conv or mlstm".into(),
             found: g.into(),
         });
     }
@@ -494,6 +546,39 @@ fn bench_cmd(device: &Device, json: bool, short: bool, group: Option<&str>) -> R
             }
         }
     }
+    if wanted("mlstm") {
+        if device.is_cuda() {
+            for shape in [MlstmShape::D128, MlstmShape::D256] {
+                for dtype in [DType::BF16, DType::F16, DType::F32] {
+                    if short && dtype == DType::F16 {
+                        continue;
+                    }
+                    rows.push(bench::bench_mlstm(device, dtype, shape, None, reps, copy_gbs)?);
+                }
+            }
+            // Constant tokens (B * NH * S) at D128, bf16; and the other chunk sizes.
+            if !short {
+                for (batch, heads, len) in [(64, 16, 512), (2, 16, 16384), (1, 8, 65536)] {
+                    let shape = MlstmShape { batch, heads, len, head_dim: 128 };
+                    rows.push(bench::bench_mlstm(device, DType::BF16, shape, None, reps, copy_gbs)?);
+                }
+                for chunk in [64, 128] {
+                    rows.push(bench::bench_mlstm(device, DType::BF16, MlstmShape::D128, Some(chunk), reps, copy_gbs)?);
+                }
+            }
+        } else {
+            let shape = MlstmShape { batch: 1, heads: 2, len: 64, head_dim: 16 };
+            rows.push(bench::bench_mlstm(device, DType::F32, shape, None, reps, copy_gbs)?);
+        }
+        for batch in [1usize, 64, 256] {
+            if (short || !device.is_cuda()) && batch != 64 {
+                continue;
+            }
+            for dtype in [DType::BF16, DType::F32] {
+                rows.push(bench::bench_mlstm_step(device, dtype, batch, reps, copy_gbs)?);
+            }
+        }
+    }
     if json {
         println!("{}", to_json(&rows, copy_gbs));
     } else {
@@ -573,8 +658,8 @@ fn to_json(rows: &[BenchRow], copy_gbs: Option<f64>) -> String {
 fn run(device: &Device, opts: &mut Options) -> Result<()> {
     const OPS: &str = "bspline_basis, bspline_basis_derivative, kan_linear, kan_linear_backward, \
                        spline_activation, spline_activation_backward, selective_scan, \
-                       selective_scan_backward, causal_conv1d, causal_conv1d_backward or \
-                       causal_conv1d_update";
+                       selective_scan_backward, causal_conv1d, causal_conv1d_backward, \
+                       causal_conv1d_update, mlstm, mlstm_backward or mlstm_step";
     let op = opts.positional.first().cloned().ok_or_else(|| Error::InvalidArgument {
         arg: "OP",
         expected: OPS.into(),
@@ -591,6 +676,10 @@ fn run(device: &Device, opts: &mut Options) -> Result<()> {
     }
     if op.starts_with("causal_conv1d") {
         return run_conv(device, &op, &tensors, opts.silu, &input, &output);
+    }
+    if op.starts_with("mlstm") {
+        let mode = if opts.constant_normalizer { NormalizerGrad::Constant } else { NormalizerGrad::Exact };
+        return run_mlstm(device, &op, &tensors, (opts.chunk, mode), &input, &output);
     }
     let order = opts.order.unwrap_or(3);
     let grid = KnotGrid::from_knots(get("grid")?, order)?;
@@ -733,6 +822,64 @@ fn required<'a>(
 
 /// Writes an op's named outputs to `output` and says what ran on what (`input`: the main
 /// input's name and tensor).
+fn run_mlstm(
+    device: &Device,
+    op: &str,
+    tensors: &std::collections::HashMap<String, Tensor>,
+    (chunk, mode): (Option<usize>, NormalizerGrad),
+    input: &str,
+    output: &str,
+) -> Result<()> {
+    let get = |name: &'static str| required(tensors, name, input);
+    let state = |c: &str, n: &str, m: &str| -> Option<MlstmState> {
+        Some(MlstmState { c: tensors.get(c)?.clone(), n: tensors.get(n)?.clone(), m: tensors.get(m)?.clone() })
+    };
+    let initial = state("c", "n", "m");
+    let q = get("q")?;
+    let inputs = MlstmInputs {
+        initial: initial.as_ref(),
+        chunk,
+        ..MlstmInputs::new(q, get("k")?, get("v")?, get("i")?, get("f")?)
+    };
+    let final_state = |s: MlstmState| vec![("c", s.c), ("n", s.n), ("m", s.m)];
+    let outputs: Vec<(&str, Tensor)> = match op {
+        "mlstm" => {
+            let o = mlstm(&inputs)?;
+            let mut v = vec![("h", o.h)];
+            v.extend(final_state(o.final_state));
+            v
+        }
+        "mlstm_backward" => {
+            let dfinal = state("dc", "dn", "dm");
+            let g = mlstm_backward(&inputs, get("dh")?, dfinal.as_ref(), mode)?;
+            let mut v = vec![("dq", g.dq), ("dk", g.dk), ("dv", g.dv), ("di", g.di), ("df", g.df)];
+            if let Some(s) = g.dinitial {
+                v.extend([("dc0", s.c), ("dn0", s.n), ("dm0", s.m)]);
+            }
+            v
+        }
+        "mlstm_step" => {
+            let mut s = initial.clone().ok_or_else(|| Error::InvalidArgument {
+                arg: "c, n, m",
+                expected: format!("the state in {input}"),
+                found: "missing".into(),
+            })?;
+            let h = mlstm_step(&mut s, q, inputs.k, inputs.v, inputs.i, inputs.f, DEFAULT_EPS)?;
+            let mut v = vec![("h", h)];
+            v.extend(final_state(s));
+            v
+        }
+        other => {
+            return Err(Error::InvalidArgument {
+                arg: "OP",
+                expected: "mlstm, mlstm_backward or mlstm_step".into(),
+                found: other.into(),
+            })
+        }
+    };
+    save_outputs(op, device, ("q", q), &outputs, output)
+}
+
 fn save_outputs(
     op: &str,
     device: &Device,

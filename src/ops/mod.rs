@@ -5,6 +5,7 @@
 pub mod bspline;
 pub mod causal_conv1d;
 pub mod kan;
+pub mod mlstm;
 pub mod selective_scan;
 pub mod sequence_resets;
 pub mod spline_activation;
