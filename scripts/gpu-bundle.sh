@@ -33,9 +33,11 @@ cargo bench --no-run --message-format=json 2>/dev/null | executables | while rea
   if [ "$kind" = bench ]; then cp "$path" "$bundle/benches/$name"; fi
 done
 ls -l "$bundle"/*/
-# Every binary embeds all the PTX (text, ~8 MB): xz packs the ~150 MB of binaries into
-# ~10 MB, well under what travels to the GPU host; run.sh unpacks it there.
-(cd "$bundle" && tar -cf - tests benches bin | xz -T0 -6 > payload.tar.xz && rm -rf tests benches bin)
+# Every binary embeds all the PTX (~21 MB of text) and they share most of their code: with a
+# dictionary larger than one binary (single-threaded, 256 MiB) xz stores the shared bytes
+# once, ~650 MB of binaries -> ~5 MB (multi-threaded xz -6 made 49 MB, past the 64 MiB that
+# travels to the GPU host with the working tree). It takes about four minutes on two cores.
+(cd "$bundle" && tar -cf - tests benches bin | xz -T1 --lzma2=preset=6,dict=256MiB > payload.tar.xz && rm -rf tests benches bin)
 cp scripts/bundle-run.sh "$bundle/run.sh"
 chmod +x "$bundle/run.sh"
 du -sh "$bundle"

@@ -11,6 +11,9 @@
 //!   decoding step (mamba-ssm semantics).
 //! - [`ops::causal_conv1d`]: the causal depthwise conv1d of Mamba blocks, forward, backward
 //!   and the rolling-state decoding update (causal-conv1d semantics).
+//! - [`ops::mlstm`]: xLSTM's mLSTM cell (mlstm_kernels' mLSTMexp), a chunkwise forward on
+//!   tensor cores with exact max-state stabilisation, the decoding step, and the backward
+//!   (CPU reference so far).
 //! - [`ops::spline_activation`]: a learnable per-channel B-spline activation (the
 //!   "B-spline MLP"), forward and backward.
 //!
