@@ -64,7 +64,7 @@ pub enum NormalizerGrad {
     /// its eps term). A gradient into the returned m flows too.
     #[default]
     Exact,
-    /// mlstm_kernels' backward: the denominator and every m[t] held constant. It is the
+    /// mlstm_kernels' backward: the denominator and every `m[t]` held constant. It is the
     /// gradient of the numerator alone divided by the forward's denominator, the usual
     /// choice when a per-head norm follows h (which cancels h's per-step scale). The
     /// returned state's m gets no gradient and passes none.
@@ -364,7 +364,7 @@ pub fn forward_parallel(p: &Mlstm64) -> Forward64 {
     Forward64 { h, final_state: state }
 }
 
-/// The forward with every m[t] and denominator held at `fixed` = (m per (head, step),
+/// The forward with every `m[t]` and denominator held at `fixed` = (m per (head, step),
 /// denominator per (head, step)): the function whose gradient
 /// [`NormalizerGrad::Constant`] is. For finite-difference checks.
 pub fn forward_constant_normalizer(p: &Mlstm64, m: &[f64], d: &[f64]) -> Forward64 {
@@ -381,7 +381,7 @@ pub fn forward_constant_normalizer(p: &Mlstm64, m: &[f64], d: &[f64]) -> Forward
     Forward64 { h, final_state: state }
 }
 
-/// m[t] and the denominator per (head, step) of the forward: what
+/// `m[t]` and the denominator per (head, step) of the forward: what
 /// [`forward_constant_normalizer`] holds fixed.
 pub fn normalizers(p: &Mlstm64) -> (Vec<f64>, Vec<f64>) {
     let (mut m, mut d) = (Vec::new(), Vec::new());
