@@ -774,13 +774,17 @@ pub fn bench_mlstm(
     // Read q, k, v and the gates; write h.
     let bytes = tokens * (4.0 * d * es + 8.0);
     // Causal halves of Q K^T and P V per chunk, Q C and K^T V at every step.
-    let l = match device {
-        Device::Cuda(dev) => crate::ops::mlstm::forward_tiling(dev, &case_dims(&case), chunk)?.chunk as f64,
-        Device::Cpu => 1.0,
+    // The CPU reference is the recurrence: its chunk is one step.
+    let (l, op) = match device {
+        Device::Cuda(dev) => {
+            let c = crate::ops::mlstm::forward_tiling(dev, &case_dims(&case), chunk)?.chunk;
+            (c as f64, format!("mlstm forward (chunk {c})"))
+        }
+        Device::Cpu => (1.0, "mlstm forward (recurrent)".to_string()),
     };
     let flops = tokens * (2.0 * l * d + 4.0 * d * d);
     Ok(BenchRow {
-        op: format!("mlstm forward (chunk {l})"),
+        op,
         dtype,
         shape: format!("B{batch} NH{heads} S{len} D{}", shape.head_dim),
         device: device.to_string(),

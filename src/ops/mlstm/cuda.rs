@@ -119,14 +119,17 @@ fn dtype_index(dtype: DType) -> usize {
     }
 }
 
-fn fwd_name(dtype: DType, chunk: usize) -> &'static str {
+fn fwd_name(dtype: DType, chunk: usize) -> Result<&'static str> {
     const NAMES: [[&str; 4]; 3] = [
         ["mlstm_fwd_f32_l16", "mlstm_fwd_f32_l32", "mlstm_fwd_f32_l64", "mlstm_fwd_f32_l128"],
         ["mlstm_fwd_bf16_l16", "mlstm_fwd_bf16_l32", "mlstm_fwd_bf16_l64", "mlstm_fwd_bf16_l128"],
         ["mlstm_fwd_f16_l16", "mlstm_fwd_f16_l32", "mlstm_fwd_f16_l64", "mlstm_fwd_f16_l128"],
     ];
-    let c = CHUNKS.iter().position(|&c| c == chunk).unwrap_or(2);
-    NAMES[dtype_index(dtype)][c]
+    let c = CHUNKS
+        .iter()
+        .position(|&c| c == chunk)
+        .ok_or_else(|| Error::invalid("chunk", format!("one of {CHUNKS:?}"), chunk.to_string()))?;
+    Ok(NAMES[dtype_index(dtype)][c])
 }
 
 fn check_gpu_dims(dqk: usize, dhv: usize, heads: usize, len: usize) -> Result<()> {
@@ -189,7 +192,7 @@ fn forward_typed<T: CudaElement>(
             eps: inputs.eps,
             scale: 1.0 / (dims.dqk as f32).sqrt(),
         };
-        let name = fwd_name(dims.dtype, tiling.chunk);
+        let name = fwd_name(dims.dtype, tiling.chunk)?;
         let f = dev.function(KernelModule::Mlstm, name)?;
         f.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
