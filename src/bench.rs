@@ -522,10 +522,7 @@ pub fn bench_scan(
         }
         Ok(())
     };
-    let timing = match device {
-        Device::Cuda(dev) => time_cuda(dev, reps, step)?,
-        Device::Cpu => time_host(Repeats { warmup: 0, iters: reps.iters.min(2) }, step)?,
-    };
+    let timing = time_on(device, reps, step)?;
     let peak_extra_bytes = match device {
         Device::Cuda(dev) => Some(dev.pool_usage()?.1.saturating_sub(in_use)),
         Device::Cpu => None,
@@ -656,10 +653,7 @@ pub fn bench_conv(
         }
         Ok(())
     };
-    let timing = match device {
-        Device::Cuda(dev) => time_cuda(dev, reps, step)?,
-        Device::Cpu => time_host(Repeats { warmup: 0, iters: reps.iters.min(2) }, step)?,
-    };
+    let timing = time_on(device, reps, step)?;
     let es = dtype.size_in_bytes() as f64;
     // Forward: read x, write out. Backward: read x and dout, write dx.
     let bytes = match pass {
