@@ -271,3 +271,326 @@ __device__ __forceinline__ void reduce(const float* __restrict__ partial, T* __r
 KAN_DIRECT_KERNELS(f32, float)
 KAN_DIRECT_KERNELS(bf16, __nv_bfloat16)
 KAN_DIRECT_KERNELS(f16, __half)
+
+// ---------------------------------------------------------------------------------------
+// The direct forward on tensor cores, f32 only (kan_direct_tf32x3_features_f32, then
+// kan_direct_tf32x3_forward_f32, then kan_direct_reduce_f32).
+//
+// The FMA kernel above spends more issue slots on staging and shared-memory reads than on
+// its FMAs (Nsight Compute: FMA pipe 23% busy), and 100 x 1000 -> 1000 at G = 5 is 1.8
+// GFLOP, about 30 us even at the f32 FMA peak. Here the products run as mma.sync m16n8k8
+// TF32. TF32 keeps 10 mantissa bits, so each f32 operand is split as hi = x with the low 13
+// mantissa bits cleared and lo = x - hi (exact), and a·b is taken as hi·lo + lo·hi + hi·hi;
+// the tensor core reads lo's top 10 bits, so what is dropped stays near 2^-20 of |a·b|:
+// f32 accuracy (1e-5 scaled error, check::kan_tolerance) at three tensor-core products.
+//
+// 1. The features kernel writes the A operand once for every output tile, in stage tiles
+//    (below), one thread per (row, feature).
+// 2. Block: 128 rows x 64 outputs, one range of features (split-K over gridDim.z, partial
+//    sums to the same f32 buffer and kan_direct_reduce as the FMA kernel: fixed order).
+//    Stage: 8 features, K = 8 (nb + 1) columns, a whole number of k8 steps for every nb.
+//    A[row][k] and B[output][k] sit in shared memory with a row stride of K + 4 words, which
+//    makes every fragment load conflict-free (the stride is 4 mod 8, so the 8 rows of a
+//    fragment land 4 banks apart). A arrives by 16-byte cp.async from L2; B (the weights,
+//    from DRAM) by 4-byte cp.async into two buffers, the next stage's while this one is
+//    multiplied. The scaler is applied as B fragments are read.
+//    Warps: 4 along the rows (32 each: two m16 tiles) x 2 along the outputs (32 each: four
+//    n8 tiles). An m16 tile wholly past the last row is skipped (warp-uniform).
+namespace hk_kan_mma {
+
+constexpr int THREADS = 256;
+constexpr int BM = 128;    // src/ops/kan/direct.rs: MMA_BLOCK_ROWS
+constexpr int BN = 64;     // src/ops/kan/direct.rs: MMA_BLOCK_OUTS
+constexpr int FEATS = 8;   // src/ops/kan/direct.rs: MMA_STAGE_FEATURES
+constexpr int NBMAX = 8;   // src/ops/kan/direct.rs: MAX_BASES
+constexpr int W_PER_LANE = (FEATS * NBMAX + 31) / 32;  // W_spline words per (lane, output)
+
+// Words of one operand row: K = FEATS (nb + 1) plus the 4-word pad. src/ops/kan/direct.rs: mma_smem_bytes.
+__device__ __forceinline__ int row_stride(int nb) { return FEATS * (nb + 1) + 4; }
+
+// hi keeps the top 10 mantissa bits (truncated: one logic op, where cvt.rna.tf32.f32 is a
+// multi-instruction sequence), lo = x - hi is exact, and the tensor core reads lo's top 10
+// bits in turn: |a·b - (hi·hi + hi·lo + lo·hi)| stays below about 2^-20 |a·b|.
+__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
+    hi = __float_as_uint(x) & 0xffffe000u;
+    lo = __float_as_uint(x - __uint_as_float(hi));
+}
+
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    // Not volatile: the compiler may interleave independent products.
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+struct Layout {
+    int nb, stride;
+    uint32_t o0, r0, outs_here;
+    int wdst[W_PER_LANE];  // where this lane's W_spline words go in a B row: (1 + j) * 8 + feature
+};
+
+// Scalers sit beside B as [output][feature] with a 12-word row: the fragment reads of a warp
+// (8 outputs x 4 features) then hit 32 different banks.
+constexpr int SC_STRIDE = 12;
+
+// 4-byte asynchronous copy global -> shared; `valid` false writes a zero and reads nothing.
+__device__ __forceinline__ void copy_async(float* dst, const float* src, bool valid) {
+    const uint32_t d = uint32_t(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(d), "l"(src), "r"(valid ? 4 : 0) : "memory");
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void copy_async_wait_previous() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
+__device__ __forceinline__ void copy_async16(float* dst, const float* src, bool valid) {
+    const uint32_t d = uint32_t(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+
+// A stage's B side (W_base, raw W_spline, scalers) is a plain copy, so it travels by
+// cp.async into one of two buffers while the other is multiplied. B[output][k] has
+// k = c * 8 + feature (c = 0: W_base, 1 + j: W_spline's basis j); warp w copies outputs
+// 8 w .. 8 w + 7, each as its 8 nb contiguous W_spline words, and (output, feature) =
+// (tid / 8 + 32 j, tid % 8) for W_base and the scaler. The copies are word by word: the
+// k order differs from the weights' memory order (f nb + j). A version that kept the memory
+// order, to copy 16-byte chunks, needed the scalers per fragment word from shared memory
+// and ran slower (docs/performance.md).
+__device__ __forceinline__ void copy_b_stage(const Layout& L, float* __restrict__ b_s, float* __restrict__ sc_s,
+                                             const float* __restrict__ w_base, const float* __restrict__ w_spline,
+                                             const float* __restrict__ scaler, const hk_kan_direct::DirectParams& p,
+                                             uint32_t f0, uint32_t n_f) {
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const uint32_t fl = tid % FEATS;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const uint32_t ol = tid / FEATS + 32 * j;
+        const bool valid = ol < L.outs_here && fl < n_f;
+        const size_t oi = valid ? size_t(L.o0 + ol) * p.in_features + f0 + fl : 0;
+        copy_async(b_s + ol * L.stride + fl, w_base + oi, valid);
+        if (p.has_scaler) copy_async(sc_s + ol * SC_STRIDE + fl, scaler + oi, valid);
+    }
+    const uint32_t words = uint32_t(L.nb) * n_f;  // a partial last stage has fewer features
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+        const uint32_t ol = 8 * warp + q;
+        const bool out_ok = ol < L.outs_here;
+        const size_t base = out_ok ? (size_t(L.o0 + ol) * p.in_features + f0) * L.nb : 0;
+        float* row = b_s + ol * L.stride;
+#pragma unroll
+        for (int u = 0; u < W_PER_LANE; ++u) {
+            const uint32_t c = lane + 32 * u;
+            if (c < uint32_t(L.nb * FEATS)) {
+                const bool valid = out_ok && c < words;
+                copy_async(row + L.wdst[u], w_spline + (valid ? base + c : 0), valid);
+            }
+        }
+    }
+}
+
+// The A operand, written once by kan_direct_tf32x3_features_f32 for all output tiles:
+// stage s (features 8 s .. 8 s + 7) of row r is K8 = 8 (nb + 1) words at
+// a_tiles[(s * rows_pad + r) * K8], word c * 8 + feature with c = 0 for SiLU(x) and 1 + j for
+// B_j(x): dense, zeros outside the row's k + 1 bases, and zeros for rows past the end (up to
+// rows_pad, a multiple of BM) and features past the end. A block's stage is then BM x K8
+// contiguous words, copied with 16-byte cp.async. With k ordered this way the scaler of a B
+// fragment word depends only on (output, feature), so it is applied when the fragment is
+// read (k8 steps 1..nb), not stored per word.
+template <int K, bool Uniform>
+__device__ __forceinline__ void features(const float* __restrict__ x, const float* __restrict__ grid,
+                                         float* __restrict__ a_tiles, const hk_kan_direct::DirectParams& p,
+                                         uint32_t rows_pad) {
+    const int nb = int(p.n_knots) - 1 - K, k8 = FEATS * (nb + 1);
+    const uint32_t stages = (p.in_features + FEATS - 1) / FEATS;
+    const size_t total = size_t(stages) * rows_pad * FEATS;
+    for (size_t e = size_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += size_t(gridDim.x) * blockDim.x) {
+        const uint32_t fl = uint32_t(e % FEATS);
+        const size_t sr = e / FEATS;  // stage * rows_pad + row
+        const uint32_t row = uint32_t(sr % rows_pad), f = uint32_t(sr / rows_pad) * FEATS + fl;
+        float silu = 0.f;
+        hk_bspline::RowResult<K> res = hk_bspline::zero_row<K>();
+        if (row < p.rows && f < p.in_features) {
+            const float xv = x[size_t(row) * p.in_features + f];
+            res = hk_bspline::evaluate_row<K, false, Uniform>(xv, grid + size_t(f) * p.n_knots, int(p.n_knots));
+            silu = hk::silu(xv);  // NaN for x = NaN: the row's outputs become NaN
+        }
+        float* dst = a_tiles + sr * k8 + fl;
+        dst[0] = silu;
+        for (int b = 0; b < nb; ++b) dst[(1 + b) * FEATS] = 0.f;
+        if (res.kind == hk_bspline::ROW_BASES) {
+            // Same thread, program order: the k + 1 bases overwrite their zeros.
+#pragma unroll
+            for (int a = 0; a <= K; ++a) {
+                const int b = res.first + a;
+                if (b >= 0 && b < nb) dst[(1 + b) * FEATS] = res.v[a];
+            }
+        }
+    }
+}
+
+
+// This block's BM x K8 words of stage s into A[row][k] (row stride L.stride): nb + 1
+// 16-byte chunks per thread.
+__device__ __forceinline__ void copy_a_stage(const Layout& L, float* __restrict__ a_s,
+                                             const float* __restrict__ a_tiles, uint32_t rows_pad, uint32_t s) {
+    const int chunks_per_row = 2 * (L.nb + 1);
+    const float inv = 1.f / float(chunks_per_row);
+    const float* src = a_tiles + (size_t(s) * rows_pad + L.r0) * (4 * chunks_per_row);
+    for (int j = 0; j <= L.nb; ++j) {
+        const uint32_t e = threadIdx.x + THREADS * j;
+        const uint32_t row = hk_kan_direct::small_div(e, inv), col = e - row * chunks_per_row;
+        copy_async16(a_s + row * L.stride + 4 * col, src + 4 * e, true);
+    }
+}
+
+// One k8 step of the warp's 32 x 32 tile: fragments from shared memory (a_w, b_w point at
+// the warp's first row, lane column t and the step's first column), split, and the three
+// products. Small products first, with eight independent accumulators between two products
+// into the same one.
+template <bool Scaled>
+__device__ __forceinline__ void k_step(float (&acc)[2][4][4], const float* __restrict__ a_w,
+                                       const float* __restrict__ b_w, int stride, const float (&sc)[4][2],
+                                       bool live0, bool live1) {
+    uint32_t ahi[2][4], alo[2][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+        const float* r = a_w + mt * 16 * stride;
+        split_tf32(r[0], ahi[mt][0], alo[mt][0]);
+        split_tf32(r[8 * stride], ahi[mt][1], alo[mt][1]);
+        split_tf32(r[4], ahi[mt][2], alo[mt][2]);
+        split_tf32(r[8 * stride + 4], ahi[mt][3], alo[mt][3]);
+    }
+    uint32_t bhi[4][2], blo[4][2];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+        const float* r = b_w + nt * 8 * stride;
+        split_tf32(Scaled ? r[0] * sc[nt][0] : r[0], bhi[nt][0], blo[nt][0]);
+        split_tf32(Scaled ? r[4] * sc[nt][1] : r[4], bhi[nt][1], blo[nt][1]);
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+        if (mt == 0 ? live0 : live1) {
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) mma_tf32(acc[mt][nt], alo[mt], bhi[nt][0], bhi[nt][1]);
+        }
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+        if (mt == 0 ? live0 : live1) {
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) mma_tf32(acc[mt][nt], ahi[mt], blo[nt][0], blo[nt][1]);
+        }
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+        if (mt == 0 ? live0 : live1) {
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) mma_tf32(acc[mt][nt], ahi[mt], bhi[nt][0], bhi[nt][1]);
+        }
+}
+
+__device__ __forceinline__ void forward(const float* __restrict__ a_tiles, uint32_t rows_pad,
+                                        const float* __restrict__ w_base, const float* __restrict__ w_spline,
+                                        const float* __restrict__ scaler, float* __restrict__ partial,
+                                        const hk_kan_direct::DirectParams& p, float* smem) {
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, t = lane % 4, wm = warp % 4, wn = warp / 4;
+    Layout L;
+    L.nb = int(p.n_knots) - 1 - int(p.order);
+    L.stride = row_stride(L.nb);
+    L.o0 = blockIdx.x * BN;
+    L.r0 = blockIdx.y * BM;
+    L.outs_here = min(uint32_t(BN), p.out_features - L.o0);
+#pragma unroll
+    for (int u = 0; u < W_PER_LANE; ++u) {
+        // Word c of an output's run is (feature c / nb, basis c % nb); the map is the same in
+        // every stage, so it is worked out once.
+        const int c = lane + 32 * u, f = c / L.nb;
+        L.wdst[u] = (1 + c - f * L.nb) * FEATS + f;
+    }
+    // [A: BM rows][B, scalers: buffer 0][B, scalers: buffer 1]
+    const int b_words = BN * L.stride + BN * SC_STRIDE;
+    float* a_s = smem;
+    float* b_buf = a_s + BM * L.stride;
+    if (!p.has_scaler)
+        for (int e = tid; e < 2 * BN * SC_STRIDE; e += THREADS)
+            b_buf[(e / (BN * SC_STRIDE)) * b_words + BN * L.stride + e % (BN * SC_STRIDE)] = 1.f;
+    const uint32_t f_begin = blockIdx.z * p.features_per_split;
+    const uint32_t f_end = min(p.in_features, f_begin + p.features_per_split);
+    // m16 tiles of this warp that hold at least one row.
+    const bool live0 = L.r0 + wm * 32 < p.rows, live1 = L.r0 + wm * 32 + 16 < p.rows;
+
+    float acc[2][4][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+
+    if (f_begin < f_end) {
+        copy_b_stage(L, b_buf, b_buf + BN * L.stride, w_base, w_spline, scaler, p, f_begin,
+                     min(uint32_t(FEATS), f_end - f_begin));
+    }
+    copy_async_commit();
+    int buf = 0;
+    for (uint32_t f0 = f_begin; f0 < f_end; f0 += FEATS, buf ^= 1) {
+        __syncthreads();  // the previous stage has been multiplied: A and the other B buffer are free
+        copy_a_stage(L, a_s, a_tiles, rows_pad, f0 / FEATS);
+        copy_async_commit();
+        if (f0 + FEATS < f_end) {
+            float* nb_s = b_buf + (buf ^ 1) * b_words;
+            copy_b_stage(L, nb_s, nb_s + BN * L.stride, w_base, w_spline, scaler, p, f0 + FEATS,
+                         min(uint32_t(FEATS), f_end - f0 - FEATS));
+        }
+        copy_async_commit();  // possibly empty: the wait below leaves only the next B in flight
+        copy_async_wait_previous();
+        __syncthreads();
+        const float* b_s = b_buf + buf * b_words;
+        const float* sc_s = b_s + BN * L.stride;
+        float sc[4][2];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+            const float* r = sc_s + (wn * 32 + nt * 8 + g) * SC_STRIDE + t;
+            sc[nt][0] = r[0];
+            sc[nt][1] = r[4];
+        }
+        const float* a_w = a_s + (wm * 32 + g) * L.stride + t;
+        const float* b_w = b_s + (wn * 32 + g) * L.stride + t;
+        // k8 step 0 holds SiLU x W_base (no scaler), steps 1..nb the bases x W_spline.
+        k_step<false>(acc, a_w, b_w, L.stride, sc, live0, live1);
+#pragma unroll 2
+        for (int kk = 1; kk <= L.nb; ++kk) k_step<true>(acc, a_w + kk * 8, b_w + kk * 8, L.stride, sc, live0, live1);
+    }
+    float* out = partial + size_t(blockIdx.z) * p.rows * p.out_features;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const uint32_t row = L.r0 + wm * 32 + mt * 16 + g + 8 * (e / 2);
+                const uint32_t ol = wn * 32 + nt * 8 + 2 * t + (e % 2);
+                if (row < p.rows && ol < L.outs_here) out[size_t(row) * p.out_features + L.o0 + ol] = acc[mt][nt][e];
+            }
+}
+
+}  // namespace hk_kan_mma
+
+// Dynamic shared memory: BM row_stride(nb) + 2 BN (row_stride(nb) + SC_STRIDE) floats, set by the host.
+extern "C" __global__ void __launch_bounds__(256, 2) kan_direct_tf32x3_forward_f32(
+    const float* __restrict__ a_tiles, uint32_t rows_pad, const float* __restrict__ w_base,
+    const float* __restrict__ w_spline, const float* __restrict__ scaler, float* __restrict__ partial,
+    hk_kan_direct::DirectParams p) {
+    extern __shared__ float4 hk_kan_mma_smem[];
+    hk_kan_mma::forward(a_tiles, rows_pad, w_base, w_spline, scaler, partial, p,
+                        reinterpret_cast<float*>(hk_kan_mma_smem));
+}
+
+extern "C" __global__ void kan_direct_tf32x3_features_f32(const float* __restrict__ x, const float* __restrict__ grid,
+                                                          float* __restrict__ a_tiles, hk_kan_direct::DirectParams p,
+                                                          uint32_t rows_pad) {
+    switch (p.order) {
+        case 1: HK_WITH_GRID(p.uniform, hk_kan_mma::features<1, U>(x, grid, a_tiles, p, rows_pad)); break;
+        case 2: HK_WITH_GRID(p.uniform, hk_kan_mma::features<2, U>(x, grid, a_tiles, p, rows_pad)); break;
+        case 3: HK_WITH_GRID(p.uniform, hk_kan_mma::features<3, U>(x, grid, a_tiles, p, rows_pad)); break;
+        default: break;  // the host launches orders 1..=3 only (src/ops/kan/direct.rs: MAX_ORDER)
+    }
+}

@@ -319,8 +319,9 @@ pub fn bench_kan(
         Device::Cpu => (time_host(Repeats { warmup: 0, iters: reps.iters.min(3) }, step)?, None),
     };
     let path_name = match device {
-        Device::Cuda(_) => match layer.resolved_forward_path() {
+        Device::Cuda(_) => match layer.resolved_forward_path(shape.batch) {
             KanForwardPath::Direct => " direct",
+            KanForwardPath::DirectTf32x3 => " tf32x3",
             _ => " gemm",
         },
         Device::Cpu => "",

@@ -298,17 +298,19 @@ fn check(device: &Device, seed: Option<u64>) -> Result<bool> {
         (DType::BF16, false, KanForwardPath::Gemm),
         (DType::F16, false, KanForwardPath::Gemm),
         (DType::F32, false, KanForwardPath::Direct),
+        (DType::F32, false, KanForwardPath::DirectTf32x3),
         (DType::BF16, false, KanForwardPath::Direct),
         (DType::F16, false, KanForwardPath::Direct),
     ] {
-        if (tf32 || path == KanForwardPath::Direct) && !device.is_cuda() {
+        let direct = matches!(path, KanForwardPath::Direct | KanForwardPath::DirectTf32x3);
+        if (tf32 || direct) && !device.is_cuda() {
             continue;
         }
         let mut worst = 0.0f64;
         let mut n = 0;
         for &(batch, in_features, out_features, grid_size, order, scaler) in kan_cases {
             // The direct forward covers orders 1..=3 with up to 8 bases.
-            if path == KanForwardPath::Direct && grid_size + order > 8 {
+            if direct && grid_size + order > 8 {
                 continue;
             }
             let case = KanCase { batch, in_features, out_features, grid_size, order, scaler, dtype, tf32, path };
@@ -321,6 +323,7 @@ fn check(device: &Device, seed: Option<u64>) -> Result<bool> {
         let name = match (tf32, path) {
             (true, _) => "kan_linear fwd+grads tf32",
             (false, KanForwardPath::Direct) => "kan_linear direct+grads",
+            (false, KanForwardPath::DirectTf32x3) => "kan_linear tf32x3+grads",
             _ => "kan_linear fwd+grads",
         };
         println!("{name:<26} {dtype:<6} {n:>7} {worst:>12.3e} {tol:>10.1e}  {}", if ok { "pass" } else { "FAIL" });
@@ -476,18 +479,14 @@ fn bench_cmd(device: &Device, json: bool, short: bool, group: Option<&str>) -> R
                 rows.push(bench::bench_kan(device, pass, dtype, tf32, KanForwardPath::Auto, shape, reps)?);
             }
         }
-        // The opt-in direct forward, where it covers the layer.
+        // The direct forwards, forced, where they cover the layer.
         if device.is_cuda() && !short && shape.grid_size + shape.order <= 8 {
-            for dtype in [DType::BF16, DType::F32] {
-                rows.push(bench::bench_kan(
-                    device,
-                    KanPass::Forward,
-                    dtype,
-                    false,
-                    KanForwardPath::Direct,
-                    shape,
-                    reps,
-                )?);
+            for (dtype, path) in [
+                (DType::BF16, KanForwardPath::Direct),
+                (DType::F32, KanForwardPath::Direct),
+                (DType::F32, KanForwardPath::DirectTf32x3),
+            ] {
+                rows.push(bench::bench_kan(device, KanPass::Forward, dtype, false, path, shape, reps)?);
             }
         }
     }

@@ -37,11 +37,13 @@ proptest! {
         scaler in any::<bool>(),
         dtype in prop_oneof![Just(DType::F32), Just(DType::BF16), Just(DType::F16)],
         tf32 in any::<bool>(),
-        path in prop_oneof![Just(KanForwardPath::Auto), Just(KanForwardPath::Gemm), Just(KanForwardPath::Direct)],
+        path in prop_oneof![Just(KanForwardPath::Auto), Just(KanForwardPath::Gemm), Just(KanForwardPath::Direct), Just(KanForwardPath::DirectTf32x3)],
     ) {
         let Some(gpu) = common::gpu("kan_gpu_matches_cpu_reference") else { return Ok(()) };
         // The direct forward covers up to 8 bases (kan_direct_refuses_what_it_does_not_cover).
-        let path = if path == KanForwardPath::Direct && g + k > 8 { KanForwardPath::Gemm } else { path };
+        // DirectTf32x3 is f32 only.
+        let direct = matches!(path, KanForwardPath::Direct | KanForwardPath::DirectTf32x3);
+        let path = if (direct && g + k > 8) || (path == KanForwardPath::DirectTf32x3 && dtype != DType::F32) { KanForwardPath::Gemm } else { path };
         let case = KanCase { batch, in_features: inf, out_features: outf, grid_size: g, order: k, scaler, dtype, tf32: tf32 && dtype == DType::F32, path };
         assert_within(&case, case.run(seed, &gpu).unwrap());
     }
@@ -51,7 +53,10 @@ proptest! {
 fn kan_at_a_layer_sized_shape() {
     let Some(gpu) = common::gpu("kan_at_a_layer_sized_shape") else { return };
     for dtype in [DType::F32, DType::BF16] {
-        for path in [KanForwardPath::Gemm, KanForwardPath::Direct] {
+        for path in [KanForwardPath::Gemm, KanForwardPath::Direct, KanForwardPath::DirectTf32x3] {
+            if path == KanForwardPath::DirectTf32x3 && dtype != DType::F32 {
+                continue;
+            }
             let case = KanCase {
                 batch: 257,
                 in_features: 128,
@@ -77,31 +82,65 @@ fn kan_direct_refuses_what_it_does_not_cover() {
         c.spline_order = k;
         let mut layer = KanLinear::new(c, DType::F32, &gpu, 1).unwrap();
         let x = Tensor::from_vec(vec![0.25f32; 8], &[2, 4], &gpu).unwrap();
-        assert_eq!(layer.resolved_forward_path(), KanForwardPath::Gemm, "G = {g}, k = {k}");
+        assert_eq!(layer.resolved_forward_path(2), KanForwardPath::Gemm, "G = {g}, k = {k}");
         let auto = layer.forward(&x).unwrap();
-        layer.set_forward_path(KanForwardPath::Direct);
-        match layer.forward(&x) {
-            Err(Error::InvalidArgument { arg: "forward_path", .. }) => {}
-            other => panic!("G = {g}, k = {k}: expected an invalid forward_path error, got {other:?}"),
+        for path in [KanForwardPath::Direct, KanForwardPath::DirectTf32x3] {
+            layer.set_forward_path(path);
+            match layer.forward(&x) {
+                Err(Error::InvalidArgument { arg: "forward_path", .. }) => {}
+                other => panic!("G = {g}, k = {k}, {path:?}: expected an invalid forward_path error, got {other:?}"),
+            }
         }
         layer.set_forward_path(KanForwardPath::Gemm);
         assert_eq!(layer.forward(&x).unwrap().to_vec::<f32>().unwrap(), auto.to_vec::<f32>().unwrap());
     }
 }
 
-/// The direct forward sums in a fixed order: repeated calls agree bit for bit.
+/// The direct forwards sum in a fixed order: repeated calls agree bit for bit.
 #[test]
 fn kan_direct_is_bitwise_repeatable() {
     let Some(gpu) = common::gpu("kan_direct_is_bitwise_repeatable") else { return };
-    let mut layer = KanLinear::new(KanLinearConfig::new(300, 200), DType::F32, &gpu, 9).unwrap();
-    layer.set_forward_path(KanForwardPath::Direct);
-    let mut rng = Rng::new(10);
-    let x: Vec<f32> = (0..100 * 300).map(|_| rng.uniform(-1.5, 1.5) as f32).collect();
-    let x = Tensor::from_vec(x, &[100, 300], &gpu).unwrap();
-    let first = layer.forward(&x).unwrap().to_vec::<f32>().unwrap();
-    for _ in 0..3 {
-        let again = layer.forward(&x).unwrap().to_vec::<f32>().unwrap();
-        assert!(first.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()));
+    for path in [KanForwardPath::Direct, KanForwardPath::DirectTf32x3] {
+        let mut layer = KanLinear::new(KanLinearConfig::new(300, 200), DType::F32, &gpu, 9).unwrap();
+        layer.set_forward_path(path);
+        let mut rng = Rng::new(10);
+        let x: Vec<f32> = (0..100 * 300).map(|_| rng.uniform(-1.5, 1.5) as f32).collect();
+        let x = Tensor::from_vec(x, &[100, 300], &gpu).unwrap();
+        let first = layer.forward(&x).unwrap().to_vec::<f32>().unwrap();
+        for _ in 0..3 {
+            let again = layer.forward(&x).unwrap().to_vec::<f32>().unwrap();
+            assert!(first.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()), "{path:?}");
+        }
+    }
+}
+
+/// `Auto` takes the tensor-core direct forward for covered f32 layers at small batches, and
+/// the GEMM pipeline for TF32, half types and large batches.
+#[test]
+fn kan_auto_path_choice() {
+    let Some(gpu) = common::gpu("kan_auto_path_choice") else { return };
+    let mut layer = KanLinear::new(KanLinearConfig::new(16, 8), DType::F32, &gpu, 3).unwrap();
+    assert_eq!(layer.resolved_forward_path(100), KanForwardPath::DirectTf32x3);
+    assert_eq!(layer.resolved_forward_path(4096), KanForwardPath::Gemm);
+    layer.set_allow_tf32(true);
+    assert_eq!(layer.resolved_forward_path(100), KanForwardPath::Gemm);
+    let half = KanLinear::new(KanLinearConfig::new(16, 8), DType::BF16, &gpu, 3).unwrap();
+    assert_eq!(half.resolved_forward_path(100), KanForwardPath::Gemm);
+}
+
+/// The tensor-core direct forward is an f32 path: a bf16 layer that forces it gets a typed
+/// error, not a silent fallback.
+#[test]
+fn kan_direct_tf32x3_refuses_half_layers() {
+    let Some(gpu) = common::gpu("kan_direct_tf32x3_refuses_half_layers") else { return };
+    for dtype in [DType::BF16, DType::F16] {
+        let mut layer = KanLinear::new(KanLinearConfig::new(4, 3), dtype, &gpu, 1).unwrap();
+        layer.set_forward_path(KanForwardPath::DirectTf32x3);
+        let x = Tensor::from_f32(&[0.25f32; 8], &[2, 4], dtype, &gpu).unwrap();
+        match layer.forward(&x) {
+            Err(Error::InvalidArgument { arg: "forward_path", .. }) => {}
+            other => panic!("{dtype}: expected an invalid forward_path error, got {other:?}"),
+        }
     }
 }
 

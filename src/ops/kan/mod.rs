@@ -102,8 +102,9 @@ impl KanLinearConfig {
 /// Which GPU pipeline [`KanLinear::forward`] runs (the backward always uses the GEMMs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KanForwardPath {
-    /// The pipeline measured fastest: today [`Gemm`](KanForwardPath::Gemm) at every
-    /// benchmarked shape (docs/performance.md has the numbers).
+    /// The pipeline measured fastest (docs/performance.md has the numbers):
+    /// [`DirectTf32x3`](KanForwardPath::DirectTf32x3) for f32 layers without TF32 that it
+    /// covers, up to 2048 rows; [`Gemm`](KanForwardPath::Gemm) otherwise.
     #[default]
     Auto,
     /// Features kernel `[SiLU(x) | B(x)]`, folded weights `[W_base | W_spline * scaler]` and
@@ -112,10 +113,18 @@ pub enum KanForwardPath {
     /// `cuda/kan_direct.cu`: reads the weights where they are (no features buffer, no
     /// folded weights, no GEMM), f32 FMAs on CUDA cores with a fixed summation order, so
     /// repeated calls agree bit for bit, and about a tenth of the GEMM pipeline's extra
-    /// memory. Slower than `Gemm` so far (H100, 100x1000->1000 f32: 175 us against
-    /// 149 us). Covers spline orders 1..=3 with up to 8 bases per feature (e.g. G = 5,
+    /// memory. Slower than `Gemm` and `DirectTf32x3` (H100, 100x1000->1000 f32: 168 us
+    /// against 130 and 71 us). Covers spline orders 1..=3 with up to 8 bases per feature (e.g. G = 5,
     /// k = 3); otherwise forcing it is an error.
     Direct,
+    /// `cuda/kan_direct.cu`'s tensor-core form, f32 layers only: the direct forward's
+    /// block work (features computed in the block, weights folded as they are staged)
+    /// with the products on TF32 tensor cores. Each f32 operand is split into two TF32
+    /// parts and three products are summed (hi·hi + hi·lo + lo·hi), so the result keeps f32
+    /// accuracy whether or not TF32 is allowed. Fixed summation order: repeated calls agree
+    /// bit for bit. Same coverage as `Direct`; otherwise, or for a bf16/f16 layer, forcing
+    /// it is an error.
+    DirectTf32x3,
 }
 
 /// A KANLinear layer: its parameters live on one device in one element type.
@@ -277,10 +286,12 @@ impl KanLinear {
         self.forward_path
     }
 
-    /// The pipeline [`KanLinear::forward`] runs: `Auto` resolved. Errors for a forced
-    /// `Direct` that does not cover the layer come from `forward`.
-    pub fn resolved_forward_path(&self) -> KanForwardPath {
+    /// The pipeline [`KanLinear::forward`] runs for an input of `rows` rows: `Auto`
+    /// resolved. Errors for a forced direct path that does not cover the layer come from
+    /// `forward`.
+    pub fn resolved_forward_path(&self, rows: usize) -> KanForwardPath {
         match self.forward_path {
+            KanForwardPath::Auto if direct::tf32x3_preferred(self, rows) => KanForwardPath::DirectTf32x3,
             KanForwardPath::Auto => KanForwardPath::Gemm,
             path => path,
         }
@@ -334,8 +345,9 @@ impl KanLinear {
                 let y = cpu::forward(&self.params64()?, &x.to_f64_vec()?);
                 Tensor::from_f64_rounded(&y, &out_shape, self.dtype())
             }
-            Device::Cuda(dev) => match self.resolved_forward_path() {
+            Device::Cuda(dev) => match self.resolved_forward_path(rows) {
                 KanForwardPath::Direct => direct::forward(self, &dev, x, rows, &out_shape),
+                KanForwardPath::DirectTf32x3 => direct::forward_tf32x3(self, &dev, x, rows, &out_shape),
                 _ => cuda::forward(self, &dev, x, rows, &out_shape),
             },
         }
