@@ -294,13 +294,18 @@ KAN_DIRECT_KERNELS(f16, __half)
 //    fragment land 4 banks apart). A arrives by 16-byte cp.async from L2; B (the weights,
 //    from DRAM) by 4-byte cp.async into two buffers, the next stage's while this one is
 //    multiplied. The scaler is applied as B fragments are read.
-//    Warps: 4 along the rows (32 each: two m16 tiles) x 2 along the outputs (32 each: four
+//    Warps: WARPS_M along the rows (MT m16 tiles each) x 2 along the outputs (32 each: four
 //    n8 tiles). An m16 tile wholly past the last row is skipped (warp-uniform).
 namespace hk_kan_mma {
 
-constexpr int THREADS = 256;
+constexpr int WARPS_M = 2;                   // warps along the rows
+constexpr int WARPS_N = 2;                   // warps along the outputs
+constexpr int THREADS = 32 * WARPS_M * WARPS_N;  // src/ops/kan/direct.rs: MMA_THREADS
 constexpr int BM = 128;    // src/ops/kan/direct.rs: MMA_BLOCK_ROWS
 constexpr int BN = 64;     // src/ops/kan/direct.rs: MMA_BLOCK_OUTS
+constexpr int MT = BM / WARPS_M / 16;        // m16 tiles per warp
+constexpr int OUTS_PER_WARP = BN / (THREADS / 32);  // outputs whose weights a warp copies
+static_assert(BN / WARPS_N == 32, "four n8 tiles per warp");
 constexpr int FEATS = 8;   // src/ops/kan/direct.rs: MMA_STAGE_FEATURES
 constexpr int NBMAX = 8;   // src/ops/kan/direct.rs: MAX_BASES
 constexpr int W_PER_LANE = (FEATS * NBMAX + 31) / 32;  // W_spline words per (lane, output)
@@ -349,9 +354,9 @@ __device__ __forceinline__ void copy_async16(float* dst, const float* src, bool 
 
 // A stage's B side (W_base, raw W_spline, scalers) is a plain copy, so it travels by
 // cp.async into one of two buffers while the other is multiplied. B[output][k] has
-// k = c * 8 + feature (c = 0: W_base, 1 + j: W_spline's basis j); warp w copies outputs
-// 8 w .. 8 w + 7, each as its 8 nb contiguous W_spline words, and (output, feature) =
-// (tid / 8 + 32 j, tid % 8) for W_base and the scaler. The copies are word by word: the
+// k = c * 8 + feature (c = 0: W_base, 1 + j: W_spline's basis j); each warp copies
+// OUTS_PER_WARP outputs, each as its 8 nb contiguous W_spline words, and (output, feature) =
+// (tid / 8 + THREADS / 8 j, tid % 8) for W_base and the scaler. The copies are word by word: the
 // k order differs from the weights' memory order (f nb + j). A version that kept the memory
 // order, to copy 16-byte chunks, needed the scalers per fragment word from shared memory
 // and ran slower (docs/performance.md).
@@ -362,8 +367,8 @@ __device__ __forceinline__ void copy_b_stage(const Layout& L, float* __restrict_
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const uint32_t fl = tid % FEATS;
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-        const uint32_t ol = tid / FEATS + 32 * j;
+    for (int j = 0; j < BN * FEATS / THREADS; ++j) {
+        const uint32_t ol = tid / FEATS + (THREADS / FEATS) * j;
         const bool valid = ol < L.outs_here && fl < n_f;
         const size_t oi = valid ? size_t(L.o0 + ol) * p.in_features + f0 + fl : 0;
         copy_async(b_s + ol * L.stride + fl, w_base + oi, valid);
@@ -371,8 +376,8 @@ __device__ __forceinline__ void copy_b_stage(const Layout& L, float* __restrict_
     }
     const uint32_t words = uint32_t(L.nb) * n_f;  // a partial last stage has fewer features
 #pragma unroll
-    for (int q = 0; q < 8; ++q) {
-        const uint32_t ol = 8 * warp + q;
+    for (int q = 0; q < OUTS_PER_WARP; ++q) {
+        const uint32_t ol = OUTS_PER_WARP * warp + q;
         const bool out_ok = ol < L.outs_here;
         const size_t base = out_ok ? (size_t(L.o0 + ol) * p.in_features + f0) * L.nb : 0;
         float* row = b_s + ol * L.stride;
@@ -428,15 +433,14 @@ __device__ __forceinline__ void features(const float* __restrict__ x, const floa
 }
 
 
-// This block's BM x K8 words of stage s into A[row][k] (row stride L.stride): nb + 1
-// 16-byte chunks per thread.
+// This block's BM x K8 words of stage s into A[row][k] (row stride L.stride), in 16-byte
+// chunks.
 __device__ __forceinline__ void copy_a_stage(const Layout& L, float* __restrict__ a_s,
                                              const float* __restrict__ a_tiles, uint32_t rows_pad, uint32_t s) {
     const int chunks_per_row = 2 * (L.nb + 1);
     const float inv = 1.f / float(chunks_per_row);
     const float* src = a_tiles + (size_t(s) * rows_pad + L.r0) * (4 * chunks_per_row);
-    for (int j = 0; j <= L.nb; ++j) {
-        const uint32_t e = threadIdx.x + THREADS * j;
+    for (uint32_t e = threadIdx.x; e < uint32_t(BM * chunks_per_row); e += THREADS) {
         const uint32_t row = hk_kan_direct::small_div(e, inv), col = e - row * chunks_per_row;
         copy_async16(a_s + row * L.stride + 4 * col, src + 4 * e, true);
     }
@@ -447,12 +451,12 @@ __device__ __forceinline__ void copy_a_stage(const Layout& L, float* __restrict_
 // products. Small products first, with eight independent accumulators between two products
 // into the same one.
 template <bool Scaled>
-__device__ __forceinline__ void k_step(float (&acc)[2][4][4], const float* __restrict__ a_w,
+__device__ __forceinline__ void k_step(float (&acc)[MT][4][4], const float* __restrict__ a_w,
                                        const float* __restrict__ b_w, int stride, const float (&sc)[4][2],
-                                       bool live0, bool live1) {
-    uint32_t ahi[2][4], alo[2][4];
+                                       uint32_t live) {
+    uint32_t ahi[MT][4], alo[MT][4];
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
+    for (int mt = 0; mt < MT; ++mt) {
         const float* r = a_w + mt * 16 * stride;
         split_tf32(r[0], ahi[mt][0], alo[mt][0]);
         split_tf32(r[8 * stride], ahi[mt][1], alo[mt][1]);
@@ -467,20 +471,20 @@ __device__ __forceinline__ void k_step(float (&acc)[2][4][4], const float* __res
         split_tf32(Scaled ? r[4] * sc[nt][1] : r[4], bhi[nt][1], blo[nt][1]);
     }
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-        if (mt == 0 ? live0 : live1) {
+    for (int mt = 0; mt < MT; ++mt)
+        if (live >> mt & 1u) {
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt) mma_tf32(acc[mt][nt], alo[mt], bhi[nt][0], bhi[nt][1]);
         }
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-        if (mt == 0 ? live0 : live1) {
+    for (int mt = 0; mt < MT; ++mt)
+        if (live >> mt & 1u) {
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt) mma_tf32(acc[mt][nt], ahi[mt], blo[nt][0], blo[nt][1]);
         }
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-        if (mt == 0 ? live0 : live1) {
+    for (int mt = 0; mt < MT; ++mt)
+        if (live >> mt & 1u) {
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt) mma_tf32(acc[mt][nt], ahi[mt], bhi[nt][0], bhi[nt][1]);
         }
@@ -491,7 +495,7 @@ __device__ __forceinline__ void forward(const float* __restrict__ a_tiles, uint3
                                         const float* __restrict__ scaler, float* __restrict__ partial,
                                         const hk_kan_direct::DirectParams& p, float* smem) {
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int g = lane / 4, t = lane % 4, wm = warp % 4, wn = warp / 4;
+    const int g = lane / 4, t = lane % 4, wm = warp % WARPS_M, wn = warp / WARPS_M;
     Layout L;
     L.nb = int(p.n_knots) - 1 - int(p.order);
     L.stride = row_stride(L.nb);
@@ -515,11 +519,13 @@ __device__ __forceinline__ void forward(const float* __restrict__ a_tiles, uint3
     const uint32_t f_begin = blockIdx.z * p.features_per_split;
     const uint32_t f_end = min(p.in_features, f_begin + p.features_per_split);
     // m16 tiles of this warp that hold at least one row.
-    const bool live0 = L.r0 + wm * 32 < p.rows, live1 = L.r0 + wm * 32 + 16 < p.rows;
-
-    float acc[2][4][4];
+    uint32_t live = 0;
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < MT; ++mt) live |= uint32_t(L.r0 + (wm * MT + mt) * 16 < p.rows) << mt;
+
+    float acc[MT][4][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
@@ -552,21 +558,21 @@ __device__ __forceinline__ void forward(const float* __restrict__ a_tiles, uint3
             sc[nt][0] = r[0];
             sc[nt][1] = r[4];
         }
-        const float* a_w = a_s + (wm * 32 + g) * L.stride + t;
+        const float* a_w = a_s + (wm * MT * 16 + g) * L.stride + t;
         const float* b_w = b_s + (wn * 32 + g) * L.stride + t;
         // k8 step 0 holds SiLU x W_base (no scaler), steps 1..nb the bases x W_spline.
-        k_step<false>(acc, a_w, b_w, L.stride, sc, live0, live1);
+        k_step<false>(acc, a_w, b_w, L.stride, sc, live);
 #pragma unroll 2
-        for (int kk = 1; kk <= L.nb; ++kk) k_step<true>(acc, a_w + kk * 8, b_w + kk * 8, L.stride, sc, live0, live1);
+        for (int kk = 1; kk <= L.nb; ++kk) k_step<true>(acc, a_w + kk * 8, b_w + kk * 8, L.stride, sc, live);
     }
     float* out = partial + size_t(blockIdx.z) * p.rows * p.out_features;
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const uint32_t row = L.r0 + wm * 32 + mt * 16 + g + 8 * (e / 2);
+                const uint32_t row = L.r0 + (wm * MT + mt) * 16 + g + 8 * (e / 2);
                 const uint32_t ol = wn * 32 + nt * 8 + 2 * t + (e % 2);
                 if (row < p.rows && ol < L.outs_here) out[size_t(row) * p.out_features + L.o0 + ol] = acc[mt][nt][e];
             }
@@ -575,7 +581,7 @@ __device__ __forceinline__ void forward(const float* __restrict__ a_tiles, uint3
 }  // namespace hk_kan_mma
 
 // Dynamic shared memory: BM row_stride(nb) + 2 BN (row_stride(nb) + SC_STRIDE) floats, set by the host.
-extern "C" __global__ void __launch_bounds__(256, 2) kan_direct_tf32x3_forward_f32(
+extern "C" __global__ void __launch_bounds__(hk_kan_mma::THREADS, 2) kan_direct_tf32x3_forward_f32(
     const float* __restrict__ a_tiles, uint32_t rows_pad, const float* __restrict__ w_base,
     const float* __restrict__ w_spline, const float* __restrict__ scaler, float* __restrict__ partial,
     hk_kan_direct::DirectParams p) {

@@ -121,7 +121,7 @@ fn kan_auto_path_choice() {
     let Some(gpu) = common::gpu("kan_auto_path_choice") else { return };
     let mut layer = KanLinear::new(KanLinearConfig::new(16, 8), DType::F32, &gpu, 3).unwrap();
     assert_eq!(layer.resolved_forward_path(100), KanForwardPath::DirectTf32x3);
-    assert_eq!(layer.resolved_forward_path(4096), KanForwardPath::Gemm);
+    assert_eq!(layer.resolved_forward_path(4097), KanForwardPath::Gemm);
     layer.set_allow_tf32(true);
     assert_eq!(layer.resolved_forward_path(100), KanForwardPath::Gemm);
     let half = KanLinear::new(KanLinearConfig::new(16, 8), DType::BF16, &gpu, 3).unwrap();

@@ -36,12 +36,13 @@ const MAX_ORDER: usize = 3;
 const MAX_BASES: usize = 8;
 const BLOCK_THREADS: u32 = 256;
 const MAX_GRID_Y: usize = 65_535;
-/// cuda/kan_direct.cu, namespace hk_kan_mma: BM, BN, FEATS, SC_STRIDE and the launch bounds.
+/// cuda/kan_direct.cu, namespace hk_kan_mma: BM, BN, FEATS, SC_STRIDE, THREADS and the launch bounds.
 const MMA_BLOCK_ROWS: usize = 128;
 const MMA_BLOCK_OUTS: usize = 64;
 const MMA_STAGE_FEATURES: usize = 8;
 const MMA_SC_STRIDE: usize = 12;
 const MMA_BLOCKS_PER_SM: usize = 2;
+const MMA_THREADS: u32 = 128;
 const MMA_NAME: &str = "kan_direct_tf32x3_forward_f32";
 const MMA_FEATURES_NAME: &str = "kan_direct_tf32x3_features_f32";
 
@@ -69,9 +70,9 @@ fn unsupported(layer: &KanLinear, rows: usize, block_rows: usize) -> Option<Stri
 }
 
 /// Up to this many rows `Auto` prefers the tensor-core direct forward for f32 layers: at
-/// 100 rows it took 71 us against the f32 GEMM pipeline's 130 us, at 4096 rows the two tie
-/// (1665 against 1630 us; H100, 1000 x 1000 and 1024 x 1024, G = 5).
-const TF32X3_AUTO_MAX_ROWS: usize = 2048;
+/// 100 rows it took 68 us against the f32 GEMM pipeline's 130 us, at 4096 rows 1617 against
+/// 1638 us (H100, 1000 x 1000 and 1024 x 1024, G = 5); larger batches were not measured.
+const TF32X3_AUTO_MAX_ROWS: usize = 4096;
 
 /// Whether `Auto` runs [`forward_tf32x3`] for `rows` rows of this layer: an f32 layer that
 /// has not opted into TF32 (that opt-in asks for the TF32 GEMM), that the kernel covers, and
@@ -308,7 +309,7 @@ pub(super) fn forward_tf32x3(
             .map_err(|e| dev.map_err("setting kan_direct_tf32x3's shared memory", e))?;
         let cfg = LaunchConfig {
             grid_dim: (outf.div_ceil(MMA_BLOCK_OUTS) as u32, rows.div_ceil(MMA_BLOCK_ROWS) as u32, splits as u32),
-            block_dim: (BLOCK_THREADS, 1, 1),
+            block_dim: (MMA_THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let mut args = dev.stream().launch_builder(&f);

@@ -104,7 +104,7 @@ impl KanLinearConfig {
 pub enum KanForwardPath {
     /// The pipeline measured fastest (docs/performance.md has the numbers):
     /// [`DirectTf32x3`](KanForwardPath::DirectTf32x3) for f32 layers without TF32 that it
-    /// covers, up to 2048 rows; [`Gemm`](KanForwardPath::Gemm) otherwise.
+    /// covers, up to 4096 rows; [`Gemm`](KanForwardPath::Gemm) otherwise.
     #[default]
     Auto,
     /// Features kernel `[SiLU(x) | B(x)]`, folded weights `[W_base | W_spline * scaler]` and
@@ -114,7 +114,7 @@ pub enum KanForwardPath {
     /// folded weights, no GEMM), f32 FMAs on CUDA cores with a fixed summation order, so
     /// repeated calls agree bit for bit, and about a tenth of the GEMM pipeline's extra
     /// memory. Slower than `Gemm` and `DirectTf32x3` (H100, 100x1000->1000 f32: 168 us
-    /// against 130 and 71 us). Covers spline orders 1..=3 with up to 8 bases per feature (e.g. G = 5,
+    /// against 130 and 68 us). Covers spline orders 1..=3 with up to 8 bases per feature (e.g. G = 5,
     /// k = 3); otherwise forcing it is an error.
     Direct,
     /// `cuda/kan_direct.cu`'s tensor-core form, f32 layers only: the direct forward's
