@@ -28,6 +28,47 @@ struct DirectParams {
 // SAFETY: eight u32 fields, repr(C), no padding: the same bytes as the C struct.
 unsafe impl DeviceRepr for DirectParams {}
 
+impl DirectParams {
+    fn new(layer: &KanLinear, rows: usize, features_per_split: usize) -> DirectParams {
+        let (c, grid) = (layer.config(), layer.grid());
+        DirectParams {
+            rows: rows as u32,
+            in_features: c.in_features as u32,
+            out_features: c.out_features as u32,
+            n_knots: grid.n_knots() as u32,
+            order: grid.order() as u32,
+            uniform: u32::from(grid.is_uniform()),
+            has_scaler: u32::from(layer.spline_scaler().is_some()),
+            features_per_split: features_per_split as u32,
+        }
+    }
+}
+
+/// The `(rows, out)` output that kan_direct_reduce fills, and its element count (checked to
+/// fit the kernels' 32-bit indices).
+fn output<T: CudaElement>(dev: &CudaDevice, rows: usize, outf: usize) -> Result<(Tensor, usize)> {
+    let n = rows * outf;
+    if n > u32::MAX as usize {
+        return Err(Error::invalid("x", "rows x out_features below 2^32", format!("{rows} x {outf}")));
+    }
+    // SAFETY (allocation): kan_direct_reduce writes all rows * out elements.
+    let y = unsafe { Tensor::cuda_uninit(dev, T::DTYPE, &[rows, outf])? };
+    Ok((y, n))
+}
+
+/// W_base and the scaler as kernel arguments. Without a scaler the kernels never read that
+/// pointer (has_scaler = 0); W_base stands in for it.
+fn base_and_scaler<T: CudaElement>(
+    layer: &KanLinear,
+) -> Result<(&cudarc::driver::CudaSlice<T>, &cudarc::driver::CudaSlice<T>)> {
+    let wb = layer.base_weight().cuda_slice::<T>("base_weight")?;
+    let scaler = match layer.spline_scaler() {
+        Some(t) => t.cuda_slice::<T>("spline_scaler")?,
+        None => wb,
+    };
+    Ok((wb, scaler))
+}
+
 /// cuda/kan_direct.cu: BLOCK_ROWS, BLOCK_OUTS, CHUNK, the orders it instantiates, NBMAX.
 const BLOCK_ROWS: usize = 64;
 const BLOCK_OUTS: usize = 128;
@@ -135,14 +176,9 @@ fn forward_typed<T: CudaElement>(
 ) -> Result<Tensor> {
     let c = layer.config();
     let (inf, outf) = (c.in_features, c.out_features);
-    // SAFETY (allocation): kan_direct_reduce writes all rows * out elements.
-    let mut y = unsafe { Tensor::cuda_uninit(dev, T::DTYPE, &[rows, outf])? };
-    let n = rows * outf;
+    let (mut y, n) = output::<T>(dev, rows, outf)?;
     if n == 0 {
         return y.reshape(out_shape);
-    }
-    if n > u32::MAX as usize {
-        return Err(Error::invalid("x", "rows x out_features below 2^32", format!("{rows} x {outf}")));
     }
     let name = forward_name(T::DTYPE);
     let resident = dev.resident_blocks(KernelModule::KanDirect, name, BLOCK_THREADS)? as usize;
@@ -152,22 +188,8 @@ fn forward_typed<T: CudaElement>(
     // SAFETY (allocation): every (split, row, output) is written by the block that owns it.
     let mut partial = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[splits, rows, outf])? };
     let grid = layer.grid();
-    let params = DirectParams {
-        rows: rows as u32,
-        in_features: inf as u32,
-        out_features: outf as u32,
-        n_knots: grid.n_knots() as u32,
-        order: grid.order() as u32,
-        uniform: u32::from(grid.is_uniform()),
-        has_scaler: u32::from(layer.spline_scaler().is_some()),
-        features_per_split: fps as u32,
-    };
-    let wb = layer.base_weight().cuda_slice::<T>("base_weight")?;
-    // Without a scaler the kernel never reads this pointer; W_base stands in for it.
-    let scaler = match layer.spline_scaler() {
-        Some(t) => t.cuda_slice::<T>("spline_scaler")?,
-        None => wb,
-    };
+    let params = DirectParams::new(layer, rows, fps);
+    let (wb, scaler) = base_and_scaler::<T>(layer)?;
     {
         let f = dev.function(KernelModule::KanDirect, name)?;
         let cfg = LaunchConfig {
@@ -236,14 +258,9 @@ pub(super) fn forward_tf32x3(
     }
     let c = layer.config();
     let (inf, outf) = (c.in_features, c.out_features);
-    // SAFETY (allocation): kan_direct_reduce writes all rows * out elements.
-    let mut y = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[rows, outf])? };
-    let n = rows * outf;
+    let (mut y, n) = output::<f32>(dev, rows, outf)?;
     if n == 0 {
         return y.reshape(out_shape);
-    }
-    if n > u32::MAX as usize {
-        return Err(Error::invalid("x", "rows x out_features below 2^32", format!("{rows} x {outf}")));
     }
     let nb = c.n_bases();
     let smem = mma_smem_bytes(nb);
@@ -254,16 +271,7 @@ pub(super) fn forward_tf32x3(
     // SAFETY (allocation): every (split, row, output) is written by the block that owns it.
     let mut partial = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[splits, rows, outf])? };
     let grid = layer.grid();
-    let params = DirectParams {
-        rows: rows as u32,
-        in_features: inf as u32,
-        out_features: outf as u32,
-        n_knots: grid.n_knots() as u32,
-        order: grid.order() as u32,
-        uniform: u32::from(grid.is_uniform()),
-        has_scaler: u32::from(layer.spline_scaler().is_some()),
-        features_per_split: fps as u32,
-    };
+    let params = DirectParams::new(layer, rows, fps);
     // The A operand in stage tiles: ceil(in / 8) stages x rows_pad rows x 8 (nb + 1) words.
     let rows_pad = rows.div_ceil(MMA_BLOCK_ROWS) * MMA_BLOCK_ROWS;
     let stages = inf.div_ceil(MMA_STAGE_FEATURES);
@@ -297,12 +305,7 @@ pub(super) fn forward_tf32x3(
         // order in 1..=3 (unsupported() above); the kernel grid-strides over its threads.
         unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching kan_direct_tf32x3_features", e))?;
     }
-    let wb = layer.base_weight().cuda_slice::<f32>("base_weight")?;
-    // Without a scaler the kernel never reads this pointer; W_base stands in for it.
-    let scaler = match layer.spline_scaler() {
-        Some(t) => t.cuda_slice::<f32>("spline_scaler")?,
-        None => wb,
-    };
+    let (wb, scaler) = base_and_scaler::<f32>(layer)?;
     {
         let f = dev.function(KernelModule::KanDirect, MMA_NAME)?;
         f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
