@@ -2,13 +2,14 @@
 //! (S = 1, S not a multiple of the chunk, odd head dims, dqk != dhv), every chunk size and
 //! dtype, with and without an initial state; strongly negative forget and large input gates;
 //! head dims up to 512; S = 65536 in bf16 without a NaN; decoding reproduces the sequence
-//! pass. Skips without a GPU unless HYBRID_KERNELS_REQUIRE_GPU=1; HYBRID_KERNELS_POISON=1
+//! pass; every gradient against the f64 reference backward on random shapes, both
+//! normaliser modes, with and without initial state and final-state gradient. Skips without a GPU unless HYBRID_KERNELS_REQUIRE_GPU=1; HYBRID_KERNELS_POISON=1
 //! NaN-fills every output first.
 
 mod common;
 
-use hybrid_kernels::check::{decode_against_mlstm, mlstm_tolerance, MlstmCase};
-use hybrid_kernels::ops::mlstm::{mlstm, mlstm_backward, MlstmInputs, NormalizerGrad};
+use hybrid_kernels::check::{decode_against_mlstm, mlstm_grad_tolerance, mlstm_tolerance, MlstmCase};
+use hybrid_kernels::ops::mlstm::{mlstm_backward, NormalizerGrad};
 use hybrid_kernels::{DType, Device, Error, Tensor};
 use proptest::prelude::*;
 
@@ -119,16 +120,131 @@ fn mlstm_step_matches_cpu_step() {
     }
 }
 
+/// Each gradient within the dtype's tolerance times the problem's conditioning there.
+fn assert_grads_within(case: &MlstmCase, mode: NormalizerGrad, errs: &[(&'static str, f64, f64)]) {
+    let tol = mlstm_grad_tolerance(case.dtype);
+    for (n, e, cond) in errs {
+        assert!(
+            *e <= tol * cond,
+            "{n}: error {e:e} > {tol:e} x conditioning {cond:.3} in {mode:?} {case:?}\nall (name, error, conditioning): {errs:?}"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn mlstm_gpu_backward_matches_cpu_reference(
+        seed in any::<u64>(),
+        batch in 1usize..3,
+        heads in 1usize..3,
+        len in prop_oneof![Just(1usize), Just(7), Just(33), Just(64), Just(65), Just(130), 1usize..200],
+        dqk in prop_oneof![Just(16usize), Just(33), Just(64), Just(128), 1usize..80],
+        dhv in prop_oneof![Just(16usize), Just(40), Just(64), Just(128), 1usize..80],
+        chunk in prop_oneof![Just(None), Just(Some(16usize)), Just(Some(32)), Just(Some(64)), Just(Some(128))],
+        init in any::<bool>(),
+        dfinal in any::<bool>(),
+        extreme in any::<bool>(),
+        constant in any::<bool>(),
+        dtype in prop_oneof![Just(DType::F32), Just(DType::BF16), Just(DType::F16)],
+    ) {
+        let Some(gpu) = common::gpu("mlstm_gpu_backward_matches_cpu_reference") else { return Ok(()) };
+        let mut case = MlstmCase {
+            with_init: init,
+            with_dfinal: dfinal,
+            chunk,
+            ..MlstmCase::new(batch, heads, len, dqk, dhv, dtype)
+        };
+        // Extreme gates make d as small as exp(-30): the gradients, ~1 / d, leave f16's range.
+        if extreme && dtype != DType::F16 {
+            case = case.extreme_gates();
+        }
+        let mode = if constant { NormalizerGrad::Constant } else { NormalizerGrad::Exact };
+        match case.run_backward(seed, &gpu, mode) {
+            Ok(errs) => assert_grads_within(&case, mode, &errs),
+            Err(Error::InvalidArgument { arg: "q", .. }) if chunk.is_some() => {}
+            Err(e) => panic!("{e} in {case:?}"),
+        }
+    }
+}
+
 #[test]
-fn mlstm_gpu_backward_is_a_typed_error_until_it_has_a_kernel() {
-    let Some(gpu) = common::gpu("mlstm_gpu_backward_is_a_typed_error_until_it_has_a_kernel") else { return };
-    let t = |shape: &[usize]| Tensor::full(0.5, shape, DType::BF16, &gpu).unwrap();
-    let g = |shape: &[usize]| Tensor::full(0.5, shape, DType::F32, &gpu).unwrap();
-    let (q, v, i) = (t(&[1, 1, 8, 16]), t(&[1, 1, 8, 16]), g(&[1, 1, 8]));
-    let inputs = MlstmInputs::new(&q, &q, &v, &i, &i);
-    assert!(mlstm(&inputs).is_ok());
-    match mlstm_backward(&inputs, &v, None, NormalizerGrad::Exact) {
-        Err(Error::InvalidArgument { arg: "device", .. }) => {}
-        other => panic!("{other:?}"),
+fn mlstm_backward_wide_heads() {
+    let Some(gpu) = common::gpu("mlstm_backward_wide_heads") else { return };
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for (dqk, dhv) in [(256, 256), (512, 512), (512, 64), (64, 512), (300, 200)] {
+            let case = MlstmCase { with_init: true, with_dfinal: true, ..MlstmCase::new(1, 2, 70, dqk, dhv, dtype) };
+            for mode in [NormalizerGrad::Exact, NormalizerGrad::Constant] {
+                assert_grads_within(&case, mode, &case.run_backward(dqk as u64, &gpu, mode).unwrap());
+            }
+        }
+    }
+}
+
+/// Many chunks, the max state moving by tens per step in the extreme case (bf16, f32).
+#[test]
+fn mlstm_backward_long_sequences() {
+    let Some(gpu) = common::gpu("mlstm_backward_long_sequences") else { return };
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for extreme in [false, true] {
+            let mut case =
+                MlstmCase { with_init: true, with_dfinal: true, ..MlstmCase::new(1, 2, 2001, 64, 48, dtype) };
+            // f16 holds the extreme gates' gradients (~1 / d, d down to exp(-30)) as inf.
+            if extreme && dtype == DType::F16 {
+                continue;
+            }
+            if extreme {
+                case = case.extreme_gates();
+            }
+            let mode = NormalizerGrad::Exact;
+            assert_grads_within(&case, mode, &case.run_backward(11, &gpu, mode).unwrap());
+        }
+    }
+}
+
+/// No step: the initial state's gradient is the final one's; every other gradient is empty.
+#[test]
+fn mlstm_backward_of_an_empty_sequence() {
+    let Some(gpu) = common::gpu("mlstm_backward_of_an_empty_sequence") else { return };
+    for mode in [NormalizerGrad::Exact, NormalizerGrad::Constant] {
+        for dfinal in [false, true] {
+            let case =
+                MlstmCase { with_init: true, with_dfinal: dfinal, ..MlstmCase::new(2, 2, 0, 16, 24, DType::F32) };
+            assert_grads_within(&case, mode, &case.run_backward(1, &gpu, mode).unwrap());
+        }
+    }
+}
+
+/// S = 65536 in bf16 with extreme gates: every gradient finite (the f64 reference is
+/// quadratic in S, so the values are checked at 2001 steps above).
+#[test]
+fn mlstm_backward_65536_steps_in_bf16_is_finite() {
+    let Some(gpu) = common::gpu("mlstm_backward_65536_steps_in_bf16_is_finite") else { return };
+    for extreme in [false, true] {
+        let mut case =
+            MlstmCase { with_init: true, with_dfinal: true, ..MlstmCase::new(1, 1, 65536, 64, 64, DType::BF16) };
+        if extreme {
+            case = case.extreme_gates();
+        }
+        let t = case.tensors(&mut hybrid_kernels::check::Rng::new(9)).unwrap().to_device(&gpu).unwrap();
+        let dh = Tensor::full(0.25, &[1, 1, 65536, 64], DType::BF16, &gpu).unwrap();
+        // Any state-shaped values serve as the final state's gradient: the initial state's.
+        let g = mlstm_backward(&t.inputs(), &dh, t.initial.as_ref(), NormalizerGrad::Exact).unwrap();
+        let d0 = g.dinitial.as_ref().unwrap();
+        for (name, x) in [
+            ("dq", &g.dq),
+            ("dk", &g.dk),
+            ("dv", &g.dv),
+            ("di", &g.di),
+            ("df", &g.df),
+            ("dc0", &d0.c),
+            ("dn0", &d0.n),
+            ("dm0", &d0.m),
+        ] {
+            let v = x.to_f64_vec().unwrap();
+            assert!(v.iter().all(|x| x.is_finite()), "{name} has a non-finite value (extreme {extreme})");
+        }
+        assert!(g.dq.to_f64_vec().unwrap().iter().any(|&x| x != 0.0));
     }
 }

@@ -1,13 +1,13 @@
 //! Launches of `cuda/mlstm.cu`.
 
 use super::{MlstmDims, MlstmGrads, MlstmInputs, MlstmOutput, MlstmState, NormalizerGrad, MAX_HEAD_DIM};
-use crate::device::CudaDevice;
+use crate::device::{CudaDevice, Device};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernels::KernelModule;
 use crate::tensor::{CudaElement, Tensor};
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
 
 /// Chunk sizes with a compiled kernel (`mlstm_fwd_<dtype>_l<chunk>`).
@@ -160,9 +160,9 @@ pub(super) fn forward(dev: &CudaDevice, inputs: &MlstmInputs, dims: &MlstmDims) 
     check_gpu_dims(dims.dqk, dims.dhv, heads, dims.len)?;
     let tiling = forward_tiling(dev, dims, inputs.chunk)?;
     match dims.dtype {
-        DType::F32 => forward_typed::<f32>(dev, inputs, dims, &tiling),
-        DType::BF16 => forward_typed::<bf16>(dev, inputs, dims, &tiling),
-        DType::F16 => forward_typed::<f16>(dev, inputs, dims, &tiling),
+        DType::F32 => forward_typed::<f32>(dev, inputs, dims, &tiling, None),
+        DType::BF16 => forward_typed::<bf16>(dev, inputs, dims, &tiling, None),
+        DType::F16 => forward_typed::<f16>(dev, inputs, dims, &tiling, None),
     }
 }
 
@@ -171,6 +171,7 @@ fn forward_typed<T: CudaElement>(
     inputs: &MlstmInputs,
     dims: &MlstmDims,
     tiling: &Tiling,
+    stats: Option<(&Tensor, &mut Tensor)>,
 ) -> Result<MlstmOutput> {
     let heads = dims.batch * dims.heads;
     // SAFETY (allocations): for every head, the blocks (one per value tile) write all of h's
@@ -225,12 +226,22 @@ fn forward_typed<T: CudaElement>(
         args.arg(h.cuda_slice_mut::<T>("h")?)
             .arg(c.cuda_slice_mut::<f32>("final.c")?)
             .arg(n.cuda_slice_mut::<f32>("final.n")?)
-            .arg(m.cuda_slice_mut::<f32>("final.m")?)
-            .arg(&p);
-        // SAFETY: mlstm_fwd_<T>_l<chunk>(q, k, v, i, f, c0, n0, m0, h, c, n, m, MlstmParams):
-        // MlstmInputs::dims checked every shape, type and device: q, k hold heads*len*dqk T,
-        // v and h heads*len*dhv T, i and f heads*len f32, the states heads*dqk*dhv,
-        // heads*dqk and heads f32 (initial ones null with has_init 0). The grid is heads x
+            .arg(m.cuda_slice_mut::<f32>("final.m")?);
+        match stats {
+            Some((dh, st)) => {
+                args.arg(dh.cuda_slice::<T>("dh")?).arg(st.cuda_slice_mut::<f32>("stats")?);
+            }
+            None => {
+                args.arg(&null).arg(&null);
+            }
+        }
+        args.arg(&p);
+        // SAFETY: mlstm_fwd_<T>_l<chunk>(q, k, v, i, f, c0, n0, m0, h, c, n, m, dh, stats,
+        // MlstmParams): MlstmInputs::dims checked every shape, type and device: q, k hold
+        // heads*len*dqk T, v and h heads*len*dhv T, i and f heads*len f32, the states
+        // heads*dqk*dhv, heads*dqk and heads f32 (initial ones null with has_init 0); dh (when
+        // given) is shaped like h and stats holds (3 + value tiles) * heads * len f32
+        // (checked by the backward that passes them; null otherwise). The grid is heads x
         // ceil(dhv / tv) blocks, each reading its head and writing its value columns only;
         // the shared memory is `tiling.smem_bytes`, which the kernel checks against its own
         // carving and which the function was allowed above.
@@ -239,19 +250,492 @@ fn forward_typed<T: CudaElement>(
     Ok(MlstmOutput { h, final_state: MlstmState { c, n, m } })
 }
 
-pub(super) fn backward(
-    _dev: &CudaDevice,
-    _inputs: &MlstmInputs,
-    _dims: &MlstmDims,
-    _dh: &Tensor,
-    _dfinal: Option<&MlstmState>,
-    _mode: NormalizerGrad,
-) -> Result<MlstmGrads> {
+/// Mirrors `hk_mlstm::PassParams` in cuda/mlstm.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct PassParams {
+    heads: u32,
+    len: u32,
+    dx: u32,
+    dx_pad: u32,
+    dz: u32,
+    tz: u32,
+    reverse: u32,
+    x_extra: u32,
+    y_extra: u32,
+    has_init: u32,
+    init_transposed: u32,
+    init_m_default: f32,
+    out_scale: f32,
+    init_scale: f32,
+}
+
+// SAFETY: eleven u32 and three f32 fields, repr(C), no padding: the same bytes as the C struct.
+unsafe impl DeviceRepr for PassParams {}
+
+/// Mirrors `hk_mlstm::PrepParams`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct PrepParams {
+    heads: u32,
+    len: u32,
+    value_tiles: u32,
+    exact: u32,
+}
+
+// SAFETY: four u32 fields, repr(C), no padding.
+unsafe impl DeviceRepr for PrepParams {}
+
+/// Mirrors `hk_mlstm::GateParams`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct GateParams {
+    heads: u32,
+    len: u32,
+    dqk: u32,
+    dhv: u32,
+    exact: u32,
+}
+
+// SAFETY: five u32 fields, repr(C), no padding.
+unsafe impl DeviceRepr for GateParams {}
+
+/// `hk_mlstm::PREP_THREADS`, `hk_mlstm::GATE_THREADS`.
+const PREP_THREADS: u32 = 256;
+const GATE_THREADS: u32 = 256;
+
+/// Column 'extra' of a pass operand (`hk_mlstm::PassParams::x_extra`).
+const EXTRA_NONE: u32 = 0;
+const EXTRA_DN: u32 = 1;
+const EXTRA_ONES: u32 = 2;
+
+/// The dynamic shared memory of `mlstm_pass`, piece by piece as its `Carve` takes it.
+fn pass_smem_bytes(dtype: DType, chunk: usize, dx_pad: usize, tz: usize) -> usize {
+    let es = dtype.size_in_bytes();
+    let skew = 16 / es;
+    let f32s = dtype == DType::F32;
+    let piece = |bytes: usize| bytes.div_ceil(128) * 128;
+    let (ldx, ldz, ldcf, ldct, lds, ldp, ldo) =
+        (dx_pad + skew, tz + skew, tz + 4, tz + skew, chunk + 4, chunk + skew, tz + 4);
+    let mut total = piece(chunk * ldx * es) * 2 + piece(chunk * ldz * es) + piece(dx_pad * ldcf * 4);
+    if !f32s {
+        total += piece(dx_pad * ldct * es);
+    }
+    total += piece(chunk * lds * 4);
+    if !f32s {
+        total += piece(chunk * ldp * es);
+    }
+    total += piece(chunk * ldo * 4) + piece(chunk * 8) + 5 * piece(chunk * 4) + piece(2 * 8);
+    total
+}
+
+/// One backward pass: which operands play X, Y, Z and how the pass is gated.
+#[derive(Clone, Copy, Debug)]
+struct PassSpec {
+    name: &'static str,
+    dx: usize,
+    dz: usize,
+    reverse: bool,
+    x_extra: u32,
+    y_extra: u32,
+    init_transposed: bool,
+    init_m_default: f32,
+    out_scale: f32,
+    init_scale: f32,
+}
+
+/// The chunk (the caller's, or 32, 64, 16) and the widest Z tile (up to 64 columns) whose
+/// pass fits in `max_smem`; `(chunk, tz, dx_pad, smem)`.
+fn pass_tiling(
+    dtype: DType,
+    spec: &PassSpec,
+    chunk: Option<usize>,
+    max_smem: usize,
+) -> Result<(usize, usize, usize, usize)> {
+    let extra = spec.x_extra != EXTRA_NONE || spec.y_extra != EXTRA_NONE;
+    let dx_pad = round16(spec.dx + usize::from(extra));
+    let chunks: Vec<usize> = match chunk {
+        Some(c) => vec![c],
+        None => vec![32, 64, 16],
+    };
+    for &c in &chunks {
+        let mut tz = round16(spec.dz).min(64);
+        while tz >= 16 {
+            let smem = pass_smem_bytes(dtype, c, dx_pad, tz);
+            if smem <= max_smem {
+                return Ok((c, tz, dx_pad, smem));
+            }
+            tz -= 16;
+        }
+    }
     Err(Error::invalid(
-        "device",
-        "tensors on the CPU: the mLSTM backward has no CUDA kernel yet",
-        "tensors on a CUDA device",
+        "q",
+        format!("head dimensions whose backward chunk of {chunks:?} steps fits in {max_smem} bytes of shared memory"),
+        format!("{} pass over {} x {} columns in {dtype}", spec.name, spec.dx, spec.dz),
     ))
+}
+
+fn pass_name(dtype: DType, chunk: usize) -> Result<&'static str> {
+    const NAMES: [[&str; 4]; 3] = [
+        ["mlstm_pass_f32_l16", "mlstm_pass_f32_l32", "mlstm_pass_f32_l64", "mlstm_pass_f32_l128"],
+        ["mlstm_pass_bf16_l16", "mlstm_pass_bf16_l32", "mlstm_pass_bf16_l64", "mlstm_pass_bf16_l128"],
+        ["mlstm_pass_f16_l16", "mlstm_pass_f16_l32", "mlstm_pass_f16_l64", "mlstm_pass_f16_l128"],
+    ];
+    let c = CHUNKS
+        .iter()
+        .position(|&c| c == chunk)
+        .ok_or_else(|| Error::invalid("chunk", format!("one of {CHUNKS:?}"), chunk.to_string()))?;
+    Ok(NAMES[dtype_index(dtype)][c])
+}
+
+/// The per-step and per-head buffers every pass reads: the gates, the forward's stats (m, d,
+/// den, h . dh per value tile), aux (d dn, r, dm) and head_aux (-m_final,
+/// m0 + logsigmoid(f[0])).
+struct BackwardBufs<'a> {
+    ig: &'a CudaSlice<f32>,
+    fg: &'a CudaSlice<f32>,
+    stats: &'a CudaSlice<f32>,
+    aux: &'a CudaSlice<f32>,
+    head_aux: &'a CudaSlice<f32>,
+}
+
+/// A pass's initial state: C (or its extended transpose's source), n, and m per head (None:
+/// the spec's `init_m_default`).
+type PassInit<'a> = (&'a CudaSlice<f32>, &'a CudaSlice<f32>, Option<CudaView<'a, f32>>);
+
+#[allow(clippy::too_many_arguments)]
+fn launch_pass<T: CudaElement>(
+    dev: &CudaDevice,
+    dims: &MlstmDims,
+    chunk: Option<usize>,
+    spec: &PassSpec,
+    [x, y, z]: [&CudaSlice<T>; 3],
+    bufs: &BackwardBufs,
+    init: Option<PassInit>,
+    out: &mut CudaSlice<T>,
+    final_state: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
+) -> Result<()> {
+    let heads = dims.batch * dims.heads;
+    let rows = heads * dims.len;
+    let (chunk, tz, dx_pad, smem) = pass_tiling(dims.dtype, spec, chunk, dev.max_shared_memory_per_block())?;
+    let p = PassParams {
+        heads: heads as u32,
+        len: dims.len as u32,
+        dx: spec.dx as u32,
+        dx_pad: dx_pad as u32,
+        dz: spec.dz as u32,
+        tz: tz as u32,
+        reverse: u32::from(spec.reverse),
+        x_extra: spec.x_extra,
+        y_extra: spec.y_extra,
+        has_init: u32::from(init.is_some()),
+        init_transposed: u32::from(spec.init_transposed),
+        init_m_default: spec.init_m_default,
+        out_scale: spec.out_scale,
+        init_scale: spec.init_scale,
+    };
+    let f = dev.function(KernelModule::Mlstm, pass_name(dims.dtype, chunk)?)?;
+    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        .map_err(|e| dev.map_err("setting mlstm_pass's shared memory", e))?;
+    let cfg = LaunchConfig {
+        grid_dim: (heads as u32, spec.dz.div_ceil(tz) as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let null = 0u64;
+    let m_fwd = bufs.stats.slice(0..rows);
+    let d_fwd = bufs.stats.slice(rows..2 * rows);
+    let extra = bufs.aux.slice(0..rows);
+    let final_log = bufs.head_aux.slice(heads..2 * heads);
+    let mut args = dev.stream().launch_builder(&f);
+    args.arg(x).arg(y).arg(z).arg(bufs.ig).arg(bufs.fg).arg(&m_fwd).arg(&d_fwd).arg(&extra);
+    let init_m;
+    match init {
+        Some((c, n, m)) => {
+            init_m = m;
+            args.arg(c).arg(n);
+            match &init_m {
+                Some(m) => args.arg(m),
+                None => args.arg(&null),
+            };
+        }
+        None => {
+            args.arg(&null).arg(&null).arg(&null);
+        }
+    }
+    args.arg(out);
+    match final_state {
+        Some((c, n)) => {
+            args.arg(c).arg(n).arg(&final_log);
+        }
+        None => {
+            args.arg(&null).arg(&null).arg(&null);
+        }
+    }
+    args.arg(&p);
+    // SAFETY: mlstm_pass_<T>_l<chunk>(x, y, z, i, f, m_fwd, d_fwd, extra, init_c, init_n,
+    // init_m, out, final_c, final_n, final_log, PassParams): backward_typed passes x and y
+    // with heads*len*dx T, z and out with heads*len*dz T, i, f and the m, d, extra views
+    // with heads*len f32, an initial state of heads*dx*dz (+ heads*dz) f32 and init_m and
+    // final_log of heads f32 (or null, with has_init 0 / no final state), a final state of
+    // heads*dqk*dhv and heads*dqk f32. Block (head, tile) reads that head's rows and writes
+    // out's columns of its tile only; the shared memory is what pass_smem_bytes computes,
+    // which the kernel checks against its own carving and which the function was allowed.
+    unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching mlstm_pass", e))?;
+    Ok(())
+}
+
+pub(super) fn backward(
+    dev: &CudaDevice,
+    inputs: &MlstmInputs,
+    dims: &MlstmDims,
+    dh: &Tensor,
+    dfinal: Option<&MlstmState>,
+    mode: NormalizerGrad,
+) -> Result<MlstmGrads> {
+    let heads = dims.batch * dims.heads;
+    check_gpu_dims(dims.dqk, dims.dhv, heads, dims.len)?;
+    match dims.dtype {
+        DType::F32 => backward_typed::<f32>(dev, inputs, dims, dh, dfinal, mode),
+        DType::BF16 => backward_typed::<bf16>(dev, inputs, dims, dh, dfinal, mode),
+        DType::F16 => backward_typed::<f16>(dev, inputs, dims, dh, dfinal, mode),
+    }
+}
+
+fn backward_typed<T: CudaElement>(
+    dev: &CudaDevice,
+    inputs: &MlstmInputs,
+    dims: &MlstmDims,
+    dh: &Tensor,
+    dfinal: Option<&MlstmState>,
+    mode: NormalizerGrad,
+) -> Result<MlstmGrads> {
+    let (batch, nh, len, dqk, dhv) = (dims.batch, dims.heads, dims.len, dims.dqk, dims.dhv);
+    let heads = batch * nh;
+    let rows = heads * len;
+    let exact = mode == NormalizerGrad::Exact;
+    let device = Device::Cuda(dev.clone());
+    if rows > i32::MAX as usize {
+        return Err(Error::invalid("q", "batch * heads * len below 2^31", format!("{rows}")));
+    }
+    // SAFETY (allocations): the dq pass writes every dq value, the dk and dv passes every dk
+    // and dv value, the gate kernel every di, df value and dm0 entry (one block per head),
+    // the dk pass every dc0 and dn0 value (its blocks cover all dqk columns). With no step
+    // (or no head) nothing is launched and they are empty or replaced below.
+    let mut dq = unsafe { Tensor::cuda_uninit(dev, dims.dtype, inputs.q.shape())? };
+    let mut dk = unsafe { Tensor::cuda_uninit(dev, dims.dtype, inputs.k.shape())? };
+    let mut dv = unsafe { Tensor::cuda_uninit(dev, dims.dtype, inputs.v.shape())? };
+    let mut di = unsafe { Tensor::cuda_uninit(dev, DType::F32, inputs.i.shape())? };
+    let mut df = unsafe { Tensor::cuda_uninit(dev, DType::F32, inputs.f.shape())? };
+    if rows == 0 {
+        // No step: the final state is the initial one (and m moves nothing in Constant mode).
+        let dinitial = match (inputs.initial, dfinal) {
+            (None, _) => None,
+            (Some(_), Some(d)) => Some(MlstmState {
+                c: d.c.to_device(&device)?,
+                n: d.n.to_device(&device)?,
+                m: if exact { d.m.to_device(&device)? } else { Tensor::full(0.0, &[batch, nh], DType::F32, &device)? },
+            }),
+            (Some(_), None) => Some(MlstmState::zeros(batch, nh, dqk, dhv, &device)?),
+        };
+        return Ok(MlstmGrads { dq, dk, dv, di, df, dinitial });
+    }
+
+    let tiling = forward_tiling(dev, dims, inputs.chunk)?;
+    let value_tiles = dhv.div_ceil(tiling.tv);
+    // SAFETY: the forward's first value-tile blocks write rows 0..3 of every step, and the
+    // blocks of value tile j row 3 + j.
+    let mut stats = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[3 + value_tiles, rows])? };
+    let fwd = forward_typed::<T>(dev, inputs, dims, &tiling, Some((dh, &mut stats)))?;
+    // SAFETY: mlstm_bwd_prep writes all three rows of every step and both head_aux rows of
+    // every head (at its first and last step; len >= 1 here).
+    let mut aux = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[3, rows])? };
+    let mut head_aux = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[2, heads])? };
+    {
+        let p = PrepParams {
+            heads: heads as u32,
+            len: len as u32,
+            value_tiles: value_tiles as u32,
+            exact: u32::from(exact),
+        };
+        let f = dev.function(KernelModule::Mlstm, "mlstm_bwd_prep")?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(PREP_THREADS as usize) as u32, 1, 1),
+            block_dim: (PREP_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let null = 0u64;
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(stats.cuda_slice::<f32>("stats")?).arg(inputs.f.cuda_slice::<f32>("f")?);
+        match inputs.initial {
+            Some(s) => args.arg(s.m.cuda_slice::<f32>("initial.m")?),
+            None => args.arg(&null),
+        };
+        args.arg(aux.cuda_slice_mut::<f32>("aux")?).arg(head_aux.cuda_slice_mut::<f32>("head_aux")?).arg(&p);
+        // SAFETY: mlstm_bwd_prep(stats, f, m0, aux, head_aux, PrepParams): stats holds
+        // (3 + value_tiles) * rows f32, f rows f32, m0 heads f32 or null, aux 3 * rows and
+        // head_aux 2 * heads f32; one thread per step, those past `rows` return.
+        unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching mlstm_bwd_prep", e))?;
+    }
+
+    let scale = 1.0 / (dqk as f32).sqrt();
+    let bufs = BackwardBufs {
+        ig: inputs.i.cuda_slice::<f32>("i")?,
+        fg: inputs.f.cuda_slice::<f32>("f")?,
+        stats: stats.cuda_slice::<f32>("stats")?,
+        aux: aux.cuda_slice::<f32>("aux")?,
+        head_aux: head_aux.cuda_slice::<f32>("head_aux")?,
+    };
+    let (q, k, v, dh_s) = (
+        inputs.q.cuda_slice::<T>("q")?,
+        inputs.k.cuda_slice::<T>("k")?,
+        inputs.v.cuda_slice::<T>("v")?,
+        dh.cuda_slice::<T>("dh")?,
+    );
+    let reverse_start = || bufs.head_aux.slice(0..heads);
+
+    // dq: forwards, X = (dh, d dn), Y = (v, 1), Z = k, rows weighted by 1 / d, from the
+    // initial state [C0 | n0]^T.
+    let dq_spec = PassSpec {
+        name: "dq",
+        dx: dhv,
+        dz: dqk,
+        reverse: false,
+        x_extra: EXTRA_DN,
+        y_extra: EXTRA_ONES,
+        init_transposed: true,
+        init_m_default: 0.0,
+        out_scale: scale,
+        init_scale: 1.0,
+    };
+    let init = match inputs.initial {
+        Some(s) => Some((
+            s.c.cuda_slice::<f32>("initial.c")?,
+            s.n.cuda_slice::<f32>("initial.n")?,
+            Some(s.m.cuda_slice::<f32>("initial.m")?.slice(0..heads)),
+        )),
+        None => None,
+    };
+    launch_pass(dev, dims, inputs.chunk, &dq_spec, [dh_s, v, k], &bufs, init, dq.cuda_slice_mut::<T>("dq")?, None)?;
+
+    // dk: backwards, X = (v, 1), Y = (dh, d dn) with 1 / d in the key gate, Z = q, from
+    // [dC | dn]_final^T; ends at the initial state's gradient.
+    let dfin_c = dfinal.map(|s| s.c.cuda_slice::<f32>("dfinal.c")).transpose()?;
+    let dfin_n = dfinal.map(|s| s.n.cuda_slice::<f32>("dfinal.n")).transpose()?;
+    let dk_spec = PassSpec {
+        name: "dk",
+        dx: dhv,
+        dz: dqk,
+        reverse: true,
+        x_extra: EXTRA_ONES,
+        y_extra: EXTRA_DN,
+        init_transposed: true,
+        init_m_default: f32::NEG_INFINITY,
+        out_scale: scale,
+        init_scale: 1.0 / scale,
+    };
+    let mut dinitial = match inputs.initial {
+        // SAFETY (allocations): the dk pass writes all of dc0 and dn0, the gate kernel dm0.
+        Some(_) => Some(unsafe {
+            MlstmState {
+                c: Tensor::cuda_uninit(dev, DType::F32, &[batch, nh, dqk, dhv])?,
+                n: Tensor::cuda_uninit(dev, DType::F32, &[batch, nh, dqk])?,
+                m: Tensor::cuda_uninit(dev, DType::F32, &[batch, nh])?,
+            }
+        }),
+        None => None,
+    };
+    {
+        let init = dfin_c.zip(dfin_n).map(|(c, n)| (c, n, Some(reverse_start())));
+        let fin = match dinitial.as_mut() {
+            Some(s) => {
+                let MlstmState { c, n, .. } = s;
+                Some((c.cuda_slice_mut::<f32>("dinitial.c")?, n.cuda_slice_mut::<f32>("dinitial.n")?))
+            }
+            None => None,
+        };
+        launch_pass(dev, dims, inputs.chunk, &dk_spec, [v, dh_s, q], &bufs, init, dk.cuda_slice_mut::<T>("dk")?, fin)?;
+    }
+
+    // dv: backwards, X = k, Y = q, Z = dh with 1 / d in the key gate, from dC_final.
+    let dv_spec = PassSpec {
+        name: "dv",
+        dx: dqk,
+        dz: dhv,
+        reverse: true,
+        x_extra: EXTRA_NONE,
+        y_extra: EXTRA_NONE,
+        init_transposed: false,
+        init_m_default: f32::NEG_INFINITY,
+        out_scale: scale,
+        init_scale: 1.0 / scale,
+    };
+    // The n part of the initial state is unused without an extra column (y_extra none).
+    let init = dfin_c.zip(dfin_n).map(|(c, n)| (c, n, Some(reverse_start())));
+    launch_pass(dev, dims, inputs.chunk, &dv_spec, [k, q, dh_s], &bufs, init, dv.cuda_slice_mut::<T>("dv")?, None)?;
+
+    // Gate gradients and dm0.
+    {
+        let p = GateParams {
+            heads: heads as u32,
+            len: len as u32,
+            dqk: dqk as u32,
+            dhv: dhv as u32,
+            exact: u32::from(exact),
+        };
+        let name = ["mlstm_bwd_gates_f32", "mlstm_bwd_gates_bf16", "mlstm_bwd_gates_f16"][dtype_index(dims.dtype)];
+        let f = dev.function(KernelModule::Mlstm, name)?;
+        let cfg = LaunchConfig { grid_dim: (heads as u32, 1, 1), block_dim: (GATE_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let null = 0u64;
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(k)
+            .arg(dk.cuda_slice::<T>("dk")?)
+            .arg(inputs.i.cuda_slice::<f32>("i")?)
+            .arg(inputs.f.cuda_slice::<f32>("f")?)
+            .arg(stats.cuda_slice::<f32>("stats")?)
+            .arg(aux.cuda_slice_mut::<f32>("aux")?)
+            .arg(fwd.final_state.c.cuda_slice::<f32>("final.c")?)
+            .arg(fwd.final_state.n.cuda_slice::<f32>("final.n")?);
+        match dfinal {
+            Some(s) => {
+                args.arg(s.c.cuda_slice::<f32>("dfinal.c")?)
+                    .arg(s.n.cuda_slice::<f32>("dfinal.n")?)
+                    .arg(s.m.cuda_slice::<f32>("dfinal.m")?);
+            }
+            None => {
+                args.arg(&null).arg(&null).arg(&null);
+            }
+        }
+        match (inputs.initial, dinitial.as_mut()) {
+            (Some(s), Some(d)) => {
+                let MlstmState { c, n, m } = d;
+                args.arg(s.c.cuda_slice::<f32>("initial.c")?)
+                    .arg(s.n.cuda_slice::<f32>("initial.n")?)
+                    .arg(c.cuda_slice::<f32>("dinitial.c")?)
+                    .arg(n.cuda_slice::<f32>("dinitial.n")?)
+                    .arg(di.cuda_slice_mut::<f32>("di")?)
+                    .arg(df.cuda_slice_mut::<f32>("df")?)
+                    .arg(m.cuda_slice_mut::<f32>("dinitial.m")?);
+            }
+            _ => {
+                args.arg(&null)
+                    .arg(&null)
+                    .arg(&null)
+                    .arg(&null)
+                    .arg(di.cuda_slice_mut::<f32>("di")?)
+                    .arg(df.cuda_slice_mut::<f32>("df")?)
+                    .arg(&null);
+            }
+        }
+        args.arg(&p);
+        // SAFETY: mlstm_bwd_gates_<T>(k, dk, i, f, stats, aux, c_fin, n_fin, dc_fin, dn_fin,
+        // dm_fin, c0, n0, dc0, dn0, di, df, dm0, GateParams): k and dk hold rows*dqk T, i, f,
+        // di, df rows f32, stats >= rows f32 (m first), aux 3*rows f32, the states
+        // heads*dqk*dhv, heads*dqk, heads f32 (null when absent). One block per head touches
+        // that head's steps and state only.
+        unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching mlstm_bwd_gates", e))?;
+    }
+    Ok(MlstmGrads { dq, dk, dv, di, df, dinitial })
 }
 
 #[allow(clippy::too_many_arguments)]
