@@ -792,6 +792,68 @@ pub fn bench_mlstm(
     })
 }
 
+/// The forward+backward targets (H100, bf16): 1.6 ms at D128, 2.4 ms at D256.
+pub fn mlstm_train_target_us(shape: MlstmShape, dtype: DType) -> Option<f64> {
+    match (shape, dtype) {
+        (MlstmShape::D128, DType::BF16) => Some(1600.0),
+        (MlstmShape::D256, DType::BF16) => Some(2400.0),
+        _ => None,
+    }
+}
+
+/// Benchmarks a training step of the mLSTM: `mlstm` then `mlstm_backward` (Exact, which
+/// recomputes the forward) with a given dh, at `shape`; two input sets rotate on the GPU.
+pub fn bench_mlstm_fwd_bwd(
+    device: &Device,
+    dtype: DType,
+    shape: MlstmShape,
+    reps: Repeats,
+    copy_gbs: Option<f64>,
+) -> Result<BenchRow> {
+    use crate::check::MlstmCase;
+    use crate::ops::mlstm::{mlstm, mlstm_backward, NormalizerGrad};
+    let MlstmShape { batch, heads, len, head_dim: d } = shape;
+    let case = MlstmCase::new(batch, heads, len, d, d, dtype);
+    let sets = if device.is_cuda() { 2 } else { 1 };
+    let mut rng = Rng::new(0x3158);
+    let data = (0..sets)
+        .map(|_| -> Result<_> {
+            let t = case.tensors(&mut rng)?.to_device(device)?;
+            let dh: Vec<f32> = (0..batch * heads * len * d).map(|_| rng.uniform(-1.0, 1.0) as f32).collect();
+            let dh = Tensor::from_f32(&dh, &[batch, heads, len, d], dtype, device)?;
+            Ok((t, dh))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let timing = time_on(device, reps, |i| {
+        let (t, dh) = &data[i % sets];
+        mlstm(&t.inputs())?;
+        mlstm_backward(&t.inputs(), dh, None, NormalizerGrad::Exact).map(drop)
+    })?;
+    let tokens = (batch * heads * len) as f64;
+    let (es, df) = (dtype.size_in_bytes() as f64, d as f64);
+    // Forward: q, k, v, gates in, h out. Backward: the forward again with dh, then three
+    // passes reading three operands each and writing dq, dk, dv, and the gate kernels.
+    let bytes = tokens * (4.0 * df * es + 8.0) * 2.0 + tokens * (12.0 * df * es + 32.0);
+    let l = match device {
+        Device::Cuda(dev) => crate::ops::mlstm::forward_tiling(dev, &case_dims(&case), None)?.chunk as f64,
+        Device::Cpu => 1.0,
+    };
+    // Two forwards and three passes of the forward's work.
+    let flops = 5.0 * tokens * (2.0 * l * df + 4.0 * df * df);
+    Ok(BenchRow {
+        op: "mlstm forward+backward".to_string(),
+        dtype,
+        shape: format!("B{batch} NH{heads} S{len} D{d}"),
+        device: device.to_string(),
+        timing,
+        bytes,
+        flops,
+        copy_gbs,
+        target_us: mlstm_train_target_us(shape, dtype),
+        peak_extra_bytes: None,
+    })
+}
+
 fn case_dims(case: &crate::check::MlstmCase) -> crate::ops::mlstm::MlstmDims {
     crate::ops::mlstm::MlstmDims {
         batch: case.batch,

@@ -5,8 +5,8 @@ use hybrid_kernels::bench::{
     self, BenchRow, ConvPass, KanPass, MlstmShape, Repeats, ScanPass, BASIS_SHAPES, KAN_SHAPES,
 };
 use hybrid_kernels::check::{
-    conv_tolerance, decode_against_conv, decode_against_mlstm, kan_tolerance, mlstm_tolerance, scan_tolerance,
-    tolerance, ActivationCase, BasisCase, ConvCase, GridLayout, KanCase, MlstmCase, Rng, ScanCase,
+    conv_tolerance, decode_against_conv, decode_against_mlstm, kan_tolerance, mlstm_grad_tolerance, mlstm_tolerance,
+    scan_tolerance, tolerance, ActivationCase, BasisCase, ConvCase, GridLayout, KanCase, MlstmCase, Rng, ScanCase,
 };
 use hybrid_kernels::device::{cuda_device_count, driver_available, driver_version};
 use hybrid_kernels::kernels::{KernelModule, PTX_ORIGIN};
@@ -431,6 +431,44 @@ fn check(device: &Device, seed: Option<u64>) -> Result<bool> {
             if ok { "pass" } else { "FAIL" }
         );
     }
+    // mLSTM gradients against the f64 backward: the worst error over its allowance
+    // (mlstm_grad_tolerance times the problem's conditioning), shown as error / conditioning.
+    // (batch, heads, len, dqk, dhv, initial state, final-state gradient, extreme, chunk, exact)
+    type MlstmGradCheck = (usize, usize, usize, usize, usize, bool, bool, bool, Option<usize>, bool);
+    let grad_cases: &[MlstmGradCheck] = &[
+        (1, 1, 1, 16, 16, true, true, false, None, true),
+        (2, 2, 65, 33, 40, false, true, false, Some(16), true),
+        (1, 2, 130, 64, 64, true, false, false, Some(64), false),
+        (1, 2, 100, 128, 128, true, true, true, None, true),
+        (1, 1, 70, 200, 96, true, true, false, Some(32), true),
+    ];
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let mut worst = 0.0f64;
+        for &(batch, heads, len, dqk, dhv, init, dfinal, extreme, chunk, exact) in grad_cases {
+            let mut case = MlstmCase {
+                with_init: init,
+                with_dfinal: dfinal,
+                chunk,
+                ..MlstmCase::new(batch, heads, len, dqk, dhv, dtype)
+            };
+            // f16 cannot hold the extreme gates' gradients (~1 / d, d down to exp(-30)).
+            if extreme && dtype != DType::F16 {
+                case = case.extreme_gates();
+            }
+            let mode = if exact { NormalizerGrad::Exact } else { NormalizerGrad::Constant };
+            worst =
+                case.run_backward(rng.next_u64(), device, mode)?.into_iter().fold(worst, |w, (_, e, c)| w.max(e / c));
+        }
+        let tol = mlstm_grad_tolerance(dtype);
+        let ok = worst <= tol;
+        all_ok &= ok;
+        println!(
+            "{:<26} {dtype:<6} {:>7} {worst:>12.3e} {tol:>10.1e}  {}",
+            "mlstm grads (err/cond)",
+            grad_cases.len(),
+            if ok { "pass" } else { "FAIL" }
+        );
+    }
     println!("check: {}\n", if all_ok { "all kernels pass" } else { "FAILURES above" });
     Ok(all_ok)
 }
@@ -554,6 +592,7 @@ fn bench_cmd(device: &Device, json: bool, short: bool, group: Option<&str>) -> R
                     }
                     rows.push(bench::bench_mlstm(device, dtype, shape, None, reps, copy_gbs)?);
                 }
+                rows.push(bench::bench_mlstm_fwd_bwd(device, DType::BF16, shape, reps, copy_gbs)?);
             }
             // Constant tokens (B * NH * S) at D128, bf16; and the other chunk sizes.
             if !short {
@@ -568,6 +607,7 @@ fn bench_cmd(device: &Device, json: bool, short: bool, group: Option<&str>) -> R
         } else {
             let shape = MlstmShape { batch: 1, heads: 2, len: 64, head_dim: 16 };
             rows.push(bench::bench_mlstm(device, DType::F32, shape, None, reps, copy_gbs)?);
+            rows.push(bench::bench_mlstm_fwd_bwd(device, DType::F32, shape, reps, copy_gbs)?);
         }
         for batch in [1usize, 64, 256] {
             if (short || !device.is_cuda()) && batch != 64 {
