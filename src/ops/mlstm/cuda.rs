@@ -64,24 +64,37 @@ fn round16(x: usize) -> usize {
 }
 
 /// The dynamic shared memory of `mlstm_fwd`: the same pieces, in the same order and
-/// 128-byte rounding, as its `Carve` takes them.
+/// 128-byte rounding, as its `Carve` takes them, which are `mlstm_pass`'s (Q, K, V as X, Y,
+/// Z; H as O) plus the f32 normaliser n.
 fn smem_bytes(dtype: DType, chunk: usize, dqk_pad: usize, tv: usize) -> usize {
-    let es = dtype.size_in_bytes();
-    let skew = 16 / es;
-    let f32s = dtype == DType::F32;
-    let piece = |bytes: usize| bytes.div_ceil(128) * 128;
-    let (ldq, ldv, ldcf, ldct, lds, ldp, ldh) =
-        (dqk_pad + skew, tv + skew, tv + 4, tv + skew, chunk + 4, chunk + skew, tv + 4);
-    let mut total = piece(chunk * ldq * es) * 2 + piece(chunk * ldv * es) + piece(dqk_pad * ldcf * 4);
-    if !f32s {
-        total += piece(dqk_pad * ldct * es);
+    pass_smem_bytes(dtype, chunk, dqk_pad, tv) + (dqk_pad * 4).div_ceil(128) * 128
+}
+
+/// The chunk (`chunk`, or 32, then 64, then 16) and the widest tile of `cols` columns (up to
+/// 64, a multiple of 16) whose kernel needs at most `max_smem` bytes by `smem(chunk, tile)`:
+/// `(chunk, tile, smem)`, or None.
+fn fit_chunk_and_tile(
+    chunk: Option<usize>,
+    cols: usize,
+    max_smem: usize,
+    smem: impl Fn(usize, usize) -> usize,
+) -> Option<(usize, usize, usize)> {
+    for c in chunks_tried(chunk) {
+        let mut tile = round16(cols).min(64);
+        while tile >= 16 {
+            let bytes = smem(c, tile);
+            if bytes <= max_smem {
+                return Some((c, tile, bytes));
+            }
+            tile -= 16;
+        }
     }
-    total += piece(chunk * lds * 4);
-    if !f32s {
-        total += piece(chunk * ldp * es);
-    }
-    total += piece(chunk * ldh * 4) + piece(dqk_pad * 4) + piece(chunk * 8) + 5 * piece(chunk * 4) + piece(2 * 8);
-    total
+    None
+}
+
+/// The chunks `fit_chunk_and_tile` tries, in order.
+fn chunks_tried(chunk: Option<usize>) -> Vec<usize> {
+    chunk.map_or_else(|| vec![32, 64, 16], |c| vec![c])
 }
 
 /// The chunk (32 first, then 64, then 16; or the caller's) and the widest value tile (up to
@@ -89,26 +102,17 @@ fn smem_bytes(dtype: DType, chunk: usize, dqk_pad: usize, tv: usize) -> usize {
 /// against 2.41 ms for 64 and 7.9 ms for 128, B8 NH16 S4096 bf16).
 pub(super) fn tiling(dims: &MlstmDims, chunk: Option<usize>, max_smem: usize) -> Result<Tiling> {
     let dqk_pad = round16(dims.dqk);
-    let tv_max = round16(dims.dhv).min(64);
-    let chunks: Vec<usize> = match chunk {
-        Some(c) => vec![c],
-        None => vec![32, 64, 16],
-    };
-    for &c in &chunks {
-        let mut tv = tv_max;
-        while tv >= 16 {
-            let smem_bytes = smem_bytes(dims.dtype, c, dqk_pad, tv);
-            if smem_bytes <= max_smem {
-                return Ok(Tiling { chunk: c, tv, dqk_pad, smem_bytes });
-            }
-            tv -= 16;
-        }
+    match fit_chunk_and_tile(chunk, dims.dhv, max_smem, |c, tv| smem_bytes(dims.dtype, c, dqk_pad, tv)) {
+        Some((chunk, tv, smem_bytes)) => Ok(Tiling { chunk, tv, dqk_pad, smem_bytes }),
+        None => Err(Error::invalid(
+            "q",
+            format!(
+                "head dimensions whose chunk of {:?} steps fits in {max_smem} bytes of shared memory",
+                chunks_tried(chunk)
+            ),
+            format!("dqk {}, dhv {} in {}", dims.dqk, dims.dhv, dims.dtype),
+        )),
     }
-    Err(Error::invalid(
-        "q",
-        format!("head dimensions whose chunk of {chunks:?} steps fits in {max_smem} bytes of shared memory"),
-        format!("dqk {}, dhv {} in {}", dims.dqk, dims.dhv, dims.dtype),
-    ))
 }
 
 fn dtype_index(dtype: DType) -> usize {
@@ -119,18 +123,26 @@ fn dtype_index(dtype: DType) -> usize {
     }
 }
 
-fn fwd_name(dtype: DType, chunk: usize) -> Result<&'static str> {
-    const NAMES: [[&str; 4]; 3] = [
-        ["mlstm_fwd_f32_l16", "mlstm_fwd_f32_l32", "mlstm_fwd_f32_l64", "mlstm_fwd_f32_l128"],
-        ["mlstm_fwd_bf16_l16", "mlstm_fwd_bf16_l32", "mlstm_fwd_bf16_l64", "mlstm_fwd_bf16_l128"],
-        ["mlstm_fwd_f16_l16", "mlstm_fwd_f16_l32", "mlstm_fwd_f16_l64", "mlstm_fwd_f16_l128"],
-    ];
+/// `<kernel>_<dtype>_l<chunk>` from its table: rows f32, bf16, f16; columns `CHUNKS`.
+fn chunk_kernel_name(names: &[[&'static str; 4]; 3], dtype: DType, chunk: usize) -> Result<&'static str> {
     let c = CHUNKS
         .iter()
         .position(|&c| c == chunk)
         .ok_or_else(|| Error::invalid("chunk", format!("one of {CHUNKS:?}"), chunk.to_string()))?;
-    Ok(NAMES[dtype_index(dtype)][c])
+    Ok(names[dtype_index(dtype)][c])
 }
+
+const FWD_NAMES: [[&str; 4]; 3] = [
+    ["mlstm_fwd_f32_l16", "mlstm_fwd_f32_l32", "mlstm_fwd_f32_l64", "mlstm_fwd_f32_l128"],
+    ["mlstm_fwd_bf16_l16", "mlstm_fwd_bf16_l32", "mlstm_fwd_bf16_l64", "mlstm_fwd_bf16_l128"],
+    ["mlstm_fwd_f16_l16", "mlstm_fwd_f16_l32", "mlstm_fwd_f16_l64", "mlstm_fwd_f16_l128"],
+];
+
+const PASS_NAMES: [[&str; 4]; 3] = [
+    ["mlstm_pass_f32_l16", "mlstm_pass_f32_l32", "mlstm_pass_f32_l64", "mlstm_pass_f32_l128"],
+    ["mlstm_pass_bf16_l16", "mlstm_pass_bf16_l32", "mlstm_pass_bf16_l64", "mlstm_pass_bf16_l128"],
+    ["mlstm_pass_f16_l16", "mlstm_pass_f16_l32", "mlstm_pass_f16_l64", "mlstm_pass_f16_l128"],
+];
 
 fn check_gpu_dims(dqk: usize, dhv: usize, heads: usize, len: usize) -> Result<()> {
     if dqk > MAX_HEAD_DIM || dhv > MAX_HEAD_DIM {
@@ -193,7 +205,7 @@ fn forward_typed<T: CudaElement>(
             eps: inputs.eps,
             scale: 1.0 / (dims.dqk as f32).sqrt(),
         };
-        let name = fwd_name(dims.dtype, tiling.chunk)?;
+        let name = chunk_kernel_name(&FWD_NAMES, dims.dtype, tiling.chunk)?;
         let f = dev.function(KernelModule::Mlstm, name)?;
         f.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -344,8 +356,8 @@ struct PassSpec {
     init_scale: f32,
 }
 
-/// The chunk (the caller's, or 32, 64, 16) and the widest Z tile (up to 64 columns) whose
-/// pass fits in `max_smem`; `(chunk, tz, dx_pad, smem)`.
+/// The chunk and the widest Z tile of a pass that fit in `max_smem` (as the forward's
+/// [`tiling`]): `(chunk, tz, dx_pad, smem)`.
 fn pass_tiling(
     dtype: DType,
     spec: &PassSpec,
@@ -354,38 +366,17 @@ fn pass_tiling(
 ) -> Result<(usize, usize, usize, usize)> {
     let extra = spec.x_extra != EXTRA_NONE || spec.y_extra != EXTRA_NONE;
     let dx_pad = round16(spec.dx + usize::from(extra));
-    let chunks: Vec<usize> = match chunk {
-        Some(c) => vec![c],
-        None => vec![32, 64, 16],
-    };
-    for &c in &chunks {
-        let mut tz = round16(spec.dz).min(64);
-        while tz >= 16 {
-            let smem = pass_smem_bytes(dtype, c, dx_pad, tz);
-            if smem <= max_smem {
-                return Ok((c, tz, dx_pad, smem));
-            }
-            tz -= 16;
-        }
+    match fit_chunk_and_tile(chunk, spec.dz, max_smem, |c, tz| pass_smem_bytes(dtype, c, dx_pad, tz)) {
+        Some((c, tz, smem)) => Ok((c, tz, dx_pad, smem)),
+        None => Err(Error::invalid(
+            "q",
+            format!(
+                "head dimensions whose backward chunk of {:?} steps fits in {max_smem} bytes of shared memory",
+                chunks_tried(chunk)
+            ),
+            format!("{} pass over {} x {} columns in {dtype}", spec.name, spec.dx, spec.dz),
+        )),
     }
-    Err(Error::invalid(
-        "q",
-        format!("head dimensions whose backward chunk of {chunks:?} steps fits in {max_smem} bytes of shared memory"),
-        format!("{} pass over {} x {} columns in {dtype}", spec.name, spec.dx, spec.dz),
-    ))
-}
-
-fn pass_name(dtype: DType, chunk: usize) -> Result<&'static str> {
-    const NAMES: [[&str; 4]; 3] = [
-        ["mlstm_pass_f32_l16", "mlstm_pass_f32_l32", "mlstm_pass_f32_l64", "mlstm_pass_f32_l128"],
-        ["mlstm_pass_bf16_l16", "mlstm_pass_bf16_l32", "mlstm_pass_bf16_l64", "mlstm_pass_bf16_l128"],
-        ["mlstm_pass_f16_l16", "mlstm_pass_f16_l32", "mlstm_pass_f16_l64", "mlstm_pass_f16_l128"],
-    ];
-    let c = CHUNKS
-        .iter()
-        .position(|&c| c == chunk)
-        .ok_or_else(|| Error::invalid("chunk", format!("one of {CHUNKS:?}"), chunk.to_string()))?;
-    Ok(NAMES[dtype_index(dtype)][c])
 }
 
 /// The per-step and per-head buffers every pass reads: the gates, the forward's stats (m, d,
@@ -434,7 +425,7 @@ fn launch_pass<T: CudaElement>(
         out_scale: spec.out_scale,
         init_scale: spec.init_scale,
     };
-    let f = dev.function(KernelModule::Mlstm, pass_name(dims.dtype, chunk)?)?;
+    let f = dev.function(KernelModule::Mlstm, chunk_kernel_name(&PASS_NAMES, dims.dtype, chunk)?)?;
     f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
         .map_err(|e| dev.map_err("setting mlstm_pass's shared memory", e))?;
     let cfg = LaunchConfig {
