@@ -1076,7 +1076,9 @@ impl MlstmCase {
         // step from a zero state: dq is exactly eps-small): |numerator's| + |denominator's|.
         // di = c (+ Exact's share through m), c = k . dk a sum over dqk: sum |k dk|. df sums
         // r[u] - c[u] over u >= t (r = q . dq), nearly equal terms: their sizes' reverse sum,
-        // times sigmoid(-f).
+        // times sigmoid(-f). r and c take dq's and dk's own term sizes, not |dq| and |dk|:
+        // in Exact mode the reference dq, dk are themselves cancelling sums (eps-small for
+        // one step), while a kernel forms r from terms (h . dh, den . dn) that do not cancel.
         let g_num = match mode {
             crate::ops::mlstm::NormalizerGrad::Exact => {
                 cpu::backward(&p, &dh64, dfinal64.as_ref(), crate::ops::mlstm::NormalizerGrad::Constant)
@@ -1088,6 +1090,7 @@ impl MlstmCase {
         };
         let dqk = self.dqk;
         let abs_dot = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(a, b)| (a * b).abs()).sum::<f64>();
+        let (dq_size, dk_size) = (split(&g_ref.dq, &g_num.dq), split(&g_ref.dk, &g_num.dk));
         let mut df_size = split(&g_ref.df, &g_num.df);
         let mut di_size: Vec<f64> = g_ref.di.iter().zip(&g_num.di).map(|(a, n)| (a - n).abs()).collect();
         for hd in 0..b * h {
@@ -1096,8 +1099,8 @@ impl MlstmCase {
                 let row = hd * l + t;
                 let span = row * dqk..(row + 1) * dqk;
                 let (rs, cs) = (
-                    abs_dot(&p.q[span.clone()], &g_ref.dq[span.clone()]),
-                    abs_dot(&p.k[span.clone()], &g_ref.dk[span]),
+                    abs_dot(&p.q[span.clone()], &dq_size[span.clone()]),
+                    abs_dot(&p.k[span.clone()], &dk_size[span]),
                 );
                 acc += rs + cs;
                 df_size[row] += acc * cpu::sigmoid(-p.f[row]);
@@ -1107,8 +1110,8 @@ impl MlstmCase {
         let scaled =
             |t: &Tensor, r: &[f64], size: &[f64]| -> Result<f64> { Ok(scaled_error(&t.to_f64_vec()?, r, size)) };
         let errs = vec![
-            ("dq", scaled(&g.dq, &g_ref.dq, &split(&g_ref.dq, &g_num.dq))?),
-            ("dk", scaled(&g.dk, &g_ref.dk, &split(&g_ref.dk, &g_num.dk))?),
+            ("dq", scaled(&g.dq, &g_ref.dq, &dq_size)?),
+            ("dk", scaled(&g.dk, &g_ref.dk, &dk_size)?),
             ("dv", tensor_error(&g.dv, &g_ref.dv)?),
             ("di", scaled(&g.di, &g_ref.di, &di_size)?),
             ("df", scaled(&g.df, &g_ref.df, &df_size)?),
