@@ -243,13 +243,23 @@ __device__ __forceinline__ void forward_dispatch(const T* x, const float* grid, 
     }
 }
 
-// y[r, o] = sum_z partial[z, r, o], in split order.
+// y[r, o] = sum_z partial[z, r, o], in split order. Eight loads are issued before their
+// adds: one at a time, each add waited out an L2 round trip.
 template <typename T>
 __device__ __forceinline__ void reduce(const float* __restrict__ partial, T* __restrict__ y, uint32_t n,
                                        uint32_t splits) {
+    constexpr uint32_t LOADS = 8;
     for (uint32_t e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) {
         float s = 0.f;
-        for (uint32_t z = 0; z < splits; ++z) s += partial[size_t(z) * n + e];
+        uint32_t z = 0;
+        for (; z + LOADS <= splits; z += LOADS) {
+            float v[LOADS];
+#pragma unroll
+            for (uint32_t u = 0; u < LOADS; ++u) v[u] = partial[size_t(z + u) * n + e];
+#pragma unroll
+            for (uint32_t u = 0; u < LOADS; ++u) s += v[u];
+        }
+        for (; z < splits; ++z) s += partial[size_t(z) * n + e];
         y[e] = hk::from_f32<T>(s);
     }
 }
@@ -331,7 +341,7 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
 
 struct Layout {
     int nb, stride;
-    uint32_t o0, r0, outs_here;
+    uint32_t o0, r0, outs_here, rows_live;
     int wdst[W_PER_LANE];  // where this lane's W_spline words go in a B row: (1 + j) * 8 + feature
 };
 
@@ -396,8 +406,8 @@ __device__ __forceinline__ void copy_b_stage(const Layout& L, float* __restrict_
 // stage s (features 8 s .. 8 s + 7) of row r is K8 = 8 (nb + 1) words at
 // a_tiles[(s * rows_pad + r) * K8], word c * 8 + feature with c = 0 for SiLU(x) and 1 + j for
 // B_j(x): dense, zeros outside the row's k + 1 bases, and zeros for rows past the end (up to
-// rows_pad, a multiple of BM) and features past the end. A block's stage is then BM x K8
-// contiguous words, copied with 16-byte cp.async. With k ordered this way the scaler of a B
+// rows_pad, a multiple of 16) and features past the end. A block's stage is then up to
+// BM x K8 contiguous words, copied with 16-byte cp.async. With k ordered this way the scaler of a B
 // fragment word depends only on (output, feature), so it is applied when the fragment is
 // read (k8 steps 1..nb), not stored per word.
 template <int K, bool Uniform>
@@ -435,6 +445,8 @@ __device__ __forceinline__ void features(const float* __restrict__ x, const floa
 
 // This block's BM x K8 words of stage s into A[row][k] (row stride L.stride), in 16-byte
 // chunks.
+// Rows of dead m16 tiles (from L.rows_live on) are zero-filled, not read: the features
+// kernel writes (and the host allocates) rows up to a multiple of 16, not of BM.
 __device__ __forceinline__ void copy_a_stage(const Layout& L, float* __restrict__ a_s,
                                              const float* __restrict__ a_tiles, uint32_t rows_pad, uint32_t s) {
     const int chunks_per_row = 2 * (L.nb + 1);
@@ -442,7 +454,8 @@ __device__ __forceinline__ void copy_a_stage(const Layout& L, float* __restrict_
     const float* src = a_tiles + (size_t(s) * rows_pad + L.r0) * (4 * chunks_per_row);
     for (uint32_t e = threadIdx.x; e < uint32_t(BM * chunks_per_row); e += THREADS) {
         const uint32_t row = hk_kan_direct::small_div(e, inv), col = e - row * chunks_per_row;
-        copy_async16(a_s + row * L.stride + 4 * col, src + 4 * e, true);
+        const bool live_row = row < L.rows_live;
+        copy_async16(a_s + row * L.stride + 4 * col, live_row ? src + 4 * e : src, live_row);
     }
 }
 
@@ -450,13 +463,12 @@ __device__ __forceinline__ void copy_a_stage(const Layout& L, float* __restrict_
 // the warp's first row, lane column t and the step's first column), split, and the three
 // products. Small products first, with eight independent accumulators between two products
 // into the same one.
-template <bool Scaled>
+template <bool Scaled, int LIVE>
 __device__ __forceinline__ void k_step(float (&acc)[MT][4][4], const float* __restrict__ a_w,
-                                       const float* __restrict__ b_w, int stride, const float (&sc)[4][2],
-                                       uint32_t live) {
-    uint32_t ahi[MT][4], alo[MT][4];
+                                       const float* __restrict__ b_w, int stride, const float (&sc)[4][2]) {
+    uint32_t ahi[LIVE][4], alo[LIVE][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
+    for (int mt = 0; mt < LIVE; ++mt) {
         const float* r = a_w + mt * 16 * stride;
         split_tf32(r[0], ahi[mt][0], alo[mt][0]);
         split_tf32(r[8 * stride], ahi[mt][1], alo[mt][1]);
@@ -471,23 +483,30 @@ __device__ __forceinline__ void k_step(float (&acc)[MT][4][4], const float* __re
         split_tf32(Scaled ? r[4] * sc[nt][1] : r[4], bhi[nt][1], blo[nt][1]);
     }
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-        if (live >> mt & 1u) {
+    for (int mt = 0; mt < LIVE; ++mt)
 #pragma unroll
-            for (int nt = 0; nt < 4; ++nt) mma_tf32(acc[mt][nt], alo[mt], bhi[nt][0], bhi[nt][1]);
-        }
+        for (int nt = 0; nt < 4; ++nt) mma_tf32(acc[mt][nt], alo[mt], bhi[nt][0], bhi[nt][1]);
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-        if (live >> mt & 1u) {
+    for (int mt = 0; mt < LIVE; ++mt)
 #pragma unroll
-            for (int nt = 0; nt < 4; ++nt) mma_tf32(acc[mt][nt], ahi[mt], blo[nt][0], blo[nt][1]);
-        }
+        for (int nt = 0; nt < 4; ++nt) mma_tf32(acc[mt][nt], ahi[mt], blo[nt][0], blo[nt][1]);
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-        if (live >> mt & 1u) {
+    for (int mt = 0; mt < LIVE; ++mt)
 #pragma unroll
-            for (int nt = 0; nt < 4; ++nt) mma_tf32(acc[mt][nt], ahi[mt], bhi[nt][0], bhi[nt][1]);
-        }
+        for (int nt = 0; nt < 4; ++nt) mma_tf32(acc[mt][nt], ahi[mt], bhi[nt][0], bhi[nt][1]);
+}
+
+// One stage's k8 steps for a warp whose first LIVE m16 tiles hold rows: step 0 holds
+// SiLU x W_base (no scaler), steps 1..nb the bases x W_spline. LIVE is a template argument
+// so that the products of dead tiles are not branched around: mma.sync under a condition
+// cost a WARPSYNC and a branch per tile and step, a third of the loop's instructions.
+template <int LIVE>
+__device__ __forceinline__ void stage_products(float (&acc)[MT][4][4], const float* __restrict__ a_w,
+                                               const float* __restrict__ b_w, int stride, int nb,
+                                               const float (&sc)[4][2]) {
+    k_step<false, LIVE>(acc, a_w, b_w, stride, sc);
+#pragma unroll 2
+    for (int kk = 1; kk <= nb; ++kk) k_step<true, LIVE>(acc, a_w + kk * 8, b_w + kk * 8, stride, sc);
 }
 
 __device__ __forceinline__ void forward(const float* __restrict__ a_tiles, uint32_t rows_pad,
@@ -502,6 +521,7 @@ __device__ __forceinline__ void forward(const float* __restrict__ a_tiles, uint3
     L.o0 = blockIdx.x * BN;
     L.r0 = blockIdx.y * BM;
     L.outs_here = min(uint32_t(BN), p.out_features - L.o0);
+    L.rows_live = min(uint32_t(BM), (p.rows - L.r0 + 15) / 16 * 16);
 #pragma unroll
     for (int u = 0; u < W_PER_LANE; ++u) {
         // Word c of an output's run is (feature c / nb, basis c % nb); the map is the same in
@@ -518,10 +538,9 @@ __device__ __forceinline__ void forward(const float* __restrict__ a_tiles, uint3
             b_buf[(e / (BN * SC_STRIDE)) * b_words + BN * L.stride + e % (BN * SC_STRIDE)] = 1.f;
     const uint32_t f_begin = blockIdx.z * p.features_per_split;
     const uint32_t f_end = min(p.in_features, f_begin + p.features_per_split);
-    // m16 tiles of this warp that hold at least one row.
-    uint32_t live = 0;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) live |= uint32_t(L.r0 + (wm * MT + mt) * 16 < p.rows) << mt;
+    // m16 tiles of this warp that hold at least one row: a prefix of its MT.
+    const int first_row = int(L.r0) + wm * MT * 16;
+    const int live = max(0, min(MT, (int(p.rows) - first_row + 15) / 16));
 
     float acc[MT][4][4];
 #pragma unroll
@@ -560,10 +579,14 @@ __device__ __forceinline__ void forward(const float* __restrict__ a_tiles, uint3
         }
         const float* a_w = a_s + (wm * MT * 16 + g) * L.stride + t;
         const float* b_w = b_s + (wn * 32 + g) * L.stride + t;
-        // k8 step 0 holds SiLU x W_base (no scaler), steps 1..nb the bases x W_spline.
-        k_step<false>(acc, a_w, b_w, L.stride, sc, live);
-#pragma unroll 2
-        for (int kk = 1; kk <= L.nb; ++kk) k_step<true>(acc, a_w + kk * 8, b_w + kk * 8, L.stride, sc, live);
+        static_assert(MT == 4, "one case per live tile count");
+        switch (live) {
+            case 4: stage_products<4>(acc, a_w, b_w, L.stride, L.nb, sc); break;
+            case 3: stage_products<3>(acc, a_w, b_w, L.stride, L.nb, sc); break;
+            case 2: stage_products<2>(acc, a_w, b_w, L.stride, L.nb, sc); break;
+            case 1: stage_products<1>(acc, a_w, b_w, L.stride, L.nb, sc); break;
+            default: break;  // no rows in this warp's tiles
+        }
     }
     float* out = partial + size_t(blockIdx.z) * p.rows * p.out_features;
 #pragma unroll

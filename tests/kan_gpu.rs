@@ -96,6 +96,26 @@ fn kan_direct_refuses_what_it_does_not_cover() {
     }
 }
 
+/// The tensor-core forward beyond one wave of blocks: 17 x 20 = 340 tiles of 128 rows x 64
+/// outputs (more than the 2 x 132 resident on an H100), one split, a partial 9-feature last
+/// stage, and a partial last row tile.
+#[test]
+fn kan_tf32x3_beyond_one_wave() {
+    let Some(gpu) = common::gpu("kan_tf32x3_beyond_one_wave") else { return };
+    let case = KanCase {
+        batch: 16 * 128 + 37,
+        in_features: 9,
+        out_features: 20 * 64,
+        grid_size: 5,
+        order: 3,
+        scaler: true,
+        dtype: DType::F32,
+        tf32: false,
+        path: KanForwardPath::DirectTf32x3,
+    };
+    assert_within(&case, case.run(78, &gpu).unwrap());
+}
+
 /// The direct forwards sum in a fixed order: repeated calls agree bit for bit.
 #[test]
 fn kan_direct_is_bitwise_repeatable() {

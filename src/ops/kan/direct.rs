@@ -272,8 +272,9 @@ pub(super) fn forward_tf32x3(
     let mut partial = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[splits, rows, outf])? };
     let grid = layer.grid();
     let params = DirectParams::new(layer, rows, fps);
-    // The A operand in stage tiles: ceil(in / 8) stages x rows_pad rows x 8 (nb + 1) words.
-    let rows_pad = rows.div_ceil(MMA_BLOCK_ROWS) * MMA_BLOCK_ROWS;
+    // The A operand in stage tiles: ceil(in / 8) stages x rows_pad rows x 8 (nb + 1) words,
+    // rows up to the last m16 tile (the kernel reads and multiplies no further).
+    let rows_pad = rows.div_ceil(16) * 16;
     let stages = inf.div_ceil(MMA_STAGE_FEATURES);
     let k8 = MMA_STAGE_FEATURES * (nb + 1);
     if stages * rows_pad * MMA_STAGE_FEATURES > u32::MAX as usize {
@@ -327,7 +328,7 @@ pub(super) fn forward_tf32x3(
         // const float* w_base, const float* w_spline, const float* scaler, float* partial,
         // DirectParams): a_tiles as written above; w_base and scaler out * in, w_spline
         // out * in * nb (nb <= 8, order in 1..=3 by unsupported()), all f32 (checked above),
-        // partial splits * rows * out; the grid is (ceil(out/64), rows_pad/128, splits) with
+        // partial splits * rows * out; the grid is (ceil(out/64), ceil(rows/128), splits) with
         // splits * fps >= in and fps a multiple of 8, and the dynamic shared memory is
         // mma_smem_bytes(nb), the layout the kernel carves.
         unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching kan_direct_tf32x3_forward", e))?;
