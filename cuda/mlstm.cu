@@ -916,8 +916,10 @@ MLSTM_STEP(mlstm_step_f32, float)
 MLSTM_STEP(mlstm_step_bf16, __nv_bfloat16)
 MLSTM_STEP(mlstm_step_f16, __half)
 
-#define MLSTM_PASS(NAME, T, L)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(hk_mlstm::THREADS)                                                     \
+// BOUNDS: chunks up to 32 ask for two blocks per SM (64 registers): bf16 at L = 32 otherwise
+// took 100 registers and ran one block per SM. Longer chunks would spill under that bound.
+#define MLSTM_PASS(NAME, T, L, BOUNDS)                                                                                \
+    extern "C" __global__ void BOUNDS                                                                                   \
         NAME(const T* x, const T* y, const T* z, const float* ig, const float* fg, const float* m_fwd,                 \
              const float* d_fwd, const float* extra, const float* init_c, const float* init_n,                       \
              const float* init_m, T* out, float* final_c, float* final_n, const float* final_log,                      \
@@ -926,11 +928,11 @@ MLSTM_STEP(mlstm_step_f16, __half)
                                    final_n, final_log, p);                                                             \
     }
 
-#define MLSTM_PASS_CHUNKS(DT, T)                \
-    MLSTM_PASS(mlstm_pass_##DT##_l16, T, 16)    \
-    MLSTM_PASS(mlstm_pass_##DT##_l32, T, 32)    \
-    MLSTM_PASS(mlstm_pass_##DT##_l64, T, 64)    \
-    MLSTM_PASS(mlstm_pass_##DT##_l128, T, 128)
+#define MLSTM_PASS_CHUNKS(DT, T)                                                        \
+    MLSTM_PASS(mlstm_pass_##DT##_l16, T, 16, __launch_bounds__(hk_mlstm::THREADS, 2))    \
+    MLSTM_PASS(mlstm_pass_##DT##_l32, T, 32, __launch_bounds__(hk_mlstm::THREADS, 2))    \
+    MLSTM_PASS(mlstm_pass_##DT##_l64, T, 64, __launch_bounds__(hk_mlstm::THREADS))       \
+    MLSTM_PASS(mlstm_pass_##DT##_l128, T, 128, __launch_bounds__(hk_mlstm::THREADS))
 
 MLSTM_PASS_CHUNKS(f32, float)
 MLSTM_PASS_CHUNKS(bf16, __nv_bfloat16)
