@@ -406,10 +406,10 @@ __device__ __forceinline__ void copy_b_stage(const Layout& L, float* __restrict_
 // stage s (features 8 s .. 8 s + 7) of row r is K8 = 8 (nb + 1) words at
 // a_tiles[(s * rows_pad + r) * K8], word c * 8 + feature with c = 0 for SiLU(x) and 1 + j for
 // B_j(x): dense, zeros outside the row's k + 1 bases, and zeros for rows past the end (up to
-// rows_pad, a multiple of 16) and features past the end. A block's stage is then up to
-// BM x K8 contiguous words, copied with 16-byte cp.async. With k ordered this way the scaler of a B
-// fragment word depends only on (output, feature), so it is applied when the fragment is
-// read (k8 steps 1..nb), not stored per word.
+// rows_pad, a multiple of 16) and features past the end. A block's stage is then up to BM x K8
+// contiguous words, copied with 16-byte cp.async. With k ordered this way the scaler of a B
+// fragment word depends only on (output, feature), so it is applied when the fragment is read
+// (k8 steps 1..nb), not stored per word.
 template <int K, bool Uniform>
 __device__ __forceinline__ void features(const float* __restrict__ x, const float* __restrict__ grid,
                                          float* __restrict__ a_tiles, const hk_kan_direct::DirectParams& p,
@@ -444,9 +444,8 @@ __device__ __forceinline__ void features(const float* __restrict__ x, const floa
 
 
 // This block's BM x K8 words of stage s into A[row][k] (row stride L.stride), in 16-byte
-// chunks.
-// Rows of dead m16 tiles (from L.rows_live on) are zero-filled, not read: the features
-// kernel writes (and the host allocates) rows up to a multiple of 16, not of BM.
+// chunks. Rows of dead m16 tiles (from L.rows_live on) are zero-filled, not read: the
+// features kernel writes (and the host allocates) rows up to a multiple of 16, not of BM.
 __device__ __forceinline__ void copy_a_stage(const Layout& L, float* __restrict__ a_s,
                                              const float* __restrict__ a_tiles, uint32_t rows_pad, uint32_t s) {
     const int chunks_per_row = 2 * (L.nb + 1);

@@ -1098,10 +1098,8 @@ impl MlstmCase {
             for t in (0..l).rev() {
                 let row = hd * l + t;
                 let span = row * dqk..(row + 1) * dqk;
-                let (rs, cs) = (
-                    abs_dot(&p.q[span.clone()], &dq_size[span.clone()]),
-                    abs_dot(&p.k[span.clone()], &dk_size[span]),
-                );
+                let (rs, cs) =
+                    (abs_dot(&p.q[span.clone()], &dq_size[span.clone()]), abs_dot(&p.k[span.clone()], &dk_size[span]));
                 acc += rs + cs;
                 df_size[row] += acc * cpu::sigmoid(-p.f[row]);
                 di_size[row] += cs;
@@ -1122,7 +1120,8 @@ impl MlstmCase {
                         let (c, n) = (hd * cs..(hd + 1) * cs, hd * ns..(hd + 1) * ns);
                         let dots = r.c[c.clone()].iter().zip(&init.c[c.clone()]).map(|(x, y)| x * y).sum::<f64>()
                             + r.n[n.clone()].iter().zip(&init.n[n.clone()]).map(|(x, y)| x * y).sum::<f64>();
-                        abs_dot(&dc_size[c.clone()], &init.c[c]) + abs_dot(&dn_size[n.clone()], &init.n[n])
+                        abs_dot(&dc_size[c.clone()], &init.c[c])
+                            + abs_dot(&dn_size[n.clone()], &init.n[n])
                             + (r.m[hd] - dots).abs()
                     })
                     .collect();
