@@ -326,7 +326,8 @@ pub(super) fn forward_tf32x3(
             .arg(&params);
         // SAFETY: kan_direct_tf32x3_forward_f32(const float* a_tiles, uint32_t rows_pad,
         // const float* w_base, const float* w_spline, const float* scaler, float* partial,
-        // DirectParams): a_tiles as written above; w_base and scaler out * in, w_spline
+        // DirectParams): a_tiles as written above (a block reads rows r0 up to its last live
+        // m16 tile, below rows_pad = rows rounded up to 16); w_base and scaler out * in, w_spline
         // out * in * nb (nb <= 8, order in 1..=3 by unsupported()), all f32 (checked above),
         // partial splits * rows * out; the grid is (ceil(out/64), ceil(rows/128), splits) with
         // splits * fps >= in and fps a multiple of 8, and the dynamic shared memory is
