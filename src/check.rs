@@ -979,6 +979,22 @@ impl MlstmCase {
         MlstmCase { i_range: (5.0, 30.0), f_range: (-30.0, -5.0), ..self }
     }
 
+    /// [`MlstmCase::extreme_gates`] when `extreme`, else the case as it is.
+    pub fn with_extreme_gates(self, extreme: bool) -> MlstmCase {
+        if extreme {
+            self.extreme_gates()
+        } else {
+            self
+        }
+    }
+
+    /// For gradient checks: extreme gates when `extreme`, except in f16, which keeps the
+    /// normal gates: the extreme gates' gradients (~1 / d, d down to exp(-30)) leave its range.
+    pub fn with_extreme_gates_for_grads(self, extreme: bool) -> MlstmCase {
+        let representable = self.dtype != DType::F16;
+        self.with_extreme_gates(extreme && representable)
+    }
+
     fn state_dims(&self) -> (usize, usize, usize, usize) {
         (self.batch, self.heads, self.dqk, self.dhv)
     }

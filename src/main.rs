@@ -412,10 +412,8 @@ fn check(device: &Device, seed: Option<u64>) -> Result<bool> {
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         let mut worst = 0.0f64;
         for &(batch, heads, len, dqk, dhv, init, extreme, chunk) in mlstm_cases {
-            let mut case = MlstmCase { with_init: init, chunk, ..MlstmCase::new(batch, heads, len, dqk, dhv, dtype) };
-            if extreme {
-                case = case.extreme_gates();
-            }
+            let case = MlstmCase { with_init: init, chunk, ..MlstmCase::new(batch, heads, len, dqk, dhv, dtype) }
+                .with_extreme_gates(extreme);
             worst = case.run_forward(rng.next_u64(), device)?.into_iter().fold(worst, |w, (_, e)| w.max(e));
             if len <= 70 {
                 worst = decode_against_mlstm(&case, rng.next_u64(), device)?.into_iter().fold(worst, f64::max);
@@ -445,16 +443,13 @@ fn check(device: &Device, seed: Option<u64>) -> Result<bool> {
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         let mut worst = 0.0f64;
         for &(batch, heads, len, dqk, dhv, init, dfinal, extreme, chunk, exact) in grad_cases {
-            let mut case = MlstmCase {
+            let case = MlstmCase {
                 with_init: init,
                 with_dfinal: dfinal,
                 chunk,
                 ..MlstmCase::new(batch, heads, len, dqk, dhv, dtype)
-            };
-            // f16 cannot hold the extreme gates' gradients (~1 / d, d down to exp(-30)).
-            if extreme && dtype != DType::F16 {
-                case = case.extreme_gates();
             }
+            .with_extreme_gates_for_grads(extreme);
             let mode = if exact { NormalizerGrad::Exact } else { NormalizerGrad::Constant };
             worst =
                 case.run_backward(rng.next_u64(), device, mode)?.into_iter().fold(worst, |w, (_, e, c)| w.max(e / c));

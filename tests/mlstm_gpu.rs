@@ -41,10 +41,7 @@ proptest! {
         dtype in prop_oneof![Just(DType::F32), Just(DType::BF16), Just(DType::F16)],
     ) {
         let Some(gpu) = common::gpu("mlstm_gpu_matches_cpu_reference") else { return Ok(()) };
-        let mut case = MlstmCase { with_init: init, chunk, ..MlstmCase::new(batch, heads, len, dqk, dhv, dtype) };
-        if extreme {
-            case = case.extreme_gates();
-        }
+        let case = MlstmCase { with_init: init, chunk, ..MlstmCase::new(batch, heads, len, dqk, dhv, dtype) }.with_extreme_gates(extreme);
         // A chunk of 128 in f32 with wide heads can exceed shared memory: a typed error, fine.
         match case.run_forward(seed, &gpu) {
             Ok(errs) => assert_within(&case, &errs),
@@ -71,10 +68,8 @@ fn mlstm_long_sequences() {
     let Some(gpu) = common::gpu("mlstm_long_sequences") else { return };
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         for extreme in [false, true] {
-            let mut case = MlstmCase { with_init: true, ..MlstmCase::new(1, 2, 3001, 64, 48, dtype) };
-            if extreme {
-                case = case.extreme_gates();
-            }
+            let case =
+                MlstmCase { with_init: true, ..MlstmCase::new(1, 2, 3001, 64, 48, dtype) }.with_extreme_gates(extreme);
             assert_within(&case, &case.run_forward(3, &gpu).unwrap());
         }
     }
@@ -85,10 +80,7 @@ fn mlstm_long_sequences() {
 fn mlstm_65536_steps_in_bf16() {
     let Some(gpu) = common::gpu("mlstm_65536_steps_in_bf16") else { return };
     for extreme in [false, true] {
-        let mut case = MlstmCase::new(1, 1, 65536, 64, 64, DType::BF16);
-        if extreme {
-            case = case.extreme_gates();
-        }
+        let case = MlstmCase::new(1, 1, 65536, 64, 64, DType::BF16).with_extreme_gates(extreme);
         assert_within(&case, &case.run_forward(5, &gpu).unwrap());
     }
 }
@@ -150,16 +142,13 @@ proptest! {
         dtype in prop_oneof![Just(DType::F32), Just(DType::BF16), Just(DType::F16)],
     ) {
         let Some(gpu) = common::gpu("mlstm_gpu_backward_matches_cpu_reference") else { return Ok(()) };
-        let mut case = MlstmCase {
+        let case = MlstmCase {
             with_init: init,
             with_dfinal: dfinal,
             chunk,
             ..MlstmCase::new(batch, heads, len, dqk, dhv, dtype)
-        };
-        // Extreme gates make d as small as exp(-30): the gradients, ~1 / d, leave f16's range.
-        if extreme && dtype != DType::F16 {
-            case = case.extreme_gates();
         }
+        .with_extreme_gates_for_grads(extreme);
         let mode = if constant { NormalizerGrad::Constant } else { NormalizerGrad::Exact };
         match case.run_backward(seed, &gpu, mode) {
             Ok(errs) => assert_grads_within(&case, mode, &errs),
@@ -188,15 +177,12 @@ fn mlstm_backward_long_sequences() {
     let Some(gpu) = common::gpu("mlstm_backward_long_sequences") else { return };
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         for extreme in [false, true] {
-            let mut case =
-                MlstmCase { with_init: true, with_dfinal: true, ..MlstmCase::new(1, 2, 2001, 64, 48, dtype) };
             // f16 holds the extreme gates' gradients (~1 / d, d down to exp(-30)) as inf.
             if extreme && dtype == DType::F16 {
                 continue;
             }
-            if extreme {
-                case = case.extreme_gates();
-            }
+            let case = MlstmCase { with_init: true, with_dfinal: true, ..MlstmCase::new(1, 2, 2001, 64, 48, dtype) }
+                .with_extreme_gates(extreme);
             let mode = NormalizerGrad::Exact;
             assert_grads_within(&case, mode, &case.run_backward(11, &gpu, mode).unwrap());
         }
@@ -222,11 +208,8 @@ fn mlstm_backward_of_an_empty_sequence() {
 fn mlstm_backward_65536_steps_in_bf16_is_finite() {
     let Some(gpu) = common::gpu("mlstm_backward_65536_steps_in_bf16_is_finite") else { return };
     for extreme in [false, true] {
-        let mut case =
-            MlstmCase { with_init: true, with_dfinal: true, ..MlstmCase::new(1, 1, 65536, 64, 64, DType::BF16) };
-        if extreme {
-            case = case.extreme_gates();
-        }
+        let case = MlstmCase { with_init: true, with_dfinal: true, ..MlstmCase::new(1, 1, 65536, 64, 64, DType::BF16) }
+            .with_extreme_gates(extreme);
         let t = case.tensors(&mut hybrid_kernels::check::Rng::new(9)).unwrap().to_device(&gpu).unwrap();
         let dh = Tensor::full(0.25, &[1, 1, 65536, 64], DType::BF16, &gpu).unwrap();
         // Any state-shaped values serve as the final state's gradient: the initial state's.
