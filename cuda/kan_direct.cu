@@ -458,28 +458,42 @@ __device__ __forceinline__ void copy_a_stage(const Layout& L, float* __restrict_
     }
 }
 
-// One k8 step of the warp's 32 x 32 tile: fragments from shared memory (a_w, b_w point at
-// the warp's first row, lane column t and the step's first column), split, and the three
-// products. Small products first, with eight independent accumulators between two products
-// into the same one.
+// Four 8 x 4-word matrices from shared memory, one per group of 8 lanes (each lane names one
+// row): lane l receives word l % 4 of row l / 4 of each, which is the m16n8k8 TF32 fragment
+// layout. One instruction where four 4-byte loads were.
+__device__ __forceinline__ void load_matrix_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+
+// One k8 step of the warp's tile: fragments by ldmatrix (a_row, b_row: this lane's row
+// address for m16 tile 0 and n8 tiles 0-1 at the step's first column), split, and the three
+// products. Small products first, with independent accumulators between two products into
+// the same one.
 template <bool Scaled, int LIVE>
-__device__ __forceinline__ void k_step(float (&acc)[MT][4][4], const float* __restrict__ a_w,
-                                       const float* __restrict__ b_w, int stride, const float (&sc)[4][2]) {
+__device__ __forceinline__ void k_step(float (&acc)[MT][4][4], uint32_t a_row, uint32_t b_row,
+                                       uint32_t tile16_bytes, const float (&sc)[4][2]) {
     uint32_t ahi[LIVE][4], alo[LIVE][4];
 #pragma unroll
     for (int mt = 0; mt < LIVE; ++mt) {
-        const float* r = a_w + mt * 16 * stride;
-        split_tf32(r[0], ahi[mt][0], alo[mt][0]);
-        split_tf32(r[8 * stride], ahi[mt][1], alo[mt][1]);
-        split_tf32(r[4], ahi[mt][2], alo[mt][2]);
-        split_tf32(r[8 * stride + 4], ahi[mt][3], alo[mt][3]);
+        uint32_t r[4];
+        load_matrix_x4(r, a_row + mt * tile16_bytes);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) split_tf32(__uint_as_float(r[e]), ahi[mt][e], alo[mt][e]);
     }
     uint32_t bhi[4][2], blo[4][2];
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-        const float* r = b_w + nt * 8 * stride;
-        split_tf32(Scaled ? r[0] * sc[nt][0] : r[0], bhi[nt][0], blo[nt][0]);
-        split_tf32(Scaled ? r[4] * sc[nt][1] : r[4], bhi[nt][1], blo[nt][1]);
+    for (int pair = 0; pair < 2; ++pair) {
+        uint32_t r[4];  // n8 tile 2 pair: k 0-3, k 4-7; tile 2 pair + 1: k 0-3, k 4-7
+        load_matrix_x4(r, b_row + pair * tile16_bytes);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int nt = 2 * pair + e / 2, h = e % 2;
+            const float v = __uint_as_float(r[e]);
+            split_tf32(Scaled ? v * sc[nt][h] : v, bhi[nt][h], blo[nt][h]);
+        }
     }
 #pragma unroll
     for (int mt = 0; mt < LIVE; ++mt)
@@ -500,12 +514,11 @@ __device__ __forceinline__ void k_step(float (&acc)[MT][4][4], const float* __re
 // so that the products of dead tiles are not branched around: mma.sync under a condition
 // cost a WARPSYNC and a branch per tile and step, a third of the loop's instructions.
 template <int LIVE>
-__device__ __forceinline__ void stage_products(float (&acc)[MT][4][4], const float* __restrict__ a_w,
-                                               const float* __restrict__ b_w, int stride, int nb,
-                                               const float (&sc)[4][2]) {
-    k_step<false, LIVE>(acc, a_w, b_w, stride, sc);
+__device__ __forceinline__ void stage_products(float (&acc)[MT][4][4], uint32_t a_row, uint32_t b_row,
+                                               uint32_t tile16_bytes, int nb, const float (&sc)[4][2]) {
+    k_step<false, LIVE>(acc, a_row, b_row, tile16_bytes, sc);
 #pragma unroll 2
-    for (int kk = 1; kk <= nb; ++kk) k_step<true, LIVE>(acc, a_w + kk * 8, b_w + kk * 8, stride, sc);
+    for (int kk = 1; kk <= nb; ++kk) k_step<true, LIVE>(acc, a_row + kk * 32, b_row + kk * 32, tile16_bytes, sc);
 }
 
 __device__ __forceinline__ void forward(const float* __restrict__ a_tiles, uint32_t rows_pad,
@@ -576,14 +589,21 @@ __device__ __forceinline__ void forward(const float* __restrict__ a_tiles, uint3
             sc[nt][0] = r[0];
             sc[nt][1] = r[4];
         }
-        const float* a_w = a_s + (wm * MT * 16 + g) * L.stride + t;
-        const float* b_w = b_s + (wn * 32 + g) * L.stride + t;
+        // ldmatrix rows: lanes 8 q .. 8 q + 7 name the rows of matrix q. A: q = 0, 1 rows 0-7,
+        // 8-15 at column 0, q = 2, 3 the same at column 4. B: q = 0, 1 outputs 0-7 at columns
+        // 0 and 4, q = 2, 3 outputs 8-15.
+        const int q = lane / 8;
+        const uint32_t a_row = uint32_t(__cvta_generic_to_shared(
+            a_s + (wm * MT * 16 + lane % 8 + 8 * (q % 2)) * L.stride + 4 * (q / 2)));
+        const uint32_t b_row = uint32_t(__cvta_generic_to_shared(
+            b_s + (wn * 32 + lane % 8 + 8 * (q / 2)) * L.stride + 4 * (q % 2)));
+        const uint32_t tile16_bytes = 16u * uint32_t(L.stride) * 4u;
         static_assert(MT == 4, "one case per live tile count");
         switch (live) {
-            case 4: stage_products<4>(acc, a_w, b_w, L.stride, L.nb, sc); break;
-            case 3: stage_products<3>(acc, a_w, b_w, L.stride, L.nb, sc); break;
-            case 2: stage_products<2>(acc, a_w, b_w, L.stride, L.nb, sc); break;
-            case 1: stage_products<1>(acc, a_w, b_w, L.stride, L.nb, sc); break;
+            case 4: stage_products<4>(acc, a_row, b_row, tile16_bytes, L.nb, sc); break;
+            case 3: stage_products<3>(acc, a_row, b_row, tile16_bytes, L.nb, sc); break;
+            case 2: stage_products<2>(acc, a_row, b_row, tile16_bytes, L.nb, sc); break;
+            case 1: stage_products<1>(acc, a_row, b_row, tile16_bytes, L.nb, sc); break;
             default: break;  // no rows in this warp's tiles
         }
     }
