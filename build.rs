@@ -6,7 +6,9 @@
 //! nvcc is looked for, in order: $HYBRID_KERNELS_NVCC, `nvcc` on $PATH,
 //! $CUDA_HOME/bin/nvcc, $CUDA_PATH/bin/nvcc. HYBRID_KERNELS_USE_COMMITTED_PTX=1 (and
 //! docs.rs, which sets DOCS_RS) skip the search. The flags live in cuda/nvcc-flags.txt,
-//! shared with scripts/ptx.sh, which regenerates and checks the committed PTX.
+//! shared with scripts/ptx.sh, which regenerates and checks the committed PTX. The sources
+//! named in cuda/sm90-variants.txt are compiled a second time for compute_90 into
+//! `<stem>.sm90.ptx`.
 
 use std::env;
 use std::fs;
@@ -28,18 +30,33 @@ fn main() {
     }
 
     let sources = cuda_sources(&cuda_dir);
+    let sm90 = read_flags(&cuda_dir.join("sm90-variants.txt"));
+    for stem in &sm90 {
+        if !sources.iter().any(|s| s.file_stem().is_some_and(|f| f.to_string_lossy() == stem.as_str())) {
+            fail(&format!("cuda/sm90-variants.txt names {stem}, which has no cuda/{stem}.cu"));
+        }
+    }
     let origin = match find_nvcc() {
         Some(nvcc) => {
             let flags = read_flags(&cuda_dir.join("nvcc-flags.txt"));
+            let flags90: Vec<String> = flags
+                .iter()
+                .map(|f| if f.starts_with("-arch=") { "-arch=compute_90".into() } else { f.clone() })
+                .collect();
             for src in &sources {
                 compile(&nvcc, &flags, src, &out_dir.join(ptx_name(src)));
+                if sm90.iter().any(|s| src.file_stem().is_some_and(|f| f.to_string_lossy() == s.as_str())) {
+                    compile(&nvcc, &flags90, src, &out_dir.join(sm90_ptx_name(src)));
+                }
             }
             format!("nvcc {} ({})", nvcc_release(&nvcc), nvcc.display())
         }
         None => {
-            for src in &sources {
-                let committed = ptx_dir.join(ptx_name(src));
-                if let Err(e) = fs::copy(&committed, out_dir.join(ptx_name(src))) {
+            let mut names: Vec<String> = sources.iter().map(|s| ptx_name(s)).collect();
+            names.extend(sm90.iter().map(|s| format!("{s}.sm90.ptx")));
+            for name in &names {
+                let committed = ptx_dir.join(name);
+                if let Err(e) = fs::copy(&committed, out_dir.join(name)) {
                     fail(&format!(
                         "no nvcc found and the committed {} cannot be read ({e}); regenerate it with \
                          scripts/ptx.sh regen, or point HYBRID_KERNELS_NVCC at an nvcc",
@@ -68,6 +85,10 @@ fn cuda_sources(dir: &Path) -> Vec<PathBuf> {
 
 fn ptx_name(src: &Path) -> String {
     format!("{}.ptx", src.file_stem().expect("a .cu file has a stem").to_string_lossy())
+}
+
+fn sm90_ptx_name(src: &Path) -> String {
+    format!("{}.sm90.ptx", src.file_stem().expect("a .cu file has a stem").to_string_lossy())
 }
 
 fn env_flag(name: &str) -> bool {

@@ -27,6 +27,24 @@
 
 namespace hk_kan_direct {
 
+// Programmatic dependent launch. In the compute_90 build (cuda/sm90-variants.txt) the host
+// launches the tf32x3 products and the reduction with programmatic stream serialization:
+// each may start while the kernel before it in the stream still runs, once every block of
+// that kernel has allowed it (or exited). Until griddepcontrol.wait returns (the previous
+// kernel has completed and its writes are visible) a kernel reads only the layer's
+// parameters, which no kernel of the forward writes, and writes only shared memory. Both
+// compile to nothing for compute_80, where launches are plainly stream-ordered.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 constexpr int WARPS = 8;
 constexpr int ROWS_PER_WARP = 8;
 constexpr int BLOCK_ROWS = WARPS * ROWS_PER_WARP;  // src/ops/kan/direct.rs: BLOCK_ROWS
@@ -249,6 +267,7 @@ template <typename T>
 __device__ __forceinline__ void reduce(const float* __restrict__ partial, T* __restrict__ y, uint32_t n,
                                        uint32_t splits) {
     constexpr uint32_t LOADS = 8;
+    wait_for_previous_grid();  // partial is the products kernel's output
     for (uint32_t e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) {
         float s = 0.f;
         uint32_t z = 0;
@@ -414,6 +433,7 @@ template <int K, bool Uniform>
 __device__ __forceinline__ void features(const float* __restrict__ x, const float* __restrict__ grid,
                                          float* __restrict__ a_tiles, const hk_kan_direct::DirectParams& p,
                                          uint32_t rows_pad) {
+    hk_kan_direct::allow_next_grid();  // the products kernel waits for this grid before reading A
     const int nb = int(p.n_knots) - 1 - K, k8 = FEATS * (nb + 1);
     const uint32_t stages = (p.in_features + FEATS - 1) / FEATS;
     const size_t total = size_t(stages) * rows_pad * FEATS;
@@ -525,6 +545,7 @@ __device__ __forceinline__ void forward(const float* __restrict__ a_tiles, uint3
                                         const float* __restrict__ w_base, const float* __restrict__ w_spline,
                                         const float* __restrict__ scaler, float* __restrict__ partial,
                                         const hk_kan_direct::DirectParams& p, float* smem) {
+    hk_kan_direct::allow_next_grid();  // the reduction waits for this grid before reading partial
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4, wm = warp % WARPS_M, wn = warp / WARPS_M;
     Layout L;
@@ -567,6 +588,9 @@ __device__ __forceinline__ void forward(const float* __restrict__ a_tiles, uint3
                      min(uint32_t(FEATS), f_end - f_begin));
     }
     copy_async_commit();
+    // Above: scalers and the first weight stage (parameters); below: A, the features
+    // kernel's output.
+    hk_kan_direct::wait_for_previous_grid();
     int buf = 0;
     for (uint32_t f0 = f_begin; f0 < f_end; f0 += FEATS, buf ^= 1) {
         __syncthreads();  // the previous stage has been multiplied: A and the other B buffer are free

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates or checks the committed ptx/ from cuda/, with the flags in cuda/nvcc-flags.txt
-# (the same ones build.rs uses).
+# (the same ones build.rs uses), and ptx/<op>.sm90.ptx (-arch=compute_90) for the sources named
+# in cuda/sm90-variants.txt.
 #   scripts/ptx.sh regen   write ptx/<op>.ptx for every cuda/<op>.cu
 #   scripts/ptx.sh check   fail when ptx/ differs from what cuda/ compiles to
 # nvcc: $HYBRID_KERNELS_NVCC, else the one scripts/install-nvcc.sh installs (it runs it).
@@ -11,24 +12,39 @@ mode=${1:-}
 case "$mode" in regen|check) ;; *) echo "usage: $0 regen|check" >&2; exit 2 ;; esac
 nvcc=${HYBRID_KERNELS_NVCC:-$(scripts/install-nvcc.sh)}
 mapfile -t flags < <(sed -e 's/#.*//' -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' cuda/nvcc-flags.txt | grep -v '^$')
+mapfile -t sm90 < <(sed -e 's/#.*//' -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' cuda/sm90-variants.txt | grep -v '^$')
+flags90=()
+for f in "${flags[@]}"; do case "$f" in -arch=*) flags90+=(-arch=compute_90) ;; *) flags90+=("$f") ;; esac; done
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 status=0
+outputs=()
 for src in cuda/*.cu; do
   name=$(basename "$src" .cu)
   "$nvcc" "${flags[@]}" "$src" -o "$tmp/$name.ptx"
+  outputs+=("$name.ptx")
+  for s in "${sm90[@]}"; do
+    if [ "$s" = "$name" ]; then
+      "$nvcc" "${flags90[@]}" "$src" -o "$tmp/$name.sm90.ptx"
+      outputs+=("$name.sm90.ptx")
+    fi
+  done
+done
+for out in "${outputs[@]}"; do
   if [ "$mode" = regen ]; then
-    cp "$tmp/$name.ptx" "ptx/$name.ptx"
-    echo "wrote ptx/$name.ptx ($(grep -m1 '^\.version' "ptx/$name.ptx"))"
-  elif ! cmp -s "$tmp/$name.ptx" "ptx/$name.ptx"; then
-    echo "STALE: ptx/$name.ptx differs from what $src compiles to; run scripts/ptx.sh regen" >&2
-    diff <(head -c 100000 "ptx/$name.ptx" 2>/dev/null) <(head -c 100000 "$tmp/$name.ptx") | head -20 >&2 || true
+    cp "$tmp/$out" "ptx/$out"
+    echo "wrote ptx/$out ($(grep -m1 '^\.version' "ptx/$out"))"
+  elif ! cmp -s "$tmp/$out" "ptx/$out"; then
+    echo "STALE: ptx/$out differs from what cuda/ compiles to; run scripts/ptx.sh regen" >&2
+    diff <(head -c 100000 "ptx/$out" 2>/dev/null) <(head -c 100000 "$tmp/$out") | head -20 >&2 || true
     status=1
   fi
 done
 for ptx in ptx/*.ptx; do
   [ -e "$ptx" ] || continue
-  if [ ! -e "cuda/$(basename "$ptx" .ptx).cu" ]; then
+  stem=$(basename "$ptx" .ptx)
+  stem=${stem%.sm90}
+  if [ ! -e "cuda/$stem.cu" ]; then
     echo "STALE: $ptx has no source in cuda/" >&2
     status=1
   fi

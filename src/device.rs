@@ -300,6 +300,53 @@ impl CudaDevice {
         })
     }
 
+    /// Whether `module`'s kernels on this device are its compute_90 build, which the host
+    /// may launch with [`CudaDevice::launch_programmatic`].
+    pub(crate) fn programmatic_launch(&self, module: KernelModule) -> bool {
+        module.programmatic_launch(self.0.compute_capability)
+    }
+
+    /// Launches `f` on the device's stream with programmatic stream serialization: the grid
+    /// may start before the previous kernel in the stream has finished (once all of that
+    /// kernel's blocks have executed `griddepcontrol.launch_dependents` or exited).
+    ///
+    /// # Safety
+    /// As for any kernel launch: `params` holds one pointer per kernel parameter, each to a
+    /// value of that parameter's exact C type, and every buffer is large enough for what the
+    /// kernel reads and writes with this configuration. Beyond that the kernel must execute
+    /// `griddepcontrol.wait` before it reads or writes global memory that the previous
+    /// kernel writes, or writes memory that kernel reads; `f` must come from a module for
+    /// which [`CudaDevice::programmatic_launch`] is true.
+    pub(crate) unsafe fn launch_programmatic(
+        &self,
+        f: &CudaFunction,
+        cfg: cudarc::driver::LaunchConfig,
+        params: &mut [*mut std::ffi::c_void],
+    ) -> Result<()> {
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue { programmaticStreamSerializationAllowed: 1 },
+        };
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.0.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        self.0.stream.context().bind_to_thread().map_err(|e| self.map_err("binding the context", e))?;
+        // SAFETY: config and attr outlive the call; the caller vouches for f and params.
+        unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(|e| self.map_err("launching a kernel (programmatic stream serialization)", e))
+    }
+
     /// Loads every embedded module, so that problems show up front (used by `info`).
     pub fn load_all_modules(&self) -> Result<()> {
         KernelModule::ALL.iter().try_for_each(|m| self.module(*m).map(drop))
@@ -319,7 +366,8 @@ impl CudaDevice {
                 found: self.0.compute_capability,
             });
         }
-        let loaded = self.0.stream.context().load_module(Ptx::from_src(module.ptx())).map_err(|e| {
+        let ptx = module.ptx_for(self.0.compute_capability);
+        let loaded = self.0.stream.context().load_module(Ptx::from_src(ptx)).map_err(|e| {
             if e.0 == CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION {
                 Error::PtxTooNew {
                     module: module.name(),

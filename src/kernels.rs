@@ -52,6 +52,29 @@ impl KernelModule {
         }
     }
 
+    /// The module's compute_90 build (cuda/sm90-variants.txt), which devices of compute
+    /// capability 9.0 and up load instead of [`KernelModule::ptx`].
+    pub fn ptx_sm90(self) -> Option<&'static str> {
+        match self {
+            KernelModule::KanDirect => Some(include_str!(concat!(env!("OUT_DIR"), "/kan_direct.sm90.ptx"))),
+            _ => None,
+        }
+    }
+
+    /// The PTX a device of compute capability `cc` loads.
+    pub fn ptx_for(self, cc: (i32, i32)) -> &'static str {
+        match self.ptx_sm90() {
+            Some(ptx) if cc >= (9, 0) => ptx,
+            _ => self.ptx(),
+        }
+    }
+
+    /// Whether the module loaded on a device of compute capability `cc` has its compute_90
+    /// kernels, whose launches may use programmatic stream serialization.
+    pub fn programmatic_launch(self, cc: (i32, i32)) -> bool {
+        cc >= (9, 0) && self.ptx_sm90().is_some()
+    }
+
     /// Oldest compute capability the module's PTX target runs on (`.target sm_80`).
     pub fn min_compute_capability(self) -> (i32, i32) {
         let target = self.ptx_directive(".target").unwrap_or("sm_80");
@@ -113,6 +136,32 @@ mod tests {
         let mut ids: Vec<String> = KernelModule::ALL.iter().map(|m| m.name().to_string()).collect();
         ids.sort();
         assert_eq!(stems, ids);
+    }
+
+    #[test]
+    fn sm90_variants_are_the_listed_sources_and_target_hopper() {
+        let list = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda").join("sm90-variants.txt"),
+        )
+        .unwrap();
+        let mut listed: Vec<&str> =
+            list.lines().map(|l| l.split('#').next().unwrap_or("").trim()).filter(|l| !l.is_empty()).collect();
+        listed.sort();
+        let mut with_variant: Vec<&str> =
+            KernelModule::ALL.iter().filter(|m| m.ptx_sm90().is_some()).map(|m| m.name()).collect();
+        with_variant.sort();
+        assert_eq!(listed, with_variant);
+        for m in KernelModule::ALL {
+            if let Some(ptx) = m.ptx_sm90() {
+                assert!(ptx.lines().any(|l| l.trim() == ".target sm_90"), "{m:?}");
+                assert_eq!(m.ptx_for((9, 0)), ptx);
+                assert_eq!(m.ptx_for((8, 6)), m.ptx());
+                assert!(m.programmatic_launch((9, 0)) && !m.programmatic_launch((8, 9)));
+            } else {
+                assert_eq!(m.ptx_for((9, 0)), m.ptx());
+                assert!(!m.programmatic_launch((9, 0)));
+            }
+        }
     }
 
     #[test]

@@ -8,8 +8,9 @@ use crate::error::{Error, Result};
 use crate::kernels::KernelModule;
 use crate::tensor::{CudaElement, Tensor};
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
+use std::ffi::c_void;
 
 /// Mirrors `hk_kan_direct::DirectParams` in cuda/kan_direct.cu.
 #[repr(C)]
@@ -213,22 +214,40 @@ fn forward_typed<T: CudaElement>(
         // (ceil(out/128), ceil(rows/64), splits) with splits * fps >= in, as the kernel expects.
         unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching kan_direct_forward", e))?;
     }
-    reduce_splits::<T>(dev, &partial, &mut y, n, splits)?;
+    reduce_splits::<T>(dev, &partial, &mut y, n, splits, false)?;
     y.reshape(out_shape)
 }
 
-/// `y = sum over splits of partial`, in split order (kan_direct_reduce).
+/// A kernel parameter for [`CudaDevice::launch_programmatic`]: a pointer to its value.
+fn param<T>(value: &T) -> *mut c_void {
+    value as *const T as *mut c_void
+}
+
+/// `y = sum over splits of partial`, in split order (kan_direct_reduce). `programmatic`:
+/// launched with programmatic stream serialization after the products kernel, which it
+/// waits for on the device (see cuda/kan_direct.cu).
 fn reduce_splits<T: CudaElement>(
     dev: &CudaDevice,
     partial: &Tensor,
     y: &mut Tensor,
     n: usize,
     splits: usize,
+    programmatic: bool,
 ) -> Result<()> {
     let name = reduce_name(T::DTYPE);
     let f = dev.function(KernelModule::KanDirect, name)?;
     let cfg = dev.grid_stride_config(KernelModule::KanDirect, name, BLOCK_THREADS, n, BLOCK_THREADS as usize)?;
     let (n32, s32) = (n as u32, splits as u32);
+    if programmatic {
+        let stream = dev.stream();
+        let (partial_ptr, _partial_sync) = partial.cuda_slice::<f32>("partial")?.device_ptr(stream);
+        let (y_ptr, _y_sync) = y.cuda_slice_mut::<T>("y")?.device_ptr_mut(stream);
+        let mut params = [param(&partial_ptr), param(&y_ptr), param(&n32), param(&s32)];
+        // SAFETY: as below, and the kernel executes griddepcontrol.wait before it reads
+        // partial or writes y; the module is the compute_90 build (checked by the caller).
+        unsafe { dev.launch_programmatic(&f, cfg, &mut params) }?;
+        return Ok(());
+    }
     let mut args = dev.stream().launch_builder(&f);
     args.arg(partial.cuda_slice::<f32>("partial")?).arg(y.cuda_slice_mut::<T>("y")?).arg(&n32).arg(&s32);
     // SAFETY: kan_direct_reduce_<T>(const float* partial, T* y, uint32_t n, uint32_t
@@ -307,6 +326,10 @@ pub(super) fn forward_tf32x3(
         unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching kan_direct_tf32x3_features", e))?;
     }
     let (wb, scaler) = base_and_scaler::<f32>(layer)?;
+    // On sm_90 and up the products and the reduction start while the kernel before each
+    // still runs (programmatic dependent launch): the launches and the products' first
+    // weight copies overlap the features kernel.
+    let programmatic = dev.programmatic_launch(KernelModule::KanDirect);
     {
         let f = dev.function(KernelModule::KanDirect, MMA_NAME)?;
         f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
@@ -316,24 +339,47 @@ pub(super) fn forward_tf32x3(
             block_dim: (MMA_THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        let mut args = dev.stream().launch_builder(&f);
-        args.arg(a_tiles.cuda_slice::<f32>("a_tiles")?)
-            .arg(&rows_pad32)
-            .arg(wb)
-            .arg(layer.spline_weight().cuda_slice::<f32>("spline_weight")?)
-            .arg(scaler)
-            .arg(partial.cuda_slice_mut::<f32>("partial")?)
-            .arg(&params);
-        // SAFETY: kan_direct_tf32x3_forward_f32(const float* a_tiles, uint32_t rows_pad,
-        // const float* w_base, const float* w_spline, const float* scaler, float* partial,
-        // DirectParams): a_tiles as written above (a block reads rows r0 up to its last live
-        // m16 tile, below rows_pad = rows rounded up to 16); w_base and scaler out * in, w_spline
-        // out * in * nb (nb <= 8, order in 1..=3 by unsupported()), all f32 (checked above),
-        // partial splits * rows * out; the grid is (ceil(out/64), ceil(rows/128), splits) with
-        // splits * fps >= in and fps a multiple of 8, and the dynamic shared memory is
-        // mma_smem_bytes(nb), the layout the kernel carves.
-        unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching kan_direct_tf32x3_forward", e))?;
+        if programmatic {
+            let stream = dev.stream();
+            let (a_ptr, _a_sync) = a_tiles.cuda_slice::<f32>("a_tiles")?.device_ptr(stream);
+            let (wb_ptr, _wb_sync) = wb.device_ptr(stream);
+            let (ws_ptr, _ws_sync) = layer.spline_weight().cuda_slice::<f32>("spline_weight")?.device_ptr(stream);
+            let (sc_ptr, _sc_sync) = scaler.device_ptr(stream);
+            let (partial_ptr, _partial_sync) = partial.cuda_slice_mut::<f32>("partial")?.device_ptr_mut(stream);
+            let mut args = [
+                param(&a_ptr),
+                param(&rows_pad32),
+                param(&wb_ptr),
+                param(&ws_ptr),
+                param(&sc_ptr),
+                param(&partial_ptr),
+                param(&params),
+            ];
+            // SAFETY: the same kernel, arguments and sizes as the launch below; before its
+            // griddepcontrol.wait the kernel reads only w_base, w_spline and the scaler
+            // (which the features kernel does not write) and writes only shared memory;
+            // the module is the compute_90 build (programmatic_launch).
+            unsafe { dev.launch_programmatic(&f, cfg, &mut args) }?;
+        } else {
+            let mut args = dev.stream().launch_builder(&f);
+            args.arg(a_tiles.cuda_slice::<f32>("a_tiles")?)
+                .arg(&rows_pad32)
+                .arg(wb)
+                .arg(layer.spline_weight().cuda_slice::<f32>("spline_weight")?)
+                .arg(scaler)
+                .arg(partial.cuda_slice_mut::<f32>("partial")?)
+                .arg(&params);
+            // SAFETY: kan_direct_tf32x3_forward_f32(const float* a_tiles, uint32_t rows_pad,
+            // const float* w_base, const float* w_spline, const float* scaler, float* partial,
+            // DirectParams): a_tiles as written above (a block reads rows r0 up to its last live
+            // m16 tile, below rows_pad = rows rounded up to 16); w_base and scaler out * in, w_spline
+            // out * in * nb (nb <= 8, order in 1..=3 by unsupported()), all f32 (checked above),
+            // partial splits * rows * out; the grid is (ceil(out/64), ceil(rows/128), splits) with
+            // splits * fps >= in and fps a multiple of 8, and the dynamic shared memory is
+            // mma_smem_bytes(nb), the layout the kernel carves.
+            unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching kan_direct_tf32x3_forward", e))?;
+        }
     }
-    reduce_splits::<f32>(dev, &partial, &mut y, n, splits)?;
+    reduce_splits::<f32>(dev, &partial, &mut y, n, splits, programmatic)?;
     y.reshape(out_shape)
 }
