@@ -203,7 +203,8 @@ fn info(device: &Device) -> Result<()> {
     println!("embedded PTX: {PTX_ORIGIN}");
     for m in KernelModule::ALL {
         let (ma, mi) = m.min_compute_capability();
-        println!("  module {:<10} PTX ISA {}, runs on sm_{ma}{mi}+", m.name(), m.ptx_isa());
+        let sm90 = if m.ptx_sm90().is_some() { "; a compute_90 build for sm_90+" } else { "" };
+        println!("  module {:<10} PTX ISA {}, runs on sm_{ma}{mi}+{sm90}", m.name(), m.ptx_isa());
     }
     if !driver_available() {
         println!("CUDA driver: not found (libcuda.so); CPU path only");
@@ -476,6 +477,12 @@ fn bench_cmd(device: &Device, json: bool, short: bool, group: Option<&str>) -> R
             expected: "basis, kan, activation, scan, conv or mlstm".into(),
             found: g.into(),
         });
+    }
+    if std::env::var("HYBRID_KERNELS_POISON").is_ok_and(|v| !v.is_empty() && v != "0") {
+        eprintln!(
+            "warning: HYBRID_KERNELS_POISON is set: every output allocation is filled with NaN bytes first, \
+             and the timings below include those fills; unset it to benchmark"
+        );
     }
     let wanted = |g: &str| group.is_none_or(|w| w == g);
     let reps = if short { Repeats::SHORT } else { Repeats::FULL };

@@ -112,7 +112,7 @@ fn unsupported(layer: &KanLinear, rows: usize, block_rows: usize) -> Option<Stri
 }
 
 /// Up to this many rows `Auto` prefers the tensor-core direct forward for f32 layers: at
-/// 100 rows it takes 63.5 us against the f32 GEMM pipeline's 130 us, at 4096 rows 1555 against
+/// 100 rows it takes 57 us against the f32 GEMM pipeline's 130 us, at 4096 rows 1485 against
 /// 1638 us (H100, 1000 x 1000 and 1024 x 1024, G = 5); larger batches were not measured.
 const TF32X3_AUTO_MAX_ROWS: usize = 4096;
 
