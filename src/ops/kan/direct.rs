@@ -357,8 +357,10 @@ pub(super) fn forward_tf32x3(
             ];
             // SAFETY: the same kernel, arguments and sizes as the launch below; before its
             // griddepcontrol.wait the kernel reads only w_base, w_spline and the scaler
-            // (which the features kernel does not write) and writes only shared memory;
-            // the module is the compute_90 build (programmatic_launch).
+            // and writes only shared memory. The features kernel does not write those
+            // parameters, and whatever wrote them earlier has completed: the features
+            // kernel, launched without the attribute, started only after it. The module is
+            // the compute_90 build (programmatic_launch).
             unsafe { dev.launch_programmatic(&f, cfg, &mut args) }?;
         } else {
             let mut args = dev.stream().launch_builder(&f);
