@@ -301,27 +301,31 @@ impl CudaDevice {
     }
 
     /// Whether `module`'s kernels on this device are its compute_90 build, which the host
-    /// may launch with [`CudaDevice::launch_programmatic`].
+    /// may launch with programmatic stream serialization ([`CudaDevice::launch_raw`]).
     pub(crate) fn programmatic_launch(&self, module: KernelModule) -> bool {
         module.programmatic_launch(self.0.compute_capability)
     }
 
-    /// Launches `f` on the device's stream with programmatic stream serialization: the grid
-    /// may start before the previous kernel in the stream has finished (once all of that
-    /// kernel's blocks have executed `griddepcontrol.launch_dependents` or exited).
+    /// Launches `f` on the device's stream from raw parameter pointers. With `programmatic`,
+    /// the launch carries programmatic stream serialization: the grid may start before the
+    /// previous kernel in the stream has finished (once all of that kernel's blocks have
+    /// executed `griddepcontrol.launch_dependents` or exited); without it the launch is
+    /// plainly stream-ordered. `context` names the launch in an error.
     ///
     /// # Safety
     /// As for any kernel launch: `params` holds one pointer per kernel parameter, each to a
     /// value of that parameter's exact C type, and every buffer is large enough for what the
-    /// kernel reads and writes with this configuration. Beyond that the kernel must execute
-    /// `griddepcontrol.wait` before it reads or writes global memory that the previous
-    /// kernel writes, or writes memory that kernel reads; `f` must come from a module for
-    /// which [`CudaDevice::programmatic_launch`] is true.
-    pub(crate) unsafe fn launch_programmatic(
+    /// kernel reads and writes with this configuration. With `programmatic`, the kernel must
+    /// also execute `griddepcontrol.wait` before it reads or writes global memory that the
+    /// previous kernel writes, or writes memory that kernel reads, and `f` must come from a
+    /// module for which [`CudaDevice::programmatic_launch`] is true.
+    pub(crate) unsafe fn launch_raw(
         &self,
         f: &CudaFunction,
         cfg: cudarc::driver::LaunchConfig,
         params: &mut [*mut std::ffi::c_void],
+        programmatic: bool,
+        context: &'static str,
     ) -> Result<()> {
         let mut attr = sys::CUlaunchAttribute {
             id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
@@ -338,13 +342,13 @@ impl CudaDevice {
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.0.stream.cu_stream(),
             attrs: &mut attr,
-            numAttrs: 1,
+            numAttrs: u32::from(programmatic),
         };
         self.0.stream.context().bind_to_thread().map_err(|e| self.map_err("binding the context", e))?;
         // SAFETY: config and attr outlive the call; the caller vouches for f and params.
         unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
             .result()
-            .map_err(|e| self.map_err("launching a kernel (programmatic stream serialization)", e))
+            .map_err(|e| self.map_err(context, e))
     }
 
     /// Loads every embedded module, so that problems show up front (used by `info`).

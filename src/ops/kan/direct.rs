@@ -218,7 +218,7 @@ fn forward_typed<T: CudaElement>(
     y.reshape(out_shape)
 }
 
-/// A kernel parameter for [`CudaDevice::launch_programmatic`]: a pointer to its value.
+/// A kernel parameter for [`CudaDevice::launch_raw`]: a pointer to its value.
 fn param<T>(value: &T) -> *mut c_void {
     value as *const T as *mut c_void
 }
@@ -238,22 +238,15 @@ fn reduce_splits<T: CudaElement>(
     let f = dev.function(KernelModule::KanDirect, name)?;
     let cfg = dev.grid_stride_config(KernelModule::KanDirect, name, BLOCK_THREADS, n, BLOCK_THREADS as usize)?;
     let (n32, s32) = (n as u32, splits as u32);
-    if programmatic {
-        let stream = dev.stream();
-        let (partial_ptr, _partial_sync) = partial.cuda_slice::<f32>("partial")?.device_ptr(stream);
-        let (y_ptr, _y_sync) = y.cuda_slice_mut::<T>("y")?.device_ptr_mut(stream);
-        let mut params = [param(&partial_ptr), param(&y_ptr), param(&n32), param(&s32)];
-        // SAFETY: as below, and the kernel executes griddepcontrol.wait before it reads
-        // partial or writes y; the module is the compute_90 build (checked by the caller).
-        unsafe { dev.launch_programmatic(&f, cfg, &mut params) }?;
-        return Ok(());
-    }
-    let mut args = dev.stream().launch_builder(&f);
-    args.arg(partial.cuda_slice::<f32>("partial")?).arg(y.cuda_slice_mut::<T>("y")?).arg(&n32).arg(&s32);
+    let stream = dev.stream();
+    let (partial_ptr, _partial_sync) = partial.cuda_slice::<f32>("partial")?.device_ptr(stream);
+    let (y_ptr, _y_sync) = y.cuda_slice_mut::<T>("y")?.device_ptr_mut(stream);
+    let mut params = [param(&partial_ptr), param(&y_ptr), param(&n32), param(&s32)];
     // SAFETY: kan_direct_reduce_<T>(const float* partial, T* y, uint32_t n, uint32_t
     // splits): partial holds splits * n floats, y n elements (the callers allocate both).
-    unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching kan_direct_reduce", e))?;
-    Ok(())
+    // With `programmatic` the kernel executes griddepcontrol.wait before it reads partial or
+    // writes y, and the caller has checked that the module is the compute_90 build.
+    unsafe { dev.launch_raw(&f, cfg, &mut params, programmatic, "launching kan_direct_reduce") }
 }
 
 /// [`KanForwardPath::DirectTf32x3`](super::KanForwardPath::DirectTf32x3): the direct
@@ -339,48 +332,35 @@ pub(super) fn forward_tf32x3(
             block_dim: (MMA_THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        if programmatic {
-            let stream = dev.stream();
-            let (a_ptr, _a_sync) = a_tiles.cuda_slice::<f32>("a_tiles")?.device_ptr(stream);
-            let (wb_ptr, _wb_sync) = wb.device_ptr(stream);
-            let (ws_ptr, _ws_sync) = layer.spline_weight().cuda_slice::<f32>("spline_weight")?.device_ptr(stream);
-            let (sc_ptr, _sc_sync) = scaler.device_ptr(stream);
-            let (partial_ptr, _partial_sync) = partial.cuda_slice_mut::<f32>("partial")?.device_ptr_mut(stream);
-            let mut args = [
-                param(&a_ptr),
-                param(&rows_pad32),
-                param(&wb_ptr),
-                param(&ws_ptr),
-                param(&sc_ptr),
-                param(&partial_ptr),
-                param(&params),
-            ];
-            // SAFETY: the same kernel, arguments and sizes as the launch below; before its
-            // griddepcontrol.wait the kernel reads only w_base, w_spline and the scaler
-            // and writes only shared memory. The features kernel does not write those
-            // parameters, and whatever wrote them earlier has completed: the features
-            // kernel, launched without the attribute, started only after it. The module is
-            // the compute_90 build (programmatic_launch).
-            unsafe { dev.launch_programmatic(&f, cfg, &mut args) }?;
-        } else {
-            let mut args = dev.stream().launch_builder(&f);
-            args.arg(a_tiles.cuda_slice::<f32>("a_tiles")?)
-                .arg(&rows_pad32)
-                .arg(wb)
-                .arg(layer.spline_weight().cuda_slice::<f32>("spline_weight")?)
-                .arg(scaler)
-                .arg(partial.cuda_slice_mut::<f32>("partial")?)
-                .arg(&params);
-            // SAFETY: kan_direct_tf32x3_forward_f32(const float* a_tiles, uint32_t rows_pad,
-            // const float* w_base, const float* w_spline, const float* scaler, float* partial,
-            // DirectParams): a_tiles as written above (a block reads rows r0 up to its last live
-            // m16 tile, below rows_pad = rows rounded up to 16); w_base and scaler out * in, w_spline
-            // out * in * nb (nb <= 8, order in 1..=3 by unsupported()), all f32 (checked above),
-            // partial splits * rows * out; the grid is (ceil(out/64), ceil(rows/128), splits) with
-            // splits * fps >= in and fps a multiple of 8, and the dynamic shared memory is
-            // mma_smem_bytes(nb), the layout the kernel carves.
-            unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching kan_direct_tf32x3_forward", e))?;
-        }
+        let stream = dev.stream();
+        let (a_ptr, _a_sync) = a_tiles.cuda_slice::<f32>("a_tiles")?.device_ptr(stream);
+        let (wb_ptr, _wb_sync) = wb.device_ptr(stream);
+        let (ws_ptr, _ws_sync) = layer.spline_weight().cuda_slice::<f32>("spline_weight")?.device_ptr(stream);
+        let (sc_ptr, _sc_sync) = scaler.device_ptr(stream);
+        let (partial_ptr, _partial_sync) = partial.cuda_slice_mut::<f32>("partial")?.device_ptr_mut(stream);
+        let mut args = [
+            param(&a_ptr),
+            param(&rows_pad32),
+            param(&wb_ptr),
+            param(&ws_ptr),
+            param(&sc_ptr),
+            param(&partial_ptr),
+            param(&params),
+        ];
+        // SAFETY: kan_direct_tf32x3_forward_f32(const float* a_tiles, uint32_t rows_pad,
+        // const float* w_base, const float* w_spline, const float* scaler, float* partial,
+        // DirectParams): a_tiles as written above (a block reads rows r0 up to its last live
+        // m16 tile, below rows_pad = rows rounded up to 16); w_base and scaler out * in, w_spline
+        // out * in * nb (nb <= 8, order in 1..=3 by unsupported()), all f32 (checked above),
+        // partial splits * rows * out; the grid is (ceil(out/64), ceil(rows/128), splits) with
+        // splits * fps >= in and fps a multiple of 8, and the dynamic shared memory is
+        // mma_smem_bytes(nb), the layout the kernel carves. With `programmatic`: before its
+        // griddepcontrol.wait the kernel reads only w_base, w_spline and the scaler and
+        // writes only shared memory. The features kernel does not write those parameters,
+        // and whatever wrote them earlier has completed: the features kernel, launched
+        // without the attribute, started only after it. The module is the compute_90 build
+        // (programmatic_launch).
+        unsafe { dev.launch_raw(&f, cfg, &mut args, programmatic, "launching kan_direct_tf32x3_forward") }?;
     }
     reduce_splits::<f32>(dev, &partial, &mut y, n, splits, programmatic)?;
     y.reshape(out_shape)
