@@ -151,109 +151,6 @@ template <int SPT, int NT, int BLK> struct Tiles {
 };
 
 
-// One tile's inputs in registers, loaded in one batch so that their latencies overlap
-// (the forward loads the next tile while it scans this one). PE elements of each
-// per-channel array and PB of B and C per thread.
-template <int SPT, int NT, int BLK, int TILE, bool Backward> struct RawTile {
-    static constexpr int DB = BLK / NT, NPAD = SPT * NT;
-    static constexpr int PE = (DB * TILE + BLK - 1) / BLK;
-    static constexpr int PB = (NPAD * TILE + BLK - 1) / BLK;
-    float u[PE], delta[PE], z[PE], dout[Backward ? PE : 1], b[PB], c[PB];
-    float keep;
-    uint32_t real;  // bit i: element i is a real (channel, step), not padding
-
-    // Steps past the end read as dt = 0, B = C = 0: they leave the states unchanged.
-    template <typename T>
-    __device__ __forceinline__ void load(const Layout<SPT, NT, BLK>& lo, const ScanParams& p, int t0,
-                                         const T* __restrict__ uu, const T* __restrict__ dd,
-                                         const T* __restrict__ Bv, const T* __restrict__ Cv,
-                                         const T* __restrict__ zz, const uint8_t* __restrict__ resets,
-                                         const T* __restrict__ dout_g) {
-        // Thread x covers step x % TILE of rows x / TILE + i * (BLK / TILE): one base
-        // pointer per array and a fixed stride, so the batch needs few address registers.
-        static_assert(BLK % TILE == 0, "tiles divide the block");
-        constexpr int ROWS = BLK / TILE;
-        const int len = int(p.len);
-        const int t = threadIdx.x % TILE, row0 = threadIdx.x / TILE;
-        const bool in_time = t0 + t < len;
-        real = 0u;
-        {
-            const size_t base = (size_t(lo.b) * p.dim + lo.d0 + row0) * p.len + t0 + t;
-            const size_t stride = size_t(ROWS) * p.len;
-#pragma unroll
-            for (int i = 0; i < PE; ++i) {
-                const int dl = row0 + i * ROWS;
-                const bool ok = dl < DB && dl < lo.n_ch && in_time;
-                const size_t k = base + i * stride;
-                u[i] = ok ? hk::to_f32(uu[k]) : 0.f;
-                delta[i] = ok ? hk::to_f32(dd[k]) : 0.f;
-                z[i] = (ok && p.has_z) ? hk::to_f32(zz[k]) : 0.f;
-                if (Backward) dout[i] = ok ? hk::to_f32(dout_g[k]) : 0.f;
-                real |= uint32_t(ok) << i;
-            }
-        }
-        {
-            const size_t base = ((size_t(lo.b) * p.groups + lo.g) * p.dstate + row0) * p.len + t0 + t;
-            const size_t stride = size_t(ROWS) * p.len;
-#pragma unroll
-            for (int i = 0; i < PB; ++i) {
-                const int n = row0 + i * ROWS;
-                const bool ok = n < NPAD && n < int(p.dstate) && in_time;
-                const size_t k = base + i * stride;
-                b[i] = (ok && p.b_variable) ? hk::to_f32(Bv[k]) : 0.f;
-                c[i] = (ok && p.c_variable) ? hk::to_f32(Cv[k]) : 0.f;
-            }
-        }
-        const int ta = t0 + int(threadIdx.x);
-        keep = (p.has_resets && int(threadIdx.x) < TILE && ta < len && resets[size_t(lo.b) * p.len + ta]) ? 0.f : 1.f;
-    }
-
-    // Forward slots: dt, dt u, D u, SiLU(z) (1 without z). Backward slots: dt, u, dout,
-    // softplus'(delta + bias) (1 without softplus), z. Rows of TILE + 4 floats.
-    __device__ __forceinline__ void store(const Layout<SPT, NT, BLK>& lo, const ScanParams& p,
-                                          const float* __restrict__ Dp, const float* __restrict__ bias, float* sB,
-                                          float* sC, float* slot0, float* slot1, float* slot2, float* slot3,
-                                          float* slot4, float* sKeep) const {
-        constexpr int RS = TILE + 4;
-        constexpr int BS = NPAD + 4;
-        constexpr int ROWS = BLK / TILE;
-        const int t = threadIdx.x % TILE, row0 = threadIdx.x / TILE;
-#pragma unroll
-        for (int i = 0; i < PE; ++i) {
-            const int dl = row0 + i * ROWS;
-            if (dl >= DB) break;
-            const bool ch = dl < lo.n_ch;
-            const bool is_real = (real >> i) & 1u;
-            float x = delta[i];
-            if (p.has_bias && ch) x += bias[lo.d0 + dl];
-            // Padding (no channel, or past the end) keeps dt = 0 whatever the bias.
-            const float dt = is_real ? (p.softplus ? softplus(x) : x) : 0.f;
-            const int k = dl * RS + t;
-            if (!Backward) {
-                const float dd = (p.has_d && ch) ? Dp[lo.d0 + dl] : 0.f;
-                slot0[k] = dt;
-                slot1[k] = dt * u[i];
-                slot2[k] = dd * u[i];
-                slot3[k] = p.has_z ? z[i] * hk::sigmoid_fast(z[i]) : 1.f;
-            } else {
-                slot0[k] = dt;
-                slot1[k] = u[i];
-                slot2[k] = dout[i];
-                slot3[k] = (p.softplus && is_real) ? softplus_grad(x) : 1.f;
-                slot4[k] = z[i];
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < PB; ++i) {
-            const int n = row0 + i * ROWS;
-            if (n >= NPAD) break;
-            sB[t * BS + n] = b[i];
-            sC[t * BS + n] = c[i];
-        }
-        if (int(threadIdx.x) < TILE) sKeep[threadIdx.x] = keep;
-    }
-};
-
 // Per-thread constants: A (and A log2 e), constant B and C, for this thread's states.
 template <int SPT, int NT, int BLK>
 __device__ __forceinline__ void load_state_params(const Layout<SPT, NT, BLK>& lo, const ScanParams& p,
@@ -445,10 +342,10 @@ template <typename T, int SPT, int NT, int BLK, int TILE> struct FwdTile {
     static constexpr int DB = BLK / NT, NPAD = SPT * NT;
     static constexpr int PE = TILE >= NT ? TILE / NT : 1;  // steps per lane
     static constexpr int LANES = TILE / PE;                // lanes of a channel that stage
-    static constexpr int PB = NPAD * TILE / BLK < TILE ? NPAD * TILE / BLK : TILE;
-    static constexpr int SEGS = TILE / PB;                 // threads per B / C row
-    static constexpr int RB = NPAD * SEGS / BLK;           // B / C rows per thread
-    static_assert(TILE % PE == 0 && TILE % PB == 0 && RB >= 1 && RB * BLK == NPAD * SEGS, "tile split");
+    static constexpr int PB = NPAD * TILE < BLK ? 1 : NPAD * TILE / BLK < TILE ? NPAD * TILE / BLK : TILE;
+    static constexpr int SEGS = TILE / PB;                           // threads per B / C row
+    static constexpr int RB = NPAD * SEGS < BLK ? 1 : NPAD * SEGS / BLK;  // B / C rows per thread
+    static_assert(TILE % PE == 0 && TILE % PB == 0 && RB * BLK >= NPAD * SEGS, "tile split");
     RowSegment<T, PE> u, delta, z;
     RowSegment<T, PB> b[RB], c[RB];
     float keep;
@@ -471,6 +368,7 @@ template <typename T, int SPT, int NT, int BLK, int TILE> struct FwdTile {
 #pragma unroll
         for (int r = 0; r < RB; ++r) {
             const int n = int(threadIdx.x / SEGS) + r * (BLK / SEGS);
+            if (n >= NPAD) break;
             const bool ok = n < int(p.dstate);
             const size_t row = ok ? ((size_t(lo.b) * p.groups + lo.g) * p.dstate + n) * p.len + ts : 0;
             const int avail = ok ? len - ts : 0;
@@ -512,6 +410,7 @@ template <typename T, int SPT, int NT, int BLK, int TILE> struct FwdTile {
 #pragma unroll
         for (int r = 0; r < RB; ++r) {
             const int n = int(threadIdx.x / SEGS) + r * (BLK / SEGS);
+            if (n >= NPAD) break;
 #pragma unroll
             for (int i = 0; i < PB; ++i) {
                 sB[(ts + i) * BS + n] = b[r].get(i);
@@ -519,6 +418,151 @@ template <typename T, int SPT, int NT, int BLK, int TILE> struct FwdTile {
             }
         }
         if (int(threadIdx.x) < TILE) sKeep[threadIdx.x] = keep;
+    }
+};
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// COUNT consecutive elements of a row from global to shared memory: by cp.async (16-, 8- or
+// 4-byte vectors, as RowSegment) with `vec`, else by plain loads and stores; those from
+// index `avail` on become 0.
+template <typename T, int COUNT>
+__device__ __forceinline__ void copy_row_async(T* dst, const T* __restrict__ src, int avail, bool vec) {
+    using Seg = RowSegment<T, COUNT>;
+    if (Seg::VECTORS && vec) {
+        constexpr int BYTES = Seg::VW * 4, ELEMS = Seg::VW * Seg::EPW;
+#pragma unroll
+        for (int c = 0; c < Seg::WORDS / Seg::VW; ++c) {
+            T* d = dst + c * ELEMS;
+            if (c * ELEMS < avail) {
+                const uint32_t sd = static_cast<uint32_t>(__cvta_generic_to_shared(d));
+                asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(sd), "l"(src + c * ELEMS), "n"(BYTES)
+                             : "memory");
+            } else if (BYTES == 16) {
+                *reinterpret_cast<uint4*>(d) = make_uint4(0u, 0u, 0u, 0u);
+            } else if (BYTES == 8) {
+                *reinterpret_cast<uint2*>(d) = make_uint2(0u, 0u);
+            } else {
+                *reinterpret_cast<uint32_t*>(d) = 0u;
+            }
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < COUNT; ++i) dst[i] = i < avail ? src[i] : hk::from_f32<T>(0.f);
+    }
+}
+
+// The backward's tile inputs (one checkpoint interval): copied into shared memory as raw
+// elements by cp.async while the previous interval is processed (the registers are full),
+// then staged by channel like the forward's: lane j of a channel owns steps j*PE ..
+// j*PE + PE - 1 of its rows; B and C as FwdTile. Raw layout: u, delta, z, dout as [dl][t],
+// then B, C as [n][t], then the reset flags.
+template <typename T, int SPT, int NT, int BLK, int TILE> struct BwdTile {
+    using F = FwdTile<T, SPT, NT, BLK, TILE>;
+    static constexpr int DB = F::DB, NPAD = F::NPAD, PE = F::PE, LANES = F::LANES, PB = F::PB, SEGS = F::SEGS,
+                         RB = F::RB;
+    static constexpr int RAW_ELEMS = 4 * DB * TILE + 2 * NPAD * TILE;
+    // Floats of the raw area: the elements and TILE reset flags (to 16 bytes), then BLK x SPT
+    // checkpointed states.
+    static constexpr int RAW_FLOATS = (RAW_ELEMS * int(sizeof(T)) + TILE + 15) / 16 * 4 + BLK * SPT;
+    __device__ __forceinline__ static float* checkpoint_slot(T* raw) {
+        return reinterpret_cast<float*>(raw) + (RAW_ELEMS * int(sizeof(T)) + TILE + 15) / 16 * 4;
+    }
+
+    __device__ __forceinline__ static void fetch(const Layout<SPT, NT, BLK>& lo, const ScanParams& p, int t0, bool vec,
+                                                 T* raw, const T* __restrict__ uu, const T* __restrict__ dd,
+                                                 const T* __restrict__ Bv, const T* __restrict__ Cv,
+                                                 const T* __restrict__ zz, const T* __restrict__ dout,
+                                                 const uint8_t* __restrict__ resets, const float* __restrict__ ck_src) {
+        const int len = int(p.len);
+        if (lo.j < LANES) {
+            const int ts = t0 + lo.j * PE;
+            const size_t row = lo.valid ? (size_t(lo.b) * p.dim + lo.d) * p.len + ts : 0;
+            const int avail = lo.valid ? len - ts : 0;
+            T* at = raw + lo.dl * TILE + lo.j * PE;
+            copy_row_async<T, PE>(at, uu + row, avail, vec);
+            copy_row_async<T, PE>(at + DB * TILE, dd + row, avail, vec);
+            copy_row_async<T, PE>(at + 2 * DB * TILE, zz + row, p.has_z ? avail : 0, vec);
+            copy_row_async<T, PE>(at + 3 * DB * TILE, dout + row, avail, vec);
+        }
+        const int ts = int(threadIdx.x % SEGS) * PB;
+#pragma unroll
+        for (int r = 0; r < RB; ++r) {
+            const int n = int(threadIdx.x / SEGS) + r * (BLK / SEGS);
+            if (n >= NPAD) break;
+            const bool ok = n < int(p.dstate);
+            const size_t row = ok ? ((size_t(lo.b) * p.groups + lo.g) * p.dstate + n) * p.len + t0 + ts : 0;
+            const int avail = ok ? len - t0 - ts : 0;
+            T* at = raw + 4 * DB * TILE + n * TILE + ts;
+            copy_row_async<T, PB>(at, Bv + row, p.b_variable ? avail : 0, vec);
+            copy_row_async<T, PB>(at + NPAD * TILE, Cv + row, p.c_variable ? avail : 0, vec);
+        }
+        if (int(threadIdx.x) < TILE) {
+            const int ta = t0 + int(threadIdx.x);
+            reinterpret_cast<uint8_t*>(raw + RAW_ELEMS)[threadIdx.x] =
+                (p.has_resets && ta < len) ? resets[size_t(lo.b) * p.len + ta] : uint8_t(0);
+        }
+        // This thread's states at the interval's start, from the forward's checkpoint.
+        float* ck_dst = checkpoint_slot(raw) + threadIdx.x * SPT;
+#pragma unroll
+        for (int s = 0; s < SPT; ++s) {
+            if (lo.valid && lo.j * SPT + s < int(p.dstate)) {
+                const uint32_t sd = static_cast<uint32_t>(__cvta_generic_to_shared(ck_dst + s));
+                asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(sd), "l"(ck_src + s) : "memory");
+            }
+        }
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+    }
+
+    // dt, u, dout, softplus'(delta + bias) (1 without softplus) and z into rows of RS floats;
+    // B and C as [t][n]. Steps past the end and absent channels get dt = 0.
+    template <int RS>
+    __device__ __forceinline__ static void stage(const Layout<SPT, NT, BLK>& lo, const ScanParams& p, int t0,
+                                                 float dbias, const T* raw, float* sB, float* sC, float* sDt,
+                                                 float* sU, float* sDy, float* sSig, float* sZ, float* sKeep) {
+        constexpr int BS = NPAD + 4;
+        if (lo.j < LANES) {
+            const int ts = lo.j * PE;
+            const T* at = raw + lo.dl * TILE + ts;
+            RowSegment<T, PE> u, delta, z, dout;
+            u.load(at, PE, true);
+            delta.load(at + DB * TILE, PE, true);
+            z.load(at + 2 * DB * TILE, PE, true);
+            dout.load(at + 3 * DB * TILE, PE, true);
+            float dt[PE], uv[PE], dy[PE], sig[PE], zv[PE];
+#pragma unroll
+            for (int i = 0; i < PE; ++i) {
+                const bool real = lo.valid && t0 + ts + i < int(p.len);
+                const float x = delta.get(i) + dbias;
+                dt[i] = real ? (p.softplus ? softplus(x) : x) : 0.f;
+                sig[i] = (p.softplus && real) ? softplus_grad(x) : 1.f;
+                uv[i] = u.get(i);
+                dy[i] = dout.get(i);
+                zv[i] = z.get(i);
+            }
+            const int k = lo.dl * RS + ts;
+            store_shared<PE>(sDt + k, dt);
+            store_shared<PE>(sU + k, uv);
+            store_shared<PE>(sDy + k, dy);
+            store_shared<PE>(sSig + k, sig);
+            store_shared<PE>(sZ + k, zv);
+        }
+        const int ts = int(threadIdx.x % SEGS) * PB;
+#pragma unroll
+        for (int r = 0; r < RB; ++r) {
+            const int n = int(threadIdx.x / SEGS) + r * (BLK / SEGS);
+            if (n >= NPAD) break;
+            RowSegment<T, PB> b, c;
+            b.load(raw + 4 * DB * TILE + n * TILE + ts, PB, true);
+            c.load(raw + 4 * DB * TILE + (NPAD + n) * TILE + ts, PB, true);
+#pragma unroll
+            for (int i = 0; i < PB; ++i) {
+                sB[(ts + i) * BS + n] = b.get(i);
+                sC[(ts + i) * BS + n] = c.get(i);
+            }
+        }
+        if (int(threadIdx.x) < TILE)
+            sKeep[threadIdx.x] = reinterpret_cast<const uint8_t*>(raw + RAW_ELEMS)[threadIdx.x] ? 0.f : 1.f;
     }
 };
 
@@ -660,20 +704,29 @@ __device__ __forceinline__ void scan_backward(const T* __restrict__ u, const T* 
     const int blk = blockIdx.x % blocks_per_group;
     const bool bc_var = p.b_variable || p.c_variable;
 
+    using Tile = BwdTile<T, SPT, NT, BLK, TILE>;
+    T* raw = reinterpret_cast<T*>(sAcc + 2 * L::NPAD * RS);
+    const float* sCk = Tile::checkpoint_slot(raw) + threadIdx.x * SPT;
+    const bool vec = aligned16(u) && aligned16(delta) && aligned16(z) && aligned16(dout) && aligned16(Bv) &&
+                     aligned16(Cv) && p.len % (16 / sizeof(T)) == 0;
+    const float dbias = (p.has_bias && lo.valid) ? bias[lo.d] : 0.f;
+    auto fetch = [&](int k) {
+        const size_t cb = ((size_t(lo.b) * p.n_ckpt + k) * p.dim + (lo.valid ? lo.d : 0)) * p.dstate + size_t(lo.j) * SPT;
+        Tile::fetch(lo, p, k * tile, vec, raw, u, delta, Bv, Cv, z, dout, resets, ckpt + cb);
+    };
+    fetch(int(p.n_ckpt) - 1);
     for (int k = int(p.n_ckpt) - 1; k >= 0; --k) {
         const int t0 = k * tile;
-        {
-            RawTile<SPT, NT, BLK, TILE, true> raw;
-            raw.load(lo, p, t0, u, delta, Bv, Cv, z, resets, dout);
-            __syncthreads();
-            raw.store(lo, p, Dp, bias, sB, sC, sDt, sU, sDy, sSig, sZ, sKeep);
-        }
-        __syncthreads();
-        // 1. States through the interval from its checkpoint: y for dz, and each piece's start.
+        cp_async_wait_all();
+        __syncthreads();  // every thread's copies have landed; the previous interval is done
+        Tile::template stage<RS>(lo, p, t0, dbias, raw, sB, sC, sDt, sU, sDy, sSig, sZ, sKeep);
         float h[SPT];
-        const size_t cb = ((size_t(lo.b) * p.n_ckpt + k) * p.dim + lo.d) * p.dstate + size_t(lo.j) * SPT;
 #pragma unroll
-        for (int s = 0; s < SPT; ++s) h[s] = state_ok[s] ? ckpt[cb + s] : 0.f;
+        for (int s = 0; s < SPT; ++s) h[s] = state_ok[s] ? sCk[s] : 0.f;
+        __syncthreads();
+        // The previous interval's inputs fly while this one is processed.
+        if (k > 0) fetch(k - 1);
+        // 1. States through the interval from its checkpoint: y for dz, and each piece's start.
         constexpr int R = L::R;
 #pragma unroll 1
         for (int tr = 0; tr < tile; tr += R) {
@@ -743,13 +796,15 @@ __device__ __forceinline__ void scan_backward(const T* __restrict__ u, const T* 
                     const float hcur = fmaf(dtu, bb, q_r[r][s]);
                     vals[s] = g * dtu;         // dB
                     vals[SPT + s] = dy * hcur;  // dC
+                    // d(dt) = sum_n g (B u + A a h_{t-1}) = u sum_n g B + sum_n A g q.
                     du_acc = fmaf(g, bb, du_acc);
-                    dd_acc = fmaf(g, fmaf(bb, uu, a_nat[s] * q_r[r][s]), dd_acc);
-                    dA[s] = fmaf(g * dt, q_r[r][s], dA[s]);
+                    const float gq = g * q_r[r][s];
+                    dA[s] = fmaf(dt, gq, dA[s]);
+                    dd_acc = fmaf(a_nat[s], gq, dd_acc);
                     g_next[s] = a_r[r][s] * g;
                 }
                 du_p[r] = du_acc * dt;
-                dd_p[r] = dd_acc;
+                dd_p[r] = fmaf(du_acc, uu, dd_acc);
                 if (GENERAL) {
 #pragma unroll
                     for (int s = 0; s < SPT; ++s) {

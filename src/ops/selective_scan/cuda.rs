@@ -73,6 +73,8 @@ struct Geometry {
     spt: usize,
     nt: usize,
     blk: usize,
+    /// Bytes per element of u, delta, B, C, z.
+    elem: usize,
     name: &'static str,
 }
 
@@ -89,7 +91,13 @@ impl Geometry {
             [layout_names!("fwd", "f32"), layout_names!("fwd", "bf16"), layout_names!("fwd", "f16")];
         let i = Geometry::layout(dstate);
         let (spt, nt) = LAYOUTS[i];
-        Geometry { spt, nt, blk: if nt >= 16 { 128 } else { 64 }, name: NAMES[dtype_index(dtype)][i] }
+        Geometry {
+            spt,
+            nt,
+            blk: if nt >= 16 { 128 } else { 64 },
+            elem: dtype.size_in_bytes(),
+            name: NAMES[dtype_index(dtype)][i],
+        }
     }
 
     fn backward(dstate: usize, dtype: DType) -> Geometry {
@@ -97,7 +105,7 @@ impl Geometry {
             [layout_names!("bwd", "f32"), layout_names!("bwd", "bf16"), layout_names!("bwd", "f16")];
         let i = Geometry::layout(dstate);
         let (spt, nt) = LAYOUTS[i];
-        Geometry { spt, nt, blk: BWD_BLOCK, name: NAMES[dtype_index(dtype)][i] }
+        Geometry { spt, nt, blk: BWD_BLOCK, elem: dtype.size_in_bytes(), name: NAMES[dtype_index(dtype)][i] }
     }
 
     fn channels_per_block(&self) -> usize {
@@ -124,15 +132,20 @@ impl Geometry {
     fn backward_tile(&self) -> usize {
         self.tile().min(32)
     }
-    /// The backward's shared memory in bytes.
+    /// The backward's shared memory in bytes: the staged f32 tile, the piece states, the dB /
+    /// dC sums, then `BwdTile`'s raw area (the next interval's elements, its reset flags
+    /// rounded to 16 bytes, and each thread's checkpointed states).
     fn backward_smem(&self) -> usize {
         let (tile, db, npad) = (self.backward_tile(), self.channels_per_block(), self.npad());
-        4 * (2 * tile * (npad + 4)
-            + 6 * db * (tile + 4)
-            + tile
-            + (tile / PIECE) * self.spt * self.blk
-            + (self.blk / 32) * PIECE * 2 * npad
-            + 2 * npad * (tile + 4))
+        let staged = 4
+            * (2 * tile * (npad + 4)
+                + 6 * db * (tile + 4)
+                + tile
+                + (tile / PIECE) * self.spt * self.blk
+                + (self.blk / 32) * PIECE * 2 * npad
+                + 2 * npad * (tile + 4));
+        let raw = ((4 * db * tile + 2 * npad * tile) * self.elem + tile).div_ceil(16) * 16;
+        staged + raw + 4 * self.blk * self.spt
     }
 }
 
