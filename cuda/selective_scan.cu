@@ -9,16 +9,18 @@
 // in shared memory as f32 (softplus and SiLU computed once per element, not once per
 // state), every lane advances its states through the tile, and y_t = sum_n C h is reduced
 // across the NT lanes with a transposing shuffle (NT - 1 shuffles per NT timesteps, not
-// log2(NT) per timestep). Each thread loads its share of a tile in one batch into
-// registers; the forward issues the next tile's batch before scanning the current one, so
-// the loads' latency hides behind the scan. exp(dt A) is one ex2.approx per (t, n) on A
-// pre-scaled by log2(e): the special-function unit bounds the forward. Without resets and
+// log2(NT) per timestep). Staging goes by channel: lane j of a channel loads steps
+// j*PE .. j*PE + PE - 1 of its own rows by vectors (FwdTile), so bias and D are registers and
+// the same lane writes those steps of the output. The forward loads the next tile into
+// registers (raw, unconverted) before scanning the current one, so the loads' latency hides
+// behind the scan. exp(dt A) is one ex2.approx per (t, n) on A pre-scaled by log2(e). Without resets and
 // with time-varying B and C (Mamba's usual call) the scan skips the reset mask and the
 // constant-B/C terms (the GENERAL = false instantiation).
 //
 // Backward: the forward is recomputed, not stored. The forward (scan with ckpt) leaves the
-// states at every `ckpt_interval` steps; the backward walks those intervals in reverse. Per
-// interval it recomputes the states once to get y (for dz) and the states at every S = 8
+// states at every `ckpt_interval` steps; the backward walks those intervals in reverse,
+// copying the next interval's inputs and checkpoint into shared memory by cp.async while it
+// works on the current one (BwdTile). Per interval it recomputes the states once to get y (for dz) and the states at every S = 8
 // steps, then per S-step piece recomputes exp(dt A) and a h_{t-1} into registers and runs the
 // adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} backwards. Sums over channels (dB, dC when they
 // vary in time) are reduced across the warp's channels by shuffles, across the block's warps

@@ -42,6 +42,11 @@ for name in ${TESTS:-$(ls tests)}; do
   [ $rc = 0 ] || failed=1
   [ "$skipped" = 0 ] || failed=1
   note "test $name" "rc=$rc $counts; skipped: $skipped"
+  # A failure's own words on stdout too: the log folder may not come back whole.
+  if [ $rc != 0 ]; then
+    echo "== test $name failed (rc=$rc); its failures:"
+    sed -n '/^failures:/,$p' "$out/test-$name.log" | head -60
+  fi
 done
 
 for tool in ${SANITIZER_TOOLS:-memcheck racecheck initcheck synccheck}; do
