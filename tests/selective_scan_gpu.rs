@@ -141,6 +141,9 @@ fn decode_step_reproduces_the_scan() {
         (DType::BF16, 16, true, false, 1),
         (DType::F16, 64, false, true, 1),
         (DType::F32, 5, false, false, 1),
+        // The ends of the lanes-per-row layout: 2 lanes (8 states) and a whole warp (128).
+        (DType::F32, 8, true, true, 2),
+        (DType::BF16, 128, true, true, 1),
     ] {
         let case = ScanCase { b_variable: bv, c_variable: cv, ..full_case(3, 34, dstate, 40, groups, dtype) };
         let (out, state) = hybrid_kernels::check::decode_against_scan(&case, 17, &gpu).unwrap();

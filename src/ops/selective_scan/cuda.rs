@@ -577,6 +577,16 @@ pub(super) fn state_update(
     }
 }
 
+/// `hk_scan::step_lanes` in cuda/selective_scan.cu: lanes per (batch, channel) row of the
+/// decoding step, four states each, for dstate = 8, 16, .. 128; one otherwise.
+fn step_lanes(dstate: usize) -> usize {
+    if (8..=128).contains(&dstate) && dstate.is_power_of_two() {
+        dstate / 4
+    } else {
+        1
+    }
+}
+
 fn state_update_typed<T: CudaElement>(
     dev: &CudaDevice,
     state: &mut Tensor,
@@ -612,7 +622,8 @@ fn state_update_typed<T: CudaElement>(
         DType::F16 => "selective_state_update_f16",
     };
     let f = dev.function(KernelModule::SelectiveScan, kernel)?;
-    let cfg = dev.grid_stride_config(KernelModule::SelectiveScan, kernel, 128, rows, 128)?;
+    let items = rows * step_lanes(dims.dstate);
+    let cfg = dev.grid_stride_config(KernelModule::SelectiveScan, kernel, 128, items, 128)?;
     let null = 0u64;
     let mut args = dev.stream().launch_builder(&f);
     args.arg(state.cuda_slice_mut::<f32>("state")?)
@@ -627,7 +638,8 @@ fn state_update_typed<T: CudaElement>(
     args.arg(out.cuda_slice_mut::<T>("out")?).arg(&p);
     // SAFETY: selective_state_update_<T>(state, x, dt, A, Bv, Bc, Cv, Cc, D, z, bias, out,
     // ScanParams): StepInputs::dims checked every shape, type and device; state holds
-    // batch*dim*dstate f32 (read and written by its own thread only), x, dt, z, out
+    // batch*dim*dstate f32 (each state read and written by one thread only; with
+    // step_lanes > 1, dstate a multiple of 4 keeps the rows' 16-byte accesses aligned), x, dt, z, out
     // batch*dim T, A dim*dstate f32, Bv/Cv batch*groups*dstate T or Bc/Cc dim*dstate f32 (the
     // other null, selected by b_variable / c_variable), D and bias dim f32; absent ones null
     // with their flag 0.
