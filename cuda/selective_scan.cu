@@ -352,28 +352,55 @@ template <typename T, int SPT, int NT, int BLK, int TILE> struct FwdTile {
     RowSegment<T, PB> b[RB], c[RB];
     float keep;
 
+    // Lane j's PE steps of its channel from step t0 + j*PE: their offset in a (batch, dim, len)
+    // tensor and how many exist (0 for an absent channel or a lane that does not stage).
+    __device__ __forceinline__ static size_t channel_row(const Layout<SPT, NT, BLK>& lo, const ScanParams& p, int t0,
+                                                         int& avail) {
+        const int ts = t0 + lo.j * PE;
+        const bool mine = lo.valid && lo.j < LANES;
+        avail = mine ? int(p.len) - ts : 0;
+        return mine ? (size_t(lo.b) * p.dim + lo.d) * p.len + ts : 0;
+    }
+    // This thread's r-th B / C row: its state (NPAD or more: none) and its first step in the tile.
+    __device__ __forceinline__ static int bc_state(int r) { return int(threadIdx.x / SEGS) + r * (BLK / SEGS); }
+    __device__ __forceinline__ static int bc_step() { return int(threadIdx.x % SEGS) * PB; }
+    // State n's PB steps from step t in a (batch, groups, dstate, len) tensor: offset and how
+    // many exist (0 for a padding state).
+    __device__ __forceinline__ static size_t bc_row(const Layout<SPT, NT, BLK>& lo, const ScanParams& p, int n, int t,
+                                                    int& avail) {
+        const bool ok = n < int(p.dstate);
+        avail = ok ? int(p.len) - t : 0;
+        return ok ? ((size_t(lo.b) * p.groups + lo.g) * p.dstate + n) * p.len + t : 0;
+    }
+    // State n's steps ts .. ts + PB into the [t][n] tiles.
+    __device__ __forceinline__ static void store_bc(float* sB, float* sC, int n, int ts, const RowSegment<T, PB>& bv,
+                                                    const RowSegment<T, PB>& cv) {
+        constexpr int BS = Layout<SPT, NT, BLK>::BS;
+#pragma unroll
+        for (int i = 0; i < PB; ++i) {
+            sB[(ts + i) * BS + n] = bv.get(i);
+            sC[(ts + i) * BS + n] = cv.get(i);
+        }
+    }
+
     __device__ __forceinline__ void load(const Layout<SPT, NT, BLK>& lo, const ScanParams& p, int t0, bool vec,
                                          const T* __restrict__ uu, const T* __restrict__ dd,
                                          const T* __restrict__ Bv, const T* __restrict__ Cv,
                                          const T* __restrict__ zz, const uint8_t* __restrict__ resets) {
         const int len = int(p.len);
         {
-            const int ts = t0 + lo.j * PE;
-            const bool mine = lo.valid && lo.j < LANES;
-            const size_t row = mine ? (size_t(lo.b) * p.dim + lo.d) * p.len + ts : 0;
-            const int avail = mine ? len - ts : 0;
+            int avail;
+            const size_t row = channel_row(lo, p, t0, avail);
             u.load(uu + row, avail, vec);
             delta.load(dd + row, avail, vec);
             z.load(zz + row, p.has_z ? avail : 0, vec);
         }
-        const int ts = t0 + int(threadIdx.x % SEGS) * PB;
 #pragma unroll
         for (int r = 0; r < RB; ++r) {
-            const int n = int(threadIdx.x / SEGS) + r * (BLK / SEGS);
+            const int n = bc_state(r);
             if (n >= NPAD) break;
-            const bool ok = n < int(p.dstate);
-            const size_t row = ok ? ((size_t(lo.b) * p.groups + lo.g) * p.dstate + n) * p.len + ts : 0;
-            const int avail = ok ? len - ts : 0;
+            int avail;
+            const size_t row = bc_row(lo, p, n, t0 + bc_step(), avail);
             b[r].load(Bv + row, p.b_variable ? avail : 0, vec);
             c[r].load(Cv + row, p.c_variable ? avail : 0, vec);
         }
@@ -387,7 +414,6 @@ template <typename T, int SPT, int NT, int BLK, int TILE> struct FwdTile {
     __device__ __forceinline__ void stage(const Layout<SPT, NT, BLK>& lo, const ScanParams& p, int t0, float dskip,
                                           float dbias, float* sB, float* sC, float* sDt, float* sDtu, float* sSkip,
                                           float* sGate, float* sKeep) const {
-        constexpr int BS = NPAD + 4;
         if (lo.j < LANES) {
             const int ts = lo.j * PE;
             float dt[PE], dtu[PE], skip[PE], gate[PE];
@@ -408,16 +434,11 @@ template <typename T, int SPT, int NT, int BLK, int TILE> struct FwdTile {
             store_shared<PE>(sSkip + k, skip);
             store_shared<PE>(sGate + k, gate);
         }
-        const int ts = int(threadIdx.x % SEGS) * PB;
 #pragma unroll
         for (int r = 0; r < RB; ++r) {
-            const int n = int(threadIdx.x / SEGS) + r * (BLK / SEGS);
+            const int n = bc_state(r);
             if (n >= NPAD) break;
-#pragma unroll
-            for (int i = 0; i < PB; ++i) {
-                sB[(ts + i) * BS + n] = b[r].get(i);
-                sC[(ts + i) * BS + n] = c[r].get(i);
-            }
+            store_bc(sB, sC, n, bc_step(), b[r], c[r]);
         }
         if (int(threadIdx.x) < TILE) sKeep[threadIdx.x] = keep;
     }
@@ -478,23 +499,21 @@ template <typename T, int SPT, int NT, int BLK, int TILE> struct BwdTile {
                                                  const uint8_t* __restrict__ resets, const float* __restrict__ ck_src) {
         const int len = int(p.len);
         if (lo.j < LANES) {
-            const int ts = t0 + lo.j * PE;
-            const size_t row = lo.valid ? (size_t(lo.b) * p.dim + lo.d) * p.len + ts : 0;
-            const int avail = lo.valid ? len - ts : 0;
+            int avail;
+            const size_t row = F::channel_row(lo, p, t0, avail);
             T* at = raw + lo.dl * TILE + lo.j * PE;
             copy_row_async<T, PE>(at, uu + row, avail, vec);
             copy_row_async<T, PE>(at + DB * TILE, dd + row, avail, vec);
             copy_row_async<T, PE>(at + 2 * DB * TILE, zz + row, p.has_z ? avail : 0, vec);
             copy_row_async<T, PE>(at + 3 * DB * TILE, dout + row, avail, vec);
         }
-        const int ts = int(threadIdx.x % SEGS) * PB;
+        const int ts = F::bc_step();
 #pragma unroll
         for (int r = 0; r < RB; ++r) {
-            const int n = int(threadIdx.x / SEGS) + r * (BLK / SEGS);
+            const int n = F::bc_state(r);
             if (n >= NPAD) break;
-            const bool ok = n < int(p.dstate);
-            const size_t row = ok ? ((size_t(lo.b) * p.groups + lo.g) * p.dstate + n) * p.len + t0 + ts : 0;
-            const int avail = ok ? len - t0 - ts : 0;
+            int avail;
+            const size_t row = F::bc_row(lo, p, n, t0 + ts, avail);
             T* at = raw + 4 * DB * TILE + n * TILE + ts;
             copy_row_async<T, PB>(at, Bv + row, p.b_variable ? avail : 0, vec);
             copy_row_async<T, PB>(at + NPAD * TILE, Cv + row, p.c_variable ? avail : 0, vec);
@@ -522,7 +541,6 @@ template <typename T, int SPT, int NT, int BLK, int TILE> struct BwdTile {
     __device__ __forceinline__ static void stage(const Layout<SPT, NT, BLK>& lo, const ScanParams& p, int t0,
                                                  float dbias, const T* raw, float* sB, float* sC, float* sDt,
                                                  float* sU, float* sDy, float* sSig, float* sZ, float* sKeep) {
-        constexpr int BS = NPAD + 4;
         if (lo.j < LANES) {
             const int ts = lo.j * PE;
             const T* at = raw + lo.dl * TILE + ts;
@@ -549,19 +567,15 @@ template <typename T, int SPT, int NT, int BLK, int TILE> struct BwdTile {
             store_shared<PE>(sSig + k, sig);
             store_shared<PE>(sZ + k, zv);
         }
-        const int ts = int(threadIdx.x % SEGS) * PB;
+        const int ts = F::bc_step();
 #pragma unroll
         for (int r = 0; r < RB; ++r) {
-            const int n = int(threadIdx.x / SEGS) + r * (BLK / SEGS);
+            const int n = F::bc_state(r);
             if (n >= NPAD) break;
             RowSegment<T, PB> b, c;
             b.load(raw + 4 * DB * TILE + n * TILE + ts, PB, true);
             c.load(raw + 4 * DB * TILE + (NPAD + n) * TILE + ts, PB, true);
-#pragma unroll
-            for (int i = 0; i < PB; ++i) {
-                sB[(ts + i) * BS + n] = b.get(i);
-                sC[(ts + i) * BS + n] = c.get(i);
-            }
+            F::store_bc(sB, sC, n, ts, b, c);
         }
         if (int(threadIdx.x) < TILE)
             sKeep[threadIdx.x] = reinterpret_cast<const uint8_t*>(raw + RAW_ELEMS)[threadIdx.x] ? 0.f : 1.f;
