@@ -171,15 +171,16 @@ __device__ __forceinline__ void load_state_params(const Layout<SPT, NT, BLK>& lo
     }
 }
 
-template <int SPT>
-__device__ __forceinline__ void load_vec(const float* src, float (&dst)[SPT]) {
+template <int COUNT>
+__device__ __forceinline__ void load_shared(const float* src, float (&v)[COUNT]) {
 #pragma unroll
-    for (int s = 0; s < SPT; s += 4) {
-        const float4 v = *reinterpret_cast<const float4*>(src + s);
-        dst[s] = v.x;
-        dst[s + 1] = v.y;
-        dst[s + 2] = v.z;
-        dst[s + 3] = v.w;
+    for (int i = 0; i < COUNT; i += (COUNT % 4 == 0 ? 4 : 1)) {
+        if (COUNT % 4 == 0) {
+            const float4 x = *reinterpret_cast<const float4*>(src + i);
+            v[i] = x.x, v[i + 1] = x.y, v[i + 2] = x.z, v[i + 3] = x.w;
+        } else {
+            v[i] = src[i];
+        }
     }
 }
 
@@ -202,8 +203,8 @@ __device__ __forceinline__ void advance_and_emit_y(const Layout<SPT, NT, BLK>& l
         const float dtu = DtuStaged ? sDtuOrU[lo.dl * RS + t] : dt * sDtuOrU[lo.dl * RS + t];
         const float keep = GENERAL ? sKeep[t] : 1.f;
         float bv[SPT], cv[SPT];
-        load_vec<SPT>(sB + t * L::BS + lo.j * SPT, bv);
-        load_vec<SPT>(sC + t * L::BS + lo.j * SPT, cv);
+        load_shared<SPT>(sB + t * L::BS + lo.j * SPT, bv);
+        load_shared<SPT>(sC + t * L::BS + lo.j * SPT, cv);
         float acc = 0.f;
 #pragma unroll
         for (int s = 0; s < SPT; ++s) {
@@ -320,19 +321,6 @@ __device__ __forceinline__ void store_shared(float* dst, const float (&v)[COUNT]
     for (int i = 0; i < COUNT; i += (COUNT % 4 == 0 ? 4 : 1)) {
         if (COUNT % 4 == 0) *reinterpret_cast<float4*>(dst + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
         else dst[i] = v[i];
-    }
-}
-
-template <int COUNT>
-__device__ __forceinline__ void load_shared(const float* src, float (&v)[COUNT]) {
-#pragma unroll
-    for (int i = 0; i < COUNT; i += (COUNT % 4 == 0 ? 4 : 1)) {
-        if (COUNT % 4 == 0) {
-            const float4 x = *reinterpret_cast<const float4*>(src + i);
-            v[i] = x.x, v[i + 1] = x.y, v[i + 2] = x.z, v[i + 3] = x.w;
-        } else {
-            v[i] = src[i];
-        }
     }
 }
 
@@ -784,7 +772,7 @@ __device__ __forceinline__ void scan_backward(const T* __restrict__ u, const T* 
                 const float dtu = dt * sU[lo.dl * RS + t];
                 const float keep = GENERAL ? sKeep[t] : 1.f;
                 float bv[SPT];
-                load_vec<SPT>(sB + t * L::BS + lo.j * SPT, bv);
+                load_shared<SPT>(sB + t * L::BS + lo.j * SPT, bv);
 #pragma unroll
                 for (int s = 0; s < SPT; ++s) {
                     a_r[r][s] = GENERAL ? ex2(dt * a2[s]) * keep : ex2(dt * a2[s]);
@@ -801,8 +789,8 @@ __device__ __forceinline__ void scan_backward(const T* __restrict__ u, const T* 
                 const float dy = sDy[lo.dl * RS + t];
                 const float dtu = dt * uu;
                 float bv[SPT], cv[SPT];
-                load_vec<SPT>(sB + t * L::BS + lo.j * SPT, bv);
-                load_vec<SPT>(sC + t * L::BS + lo.j * SPT, cv);
+                load_shared<SPT>(sB + t * L::BS + lo.j * SPT, bv);
+                load_shared<SPT>(sC + t * L::BS + lo.j * SPT, cv);
                 float vals[V];
                 float du_acc = 0.f, dd_acc = 0.f;
 #pragma unroll
