@@ -885,6 +885,571 @@ __device__ void mlstm_step(float* __restrict__ c, float* __restrict__ n, float* 
     }
 }
 
+
+// ---------------------------------------------------------------------------------------
+// Forward v2 for bf16 / f16 ("fused"): register-resident tiles on mma.sync m16n8k16. One
+// block per (TV value columns, head) walks the sequence in chunks of 64 steps. TV = 64 in
+// every instantiation; 128 (one block of 12 warps per SM at D128, S and the gates not
+// recomputed per value tile) measured 490 us against 460 us at B8 NH16 S4096 D128 on an
+// H100, as 12 warps per SM hide less latency than 16. Its warps
+// split by role, so that the carried state never waits on the chunk's outputs:
+//  - 4 output warps, warp w owning the chunk's rows 16w..16w+15: S = Q K^T (key tiles up to
+//    its diagonal only) and Q C_prev in one pass over dqk; S gated into P in registers (the
+//    accumulator fragment of S is the A fragment of P V); then P [V | 1]. C's column TV
+//    holds n and V's column TV is ones, so the same products give the denominator: its
+//    carried part q.n_prev from Q C_prev, its in-chunk part (P's row sums) from P [V | 1].
+//  - state warps, each owning SR rows of [C | n] in f32 registers for the whole
+//    sequence: [C | n] = decay [C | n] + (K gated)^T [V | 1] per chunk, then its element-type
+//    copy in shared memory, which the output warps' next Q C_prev reads.
+// Named barrier 1 lets the state warps overwrite that copy once the output warps have read
+// it. The next chunk's Q, K, V arrive by cp.async while the current one is processed; every
+// warp scans the chunk's gates itself (a few dozen instructions), so no barrier waits on them.
+// Gates as in mlstm_fwd: m[t] = b[t] + w[t], w[t] = max(m_prev, max_{s<=t} u[s]) with
+// u[s] = i[s] - b[s] and b the in-chunk cumulative logsigmoid(f) (f64 in the scan); the
+// weight of key s in row t is exp(u[s] - w[t]) <= 1, the carried part's exp(m_prev - w[t]).
+
+// Mirrors FusedParams in src/ops/mlstm/cuda.rs.
+struct FusedParams {
+    uint32_t heads;
+    uint32_t len;
+    uint32_t dqk;
+    uint32_t dhv;
+    uint32_t has_init;
+    uint32_t vec_in;   // q, k, v rows start 16-byte aligned and dqk, dhv are multiples of 8
+    uint32_t vec_out;  // h rows likewise
+    float eps;
+    float scale;  // 1 / sqrt(dqk)
+};
+
+namespace fused {
+
+constexpr int L = 64;  // steps per chunk
+constexpr int OUT_WARPS = L / 16;
+
+// Row strides are odd multiples of 16 bytes, so the 8 rows of an ldmatrix land on 8
+// different 16-byte bank groups.
+template <int DQK, int TV_>
+struct Cfg {
+    static constexpr int TV = TV_;       // value columns per block
+    static constexpr int VX = TV + 8;    // [V | 1 | 0..] and [C | n | 0..]: one more n8 tile
+    static constexpr int NT = TV / 8 + 1;
+    static constexpr int SR = TV == 128 ? 16 : 32;  // rows of [C | n] per state warp
+    static constexpr int MT = SR / 16;
+    static constexpr int STATE_WARPS = DQK / SR;
+    static constexpr int WARPS = OUT_WARPS + STATE_WARPS;
+    static constexpr int THREADS = 32 * WARPS;
+    static constexpr int LDQ = DQK + 8;
+    static constexpr int QK_TILE = L * LDQ;  // elements of one Q or K buffer
+    static constexpr int V_TILE = L * VX;
+    static constexpr int C_TILE = DQK * VX;
+    // Q[2], K[2], V[2], C, then per warp 64 f32 gate values. Mirrors fused_smem_bytes in cuda.rs.
+    static constexpr uint32_t SMEM = (4 * QK_TILE + 2 * V_TILE + C_TILE) * 2 + WARPS * L * 4;
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+__device__ __forceinline__ void ldsm_x2_trans(uint32_t (&r)[2], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(addr)
+                 : "memory");
+}
+
+template <typename T>
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    // Not volatile: the compiler may interleave independent products.
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+}
+
+// Two values rounded to T in one 32-bit word, `lo` at the lower address.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<const uint32_t*>(&v);
+    } else {
+        const __half2 v = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<const uint32_t*>(&v);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t w) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+    } else {
+        return __half22float2(*reinterpret_cast<const __half2*>(&w));
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t scale2(uint32_t w, float2 g) {
+    const float2 x = unpack2<T>(w);
+    return pack2<T>(x.x * g.x, x.y * g.y);
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// Named barrier 1 over the whole block: the output warps arrive once they have read the
+// carried state's copy, the state warps wait there before overwriting it.
+template <int THREADS>
+__device__ __forceinline__ void state_copy_read() {
+    asm volatile("bar.arrive 1, %0;" ::"n"(THREADS) : "memory");
+}
+template <int THREADS>
+__device__ __forceinline__ void state_copy_wait() {
+    asm volatile("bar.sync 1, %0;" ::"n"(THREADS) : "memory");
+}
+
+// Rows [0, 64) x COLS of a row-major global matrix (row stride `stride`, `valid_rows` x
+// `valid_cols` of it real) into a shared tile of row stride LD, zeros elsewhere: 16-byte
+// cp.async pieces (valid_cols a multiple of 8), or plain element copies when `vec` is false.
+// The element-copy path is out of line: it is the rare case, and inlined it would double the
+// loop's code.
+template <typename T, int COLS, int LD, int THREADS>
+__device__ __noinline__ void load_rows_by_element(T* dst, const T* __restrict__ src, size_t stride, int valid_rows,
+                                                  int valid_cols) {
+    for (int e = threadIdx.x; e < L * COLS; e += THREADS) {
+        const int r = e / COLS, c = e % COLS;
+        dst[r * LD + c] = (r < valid_rows && c < valid_cols) ? src[r * stride + c] : hk::from_f32<T>(0.f);
+    }
+}
+
+template <typename T, int COLS, int LD, int THREADS>
+__device__ __forceinline__ void load_rows(T* dst, const T* __restrict__ src, size_t stride, int valid_rows,
+                                          int valid_cols, bool vec) {
+    if (vec) {
+        constexpr int PIECES = COLS / 8;
+#pragma unroll
+        for (int e = threadIdx.x; e < L * PIECES; e += THREADS) {
+            const int r = e / PIECES, c = (e % PIECES) * 8;
+            const bool ok = r < valid_rows && c < valid_cols;
+            cp_async16(smem_addr(dst + r * LD + c), ok ? src + r * stride + c : src, ok);
+        }
+    } else {
+        load_rows_by_element<T, COLS, LD, THREADS>(dst, src, stride, valid_rows, valid_cols);
+    }
+}
+
+// The chunk's gates as every warp sees them: lane l holds steps 2l and 2l + 1.
+struct ChunkGates {
+    double b[2];  // in-chunk cumulative logsigmoid(f)
+    double u[2];  // i - b
+    double w[2];  // max(m_prev, prefix max of u)
+    double b_last, w_last;
+};
+
+__device__ __forceinline__ ChunkGates scan_gates(float lf0, float lf1, float i0, float i1, double m_prev) {
+    const int lane = threadIdx.x & 31;
+    ChunkGates g;
+    const double pair = double(lf0) + double(lf1);
+    double incl = pair;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const double y = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += y;
+    }
+    double excl = __shfl_up_sync(0xffffffffu, incl, 1);
+    if (lane == 0) excl = 0.0;
+    g.b[0] = excl + double(lf0);
+    g.b[1] = excl + pair;
+    g.u[0] = double(i0) - g.b[0];
+    g.u[1] = double(i1) - g.b[1];
+    double mx = fmax(g.u[0], g.u[1]);
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const double y = __shfl_up_sync(0xffffffffu, mx, off);
+        if (lane >= off) mx = fmax(mx, y);
+    }
+    double mx_excl = __shfl_up_sync(0xffffffffu, mx, 1);
+    if (lane == 0) mx_excl = -INFINITY;
+    g.w[0] = fmax(m_prev, fmax(mx_excl, g.u[0]));
+    g.w[1] = fmax(m_prev, fmax(mx_excl, fmax(g.u[0], g.u[1])));
+    g.b_last = __shfl_sync(0xffffffffu, g.b[1], 31);
+    g.w_last = __shfl_sync(0xffffffffu, g.w[1], 31);
+    return g;
+}
+
+// A row's value from the scan: row t lives in lane t / 2, slot t % 2.
+__device__ __forceinline__ double row_value(const double (&v)[2], int t) {
+    const double a = __shfl_sync(0xffffffffu, v[0], t >> 1), b = __shfl_sync(0xffffffffu, v[1], t >> 1);
+    return (t & 1) ? b : a;
+}
+
+// Output warp W of a chunk (rows 16W..16W+15): see the comment above. `u` is this warp's copy
+// of the chunk's u[s] (f32), `stage` its Q rows, reused for h's 16-byte stores.
+// The gates of an output lane's two rows (t0 = 16 W + lane / 4 and t0 + 8): w, the carried
+// part's weight exp(m_prev - w) times the score scale, and m.
+struct RowGates {
+    float w[2], carried[2], m[2];
+};
+
+template <int W>
+__device__ __forceinline__ RowGates row_gates(const ChunkGates& g, double m_prev, float scale) {
+    RowGates r;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        const int t = 16 * W + ((threadIdx.x & 31) >> 2) + 8 * e;
+        const double w = row_value(g.w, t);
+        r.w[e] = float(w);
+        r.carried[e] = __expf(float(m_prev - w)) * scale;
+        r.m[e] = float(row_value(g.b, t) + w);
+    }
+    return r;
+}
+
+template <typename T, int DQK, int TV, int W>
+__device__ __forceinline__ void output_rows(const T* Qb, const T* Kb, const T* Vb, const T* Cs, const float* u,
+                                            const ChunkGates& g, double m_prev, T* __restrict__ h_rows, int valid,
+                                            int tv_valid, const FusedParams& p) {
+    const RowGates rg = row_gates<W>(g, m_prev, p.scale);
+    using C = Cfg<DQK, TV>;
+    constexpr int KT = 2 * W + 2;  // key n8 tiles up to the diagonal
+    const int lane = threadIdx.x & 31, quad = lane & 3, r0 = lane >> 2;
+    // S, then its gating into P (packed, half the registers), then Q C_prev into o: the
+    // accumulators of S and o are never live together.
+    const uint32_t q_addr = smem_addr(Qb + (16 * W + (lane & 15)) * C::LDQ + (lane >> 4) * 8);
+    const uint32_t k_addr = smem_addr(Kb + ((lane & 7) + ((lane >> 4) << 3)) * C::LDQ + ((lane >> 3) & 1) * 8);
+    float s[KT][4];
+#pragma unroll
+    for (int n = 0; n < KT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll 2
+    for (int kk = 0; kk < DQK / 16; ++kk) {
+        uint32_t a[4];
+        ldsm_x4(a, q_addr + kk * 32);
+#pragma unroll
+        for (int j = 0; j < KT / 2; ++j) {
+            uint32_t b[4];
+            ldsm_x4(b, k_addr + j * 16 * C::LDQ * 2 + kk * 32);
+            mma<T>(s[2 * j], a, b[0], b[1]);
+            mma<T>(s[2 * j + 1], a, b[2], b[3]);
+        }
+    }
+
+    const int t0 = 16 * W + r0, t1 = t0 + 8;
+    const float w0f = rg.w[0], w1f = rg.w[1];
+    uint32_t pa[KT / 2][4];
+#pragma unroll
+    for (int n = 0; n < KT; ++n) {
+        const int c = n * 8 + 2 * quad;
+        const float2 uc = *reinterpret_cast<const float2*>(u + c);
+        float p00 = s[n][0] * p.scale * __expf(uc.x - w0f), p01 = s[n][1] * p.scale * __expf(uc.y - w0f);
+        float p10 = s[n][2] * p.scale * __expf(uc.x - w1f), p11 = s[n][3] * p.scale * __expf(uc.y - w1f);
+        if (n >= 2 * W) {  // the diagonal tiles: keys after the row's step do not count
+            if (c > t0) p00 = 0.f;
+            if (c + 1 > t0) p01 = 0.f;
+            if (c > t1) p10 = 0.f;
+            if (c + 1 > t1) p11 = 0.f;
+        }
+        pa[n >> 1][(n & 1) * 2] = pack2<T>(p00, p01);
+        pa[n >> 1][(n & 1) * 2 + 1] = pack2<T>(p10, p11);
+    }
+
+    constexpr int NT = C::NT, VX = C::VX;
+    float o[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    const uint32_t c_addr = smem_addr(Cs + ((lane & 7) + ((lane >> 3) & 1) * 8) * VX + (lane >> 4) * 8);
+#pragma unroll 2
+    for (int kk = 0; kk < DQK / 16; ++kk) {
+        uint32_t a[4];
+        ldsm_x4(a, q_addr + kk * 32);
+#pragma unroll
+        for (int j = 0; j < TV / 16; ++j) {
+            uint32_t b[4];
+            ldsm_x4_trans(b, c_addr + kk * 16 * VX * 2 + j * 32);
+            mma<T>(o[2 * j], a, b[0], b[1]);
+            mma<T>(o[2 * j + 1], a, b[2], b[3]);
+        }
+        uint32_t b[2];
+        ldsm_x2_trans(b, c_addr + kk * 16 * VX * 2 + TV * 2);
+        mma<T>(o[NT - 1], a, b[0], b[1]);
+    }
+    state_copy_read<C::THREADS>();
+    const float carried0 = rg.carried[0], carried1 = rg.carried[1];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        o[n][0] *= carried0;
+        o[n][1] *= carried0;
+        o[n][2] *= carried1;
+        o[n][3] *= carried1;
+    }
+    const uint32_t v_addr = smem_addr(Vb + ((lane & 7) + ((lane >> 3) & 1) * 8) * VX + (lane >> 4) * 8);
+#pragma unroll
+    for (int j = 0; j <= W; ++j) {
+#pragma unroll
+        for (int jj = 0; jj < TV / 16; ++jj) {
+            uint32_t b[4];
+            ldsm_x4_trans(b, v_addr + j * 16 * VX * 2 + jj * 32);
+            mma<T>(o[2 * jj], pa[j], b[0], b[1]);
+            mma<T>(o[2 * jj + 1], pa[j], b[2], b[3]);
+        }
+        uint32_t b[2];
+        ldsm_x2_trans(b, v_addr + j * 16 * VX * 2 + TV * 2);
+        mma<T>(o[NT - 1], pa[j], b[0], b[1]);
+    }
+
+    // Column TV is the denominator; quad lane 0 holds it.
+    const float den0 = __shfl_sync(0xffffffffu, o[NT - 1][0], lane & ~3);
+    const float den1 = __shfl_sync(0xffffffffu, o[NT - 1][2], lane & ~3);
+    const float inv0 = 1.f / (fmaxf(fabsf(den0), expf(-rg.m[0])) + p.eps);
+    const float inv1 = 1.f / (fmaxf(fabsf(den1), expf(-rg.m[1])) + p.eps);
+    T* stage = const_cast<T*>(Qb) + 16 * W * C::LDQ;
+    __syncwarp();  // every lane's ldmatrix of these rows is done
+#pragma unroll
+    for (int n = 0; n < NT - 1; ++n) {
+        const int c = n * 8 + 2 * quad;
+        *reinterpret_cast<uint32_t*>(stage + r0 * C::LDQ + c) = pack2<T>(o[n][0] * inv0, o[n][1] * inv0);
+        *reinterpret_cast<uint32_t*>(stage + (r0 + 8) * C::LDQ + c) = pack2<T>(o[n][2] * inv1, o[n][3] * inv1);
+    }
+    __syncwarp();
+    const int rows = min(16, valid - 16 * W);
+    if (p.vec_out) {
+#pragma unroll
+        for (int e = lane; e < 16 * (TV / 8); e += 32) {
+            const int r = e / (TV / 8), c = (e % (TV / 8)) * 8;
+            if (r < rows && c < tv_valid) {
+                *reinterpret_cast<uint4*>(h_rows + size_t(16 * W + r) * p.dhv + c) =
+                    *reinterpret_cast<const uint4*>(stage + r * C::LDQ + c);
+            }
+        }
+    } else {
+        for (int e = lane; e < 16 * TV; e += 32) {
+            const int r = e / TV, c = e % TV;
+            if (r < rows && c < tv_valid) h_rows[size_t(16 * W + r) * p.dhv + c] = stage[r * C::LDQ + c];
+        }
+    }
+}
+
+// State warp `sw` (rows SR sw .. SR sw + SR - 1 of [C | n]): c = decay c + (K gated)^T [V | 1].
+// `kg` is this warp's copy of the chunk's key gates exp(u[s] - w_last).
+template <typename T, int DQK, int TV>
+__device__ __forceinline__ void update_state(float (&c)[Cfg<DQK, TV>::MT][Cfg<DQK, TV>::NT][4], const T* Kb, const T* Vb, const float* kg,
+                                             float decay, int sw) {
+    using C = Cfg<DQK, TV>;
+    constexpr int MT = C::MT, NT = C::NT, VX = C::VX;
+    const int lane = threadIdx.x & 31, quad = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) c[mt][n][e] *= decay;
+    const uint32_t k_addr =
+        smem_addr(Kb + ((lane & 7) + (lane >> 4) * 8) * C::LDQ + C::SR * sw + ((lane >> 3) & 1) * 8);
+    const uint32_t v_addr = smem_addr(Vb + ((lane & 7) + ((lane >> 3) & 1) * 8) * VX + (lane >> 4) * 8);
+#pragma unroll
+    for (int j = 0; j < L / 16; ++j) {
+        const float2 g01 = *reinterpret_cast<const float2*>(kg + 16 * j + 2 * quad);
+        const float2 g89 = *reinterpret_cast<const float2*>(kg + 16 * j + 8 + 2 * quad);
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            ldsm_x4_trans(a[mt], k_addr + j * 16 * C::LDQ * 2 + mt * 32);
+            a[mt][0] = scale2<T>(a[mt][0], g01);
+            a[mt][1] = scale2<T>(a[mt][1], g01);
+            a[mt][2] = scale2<T>(a[mt][2], g89);
+            a[mt][3] = scale2<T>(a[mt][3], g89);
+        }
+#pragma unroll
+        for (int jj = 0; jj < TV / 16; ++jj) {
+            uint32_t b[4];
+            ldsm_x4_trans(b, v_addr + j * 16 * VX * 2 + jj * 32);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma<T>(c[mt][2 * jj], a[mt], b[0], b[1]);
+                mma<T>(c[mt][2 * jj + 1], a[mt], b[2], b[3]);
+            }
+        }
+        uint32_t b[2];
+        ldsm_x2_trans(b, v_addr + j * 16 * VX * 2 + TV * 2);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) mma<T>(c[mt][NT - 1], a[mt], b[0], b[1]);
+    }
+}
+
+template <typename T, int DQK, int TV>
+__device__ __forceinline__ void store_state_copy(T* Cs, const float (&c)[Cfg<DQK, TV>::MT][Cfg<DQK, TV>::NT][4], int sw) {
+    using C = Cfg<DQK, TV>;
+    constexpr int VX = C::VX;
+    const int lane = threadIdx.x & 31, quad = lane & 3, r0 = lane >> 2;
+#pragma unroll
+    for (int mt = 0; mt < C::MT; ++mt) {
+        const int row = C::SR * sw + 16 * mt + r0;
+#pragma unroll
+        for (int n = 0; n < C::NT; ++n) {
+            const int col = n * 8 + 2 * quad;
+            *reinterpret_cast<uint32_t*>(Cs + row * VX + col) = pack2<T>(c[mt][n][0], c[mt][n][1]);
+            *reinterpret_cast<uint32_t*>(Cs + (row + 8) * VX + col) = pack2<T>(c[mt][n][2], c[mt][n][3]);
+        }
+    }
+}
+
+}  // namespace fused
+
+template <typename T, int DQK, int TV>
+__device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                const float* __restrict__ ig, const float* __restrict__ fg,
+                                const float* __restrict__ c0, const float* __restrict__ n0,
+                                const float* __restrict__ m0, T* __restrict__ h, float* __restrict__ c_out,
+                                float* __restrict__ n_out, float* __restrict__ m_out, const FusedParams& p) {
+    using namespace fused;
+    using C = Cfg<DQK, TV>;
+    constexpr int VX = C::VX, MT = C::MT, NT = C::NT, SR = C::SR;
+    const int v_tiles = (int(p.dhv) + TV - 1) / TV;
+    const int head = blockIdx.x / v_tiles, vt = blockIdx.x % v_tiles, v0 = vt * TV;
+    const int tv_valid = min(TV, int(p.dhv) - v0);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, quad = lane & 3, r0 = lane >> 2;
+    const int dqk = int(p.dqk), len = int(p.len);
+    const size_t row0 = size_t(head) * p.len;
+
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    if (C::SMEM > dynamic_smem_size()) __trap();
+    T* Qs = reinterpret_cast<T*>(smem_raw);
+    T* Ks = Qs + 2 * C::QK_TILE;
+    T* Vs = Ks + 2 * C::QK_TILE;
+    T* Cs = Vs + 2 * C::V_TILE;
+    float* gate = reinterpret_cast<float*>(Cs + C::C_TILE) + warp * L;
+
+    // V's columns 64..71 in both buffers: ones (row sums, n's update), then zeros. The copies
+    // below write only columns 0..63.
+    for (int e = threadIdx.x; e < 2 * L * 8; e += C::THREADS) {
+        const int r = e >> 3, c = e & 7;
+        Vs[r * VX + TV + c] = hk::from_f32<T>(c == 0 ? 1.f : 0.f);
+    }
+    const bool vec = p.vec_in != 0;
+    auto load_chunk = [&](int ch, int buf) {
+        const int t0 = ch * L, rows = min(L, len - t0);
+        load_rows<T, DQK, C::LDQ, C::THREADS>(Qs + buf * C::QK_TILE, q + (row0 + t0) * dqk, dqk, rows, dqk, vec);
+        load_rows<T, DQK, C::LDQ, C::THREADS>(Ks + buf * C::QK_TILE, k + (row0 + t0) * dqk, dqk, rows, dqk, vec);
+        load_rows<T, TV, VX, C::THREADS>(Vs + buf * C::V_TILE, v + (row0 + t0) * p.dhv + v0, p.dhv, rows, tv_valid,
+                                         vec);
+        cp_async_commit();
+    };
+    // This lane's two steps of chunk `ch`, f and i, fetched a chunk ahead (the last step's
+    // in place of steps past the end): nothing touches them until they are used, so that
+    // nothing waits for the loads.
+    auto fetch_gates = [&](int ch, float (&fv)[2], float (&iv)[2]) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int t = min(ch * L + 2 * lane + e, len - 1);
+            fv[e] = fg[row0 + t];
+            iv[e] = ig[row0 + t];
+        }
+    };
+
+    const int chunks = (len + L - 1) / L;
+    load_chunk(0, 0);
+    // Every chunk: the warp's own gate scan (into its private gate row), then the barrier
+    // after which chunk ch's tiles and the carried state's copy are in place, then the next
+    // chunk's copies. The two roles run separate loops so that neither holds the other's
+    // registers; both pass the same barriers.
+    float fv[2], iv[2];
+    if (len > 0) fetch_gates(0, fv, iv);
+    double m_prev = p.has_init ? double(m0[head]) : 0.0;
+    auto begin_chunk = [&](int ch, bool key_gates) {
+        // Past the end: no decay and i = -inf, which change nothing.
+        const int t = ch * L + 2 * lane;
+        const ChunkGates g = scan_gates(t < len ? logsigmoid(fv[0]) : 0.f, t + 1 < len ? logsigmoid(fv[1]) : 0.f,
+                                        t < len ? iv[0] : -INFINITY, t + 1 < len ? iv[1] : -INFINITY, m_prev);
+        if (ch + 1 < chunks) fetch_gates(ch + 1, fv, iv);
+#pragma unroll
+        for (int e = 0; e < 2; ++e) gate[2 * lane + e] = key_gates ? __expf(float(g.u[e] - g.w_last)) : float(g.u[e]);
+        __syncwarp();
+        cp_async_wait_all();
+        __syncthreads();
+        if (ch + 1 < chunks) load_chunk(ch + 1, (ch + 1) & 1);
+        return g;
+    };
+
+    if (warp >= OUT_WARPS) {
+        const int sw = warp - OUT_WARPS;
+        float cst[MT][NT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int row = SR * sw + 16 * mt + r0 + (e >> 1) * 8, col = n * 8 + 2 * quad + (e & 1);
+                    float x = 0.f;
+                    if (p.has_init && row < dqk) {
+                        if (col < tv_valid) x = c0[(size_t(head) * dqk + row) * p.dhv + v0 + col];
+                        else if (col == TV) x = n0[size_t(head) * dqk + row];
+                    }
+                    cst[mt][n][e] = x;
+                }
+        store_state_copy<T, DQK, TV>(Cs, cst, sw);
+        for (int ch = 0; ch < chunks; ++ch) {
+            const ChunkGates g = begin_chunk(ch, true);
+            const float decay = __expf(float(m_prev - g.w_last));
+            m_prev = g.b_last + g.w_last;
+            const int buf = ch & 1;
+            update_state<T, DQK, TV>(cst, Ks + buf * C::QK_TILE, Vs + buf * C::V_TILE, gate, decay, sw);
+            state_copy_wait<C::THREADS>();
+            store_state_copy<T, DQK, TV>(Cs, cst, sw);
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int row = SR * sw + 16 * mt + r0 + (e >> 1) * 8, col = n * 8 + 2 * quad + (e & 1);
+                    if (row < dqk) {
+                        if (col < tv_valid) c_out[(size_t(head) * dqk + row) * p.dhv + v0 + col] = cst[mt][n][e];
+                        else if (col == TV && vt == 0) n_out[size_t(head) * dqk + row] = cst[mt][n][e];
+                    }
+                }
+    } else {
+        for (int ch = 0; ch < chunks; ++ch) {
+            const ChunkGates g = begin_chunk(ch, false);
+            const double m_carried = m_prev;
+            m_prev = g.b_last + g.w_last;
+            const int buf = ch & 1;
+            const T* Qb = Qs + buf * C::QK_TILE;
+            const T* Kb = Ks + buf * C::QK_TILE;
+            const T* Vb = Vs + buf * C::V_TILE;
+            T* h_rows = h + (row0 + size_t(ch) * L) * p.dhv + v0;
+            const int valid = min(L, len - ch * L);
+            switch (warp) {
+                case 0: output_rows<T, DQK, TV, 0>(Qb, Kb, Vb, Cs, gate, g, m_carried, h_rows, valid, tv_valid, p); break;
+                case 1: output_rows<T, DQK, TV, 1>(Qb, Kb, Vb, Cs, gate, g, m_carried, h_rows, valid, tv_valid, p); break;
+                case 2: output_rows<T, DQK, TV, 2>(Qb, Kb, Vb, Cs, gate, g, m_carried, h_rows, valid, tv_valid, p); break;
+                default: output_rows<T, DQK, TV, 3>(Qb, Kb, Vb, Cs, gate, g, m_carried, h_rows, valid, tv_valid, p); break;
+            }
+        }
+    }
+    if (vt == 0 && threadIdx.x == 0) m_out[head] = float(m_prev);
+}
+
 }  // namespace hk_mlstm
 
 #define MLSTM_FWD(NAME, T, L)                                                                                         \
@@ -904,6 +1469,22 @@ __device__ void mlstm_step(float* __restrict__ c, float* __restrict__ n, float* 
 MLSTM_FWD_CHUNKS(f32, float)
 MLSTM_FWD_CHUNKS(bf16, __nv_bfloat16)
 MLSTM_FWD_CHUNKS(f16, __half)
+
+// The fused forward (bf16 / f16) by head-dimension class, 64 value columns per block: dqk up
+// to 64 and 128 (two blocks per SM; shared memory allows it), 256 (one block).
+#define MLSTM_FWD_FUSED(NAME, T, DQK, TV, BLOCKS)                                                                    \
+    extern "C" __global__ void __launch_bounds__(hk_mlstm::fused::Cfg<DQK, TV>::THREADS, BLOCKS)                      \
+        NAME(const T* q, const T* k, const T* v, const float* ig, const float* fg, const float* c0, const float* n0,    \
+             const float* m0, T* h, float* c_out, float* n_out, float* m_out, hk_mlstm::FusedParams p) {               \
+        hk_mlstm::mlstm_fwd_fused<T, DQK, TV>(q, k, v, ig, fg, c0, n0, m0, h, c_out, n_out, m_out, p);                 \
+    }
+
+MLSTM_FWD_FUSED(mlstm_fwd_fused_bf16_k64, __nv_bfloat16, 64, 64, 2)
+MLSTM_FWD_FUSED(mlstm_fwd_fused_bf16_k128, __nv_bfloat16, 128, 64, 2)
+MLSTM_FWD_FUSED(mlstm_fwd_fused_bf16_k256, __nv_bfloat16, 256, 64, 1)
+MLSTM_FWD_FUSED(mlstm_fwd_fused_f16_k64, __half, 64, 64, 2)
+MLSTM_FWD_FUSED(mlstm_fwd_fused_f16_k128, __half, 128, 64, 2)
+MLSTM_FWD_FUSED(mlstm_fwd_fused_f16_k256, __half, 256, 64, 1)
 
 #define MLSTM_STEP(NAME, T)                                                                                          \
     extern "C" __global__ void __launch_bounds__(hk_mlstm::STEP_THREADS)                                               \

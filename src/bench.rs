@@ -772,8 +772,9 @@ pub fn bench_mlstm(
     // The CPU reference is the recurrence: its chunk is one step.
     let (l, op) = match device {
         Device::Cuda(dev) => {
-            let c = crate::ops::mlstm::forward_tiling(dev, &case_dims(&case), chunk)?.chunk;
-            (c as f64, format!("mlstm forward (chunk {c})"))
+            let t = crate::ops::mlstm::forward_tiling(dev, &case_dims(&case), chunk)?;
+            let kernel = if t.fused { "fused" } else { "chunked" };
+            (t.chunk as f64, format!("mlstm forward ({kernel}, chunk {})", t.chunk))
         }
         Device::Cpu => (1.0, "mlstm forward (recurrent)".to_string()),
     };

@@ -57,6 +57,9 @@ pub struct Tiling {
     pub tv: usize,
     pub dqk_pad: usize,
     pub smem_bytes: usize,
+    /// The fused tensor-core forward (`mlstm_fwd_fused_*`, bf16 / f16) rather than the
+    /// chunked one; then `dqk_pad` is its head-dimension class (64, 128 or 256).
+    pub fused: bool,
 }
 
 fn round16(x: usize) -> usize {
@@ -103,7 +106,7 @@ fn chunks_tried(chunk: Option<usize>) -> Vec<usize> {
 pub(super) fn tiling(dims: &MlstmDims, chunk: Option<usize>, max_smem: usize) -> Result<Tiling> {
     let dqk_pad = round16(dims.dqk);
     match fit_chunk_and_tile(chunk, dims.dhv, max_smem, |c, tv| smem_bytes(dims.dtype, c, dqk_pad, tv)) {
-        Some((chunk, tv, smem_bytes)) => Ok(Tiling { chunk, tv, dqk_pad, smem_bytes }),
+        Some((chunk, tv, smem_bytes)) => Ok(Tiling { chunk, tv, dqk_pad, smem_bytes, fused: false }),
         None => Err(Error::invalid(
             "q",
             format!(
@@ -162,20 +165,180 @@ fn check_gpu_dims(dqk: usize, dhv: usize, heads: usize, len: usize) -> Result<()
     Ok(())
 }
 
-/// The tiling the forward uses for `inputs` on `dev` (for benches and reports).
+/// The tiling the forward uses for `inputs` on `dev` (for benches and reports): the fused
+/// forward where it applies, else the chunked one.
 pub(super) fn forward_tiling(dev: &CudaDevice, dims: &MlstmDims, chunk: Option<usize>) -> Result<Tiling> {
-    tiling(dims, chunk, dev.max_shared_memory_per_block())
+    let max_smem = dev.max_shared_memory_per_block();
+    match fused_dqk_class(dims, chunk, max_smem) {
+        Some(dqk_pad) => Ok(Tiling {
+            chunk: FUSED_CHUNK,
+            tv: fused_tv(dqk_pad),
+            dqk_pad,
+            smem_bytes: fused_smem_bytes(dqk_pad),
+            fused: true,
+        }),
+        None => tiling(dims, chunk, max_smem),
+    }
 }
 
 pub(super) fn forward(dev: &CudaDevice, inputs: &MlstmInputs, dims: &MlstmDims) -> Result<MlstmOutput> {
     let heads = dims.batch * dims.heads;
     check_gpu_dims(dims.dqk, dims.dhv, heads, dims.len)?;
     let tiling = forward_tiling(dev, dims, inputs.chunk)?;
-    match dims.dtype {
-        DType::F32 => forward_typed::<f32>(dev, inputs, dims, &tiling, None),
-        DType::BF16 => forward_typed::<bf16>(dev, inputs, dims, &tiling, None),
-        DType::F16 => forward_typed::<f16>(dev, inputs, dims, &tiling, None),
+    match (dims.dtype, tiling.fused) {
+        (DType::BF16, true) => forward_fused::<bf16>(dev, inputs, dims, &tiling),
+        (DType::F16, true) => forward_fused::<f16>(dev, inputs, dims, &tiling),
+        (DType::F32, _) => forward_typed::<f32>(dev, inputs, dims, &tiling, None),
+        (DType::BF16, false) => forward_typed::<bf16>(dev, inputs, dims, &tiling, None),
+        (DType::F16, false) => forward_typed::<f16>(dev, inputs, dims, &tiling, None),
     }
+}
+
+/// Mirrors `hk_mlstm::FusedParams` in cuda/mlstm.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct FusedParams {
+    heads: u32,
+    len: u32,
+    dqk: u32,
+    dhv: u32,
+    has_init: u32,
+    vec_in: u32,
+    vec_out: u32,
+    eps: f32,
+    scale: f32,
+}
+
+// SAFETY: seven u32 and two f32 fields, repr(C), no padding: the same bytes as the C struct.
+unsafe impl DeviceRepr for FusedParams {}
+
+/// The fused forward's steps per chunk (`hk_mlstm::fused::L`) and its head-dimension classes:
+/// `mlstm_fwd_fused_<dtype>_k<class>` takes dqk up to the class.
+const FUSED_CHUNK: usize = 64;
+const FUSED_DQK: [usize; 3] = [64, 128, 256];
+
+/// `hk_mlstm::fused::Cfg<class, TV>::TV`: value columns per block, as instantiated in
+/// cuda/mlstm.cu (`MLSTM_FWD_FUSED`): 64 for every class.
+fn fused_tv(_dqk_class: usize) -> usize {
+    64
+}
+
+const FUSED_NAMES: [[&str; 3]; 2] = [
+    ["mlstm_fwd_fused_bf16_k64", "mlstm_fwd_fused_bf16_k128", "mlstm_fwd_fused_bf16_k256"],
+    ["mlstm_fwd_fused_f16_k64", "mlstm_fwd_fused_f16_k128", "mlstm_fwd_fused_f16_k256"],
+];
+
+/// `hk_mlstm::fused::Cfg<class, TV>::THREADS`: 4 output warps and one state warp per 16 rows
+/// of C (TV 128) or 32 (TV 64).
+fn fused_threads(dqk_class: usize) -> usize {
+    let rows_per_state_warp = if fused_tv(dqk_class) == 128 { 16 } else { 32 };
+    32 * (4 + dqk_class / rows_per_state_warp)
+}
+
+/// `hk_mlstm::fused::Cfg<class, TV>::SMEM`: Q and K twice (64 rows of class + 8), V twice (64
+/// rows of TV + 8), C (class rows of TV + 8), all 2-byte elements, then 64 f32 per warp.
+fn fused_smem_bytes(dqk_class: usize) -> usize {
+    let (l, vx, ldq) = (FUSED_CHUNK, fused_tv(dqk_class) + 8, dqk_class + 8);
+    (4 * l * ldq + 2 * l * vx + dqk_class * vx) * 2 + fused_threads(dqk_class) / 32 * l * 4
+}
+
+/// The fused forward's head-dimension class for `dims`, when it takes them: bf16 / f16, dqk
+/// up to 256, chunk unset or 64, and its shared memory within `max_smem`.
+fn fused_dqk_class(dims: &MlstmDims, chunk: Option<usize>, max_smem: usize) -> Option<usize> {
+    if dims.dtype == DType::F32 || !matches!(chunk, None | Some(FUSED_CHUNK)) {
+        return None;
+    }
+    let class = *FUSED_DQK.iter().find(|&&c| dims.dqk <= c)?;
+    (fused_smem_bytes(class) <= max_smem).then_some(class)
+}
+
+fn forward_fused<T: CudaElement>(
+    dev: &CudaDevice,
+    inputs: &MlstmInputs,
+    dims: &MlstmDims,
+    tiling: &Tiling,
+) -> Result<MlstmOutput> {
+    let heads = dims.batch * dims.heads;
+    let v_tiles = dims.dhv.div_ceil(tiling.tv);
+    let blocks = heads * v_tiles;
+    if blocks > i32::MAX as usize {
+        return Err(Error::invalid(
+            "q",
+            format!("batch * heads * ceil(dhv / {}) below 2^31", tiling.tv),
+            format!("{heads} x {v_tiles}"),
+        ));
+    }
+    // SAFETY (allocations): for every head, its ceil(dhv / tv) blocks write all of h's (len,
+    // dhv) values and the final C's (dqk, dhv) values, the first of them the final n and m;
+    // with no head nothing is read.
+    let mut h = unsafe { Tensor::cuda_uninit(dev, dims.dtype, &dims.h_shape())? };
+    let mut c = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[dims.batch, dims.heads, dims.dqk, dims.dhv])? };
+    let mut n = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[dims.batch, dims.heads, dims.dqk])? };
+    let mut m = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[dims.batch, dims.heads])? };
+    if heads > 0 {
+        // Tensors own whole allocations (256-byte aligned), so rows start 16-byte aligned
+        // exactly when their length in bytes is a multiple of 16.
+        let rows_vec = dims.dqk % 8 == 0 && dims.dhv % 8 == 0;
+        let p = FusedParams {
+            heads: heads as u32,
+            len: dims.len as u32,
+            dqk: dims.dqk as u32,
+            dhv: dims.dhv as u32,
+            has_init: u32::from(inputs.initial.is_some()),
+            vec_in: u32::from(rows_vec),
+            vec_out: u32::from(dims.dhv % 8 == 0),
+            eps: inputs.eps,
+            scale: 1.0 / (dims.dqk as f32).sqrt(),
+        };
+        let class = FUSED_DQK
+            .iter()
+            .position(|&c| c == tiling.dqk_pad)
+            .ok_or_else(|| Error::invalid("q", "dqk up to 256 for the fused forward", dims.dqk.to_string()))?;
+        let row = if dims.dtype == DType::BF16 { 0 } else { 1 };
+        let f = dev.function(KernelModule::Mlstm, FUSED_NAMES[row][class])?;
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            tiling.smem_bytes as i32,
+        )
+        .map_err(|e| dev.map_err("setting mlstm_fwd_fused's shared memory", e))?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (fused_threads(tiling.dqk_pad) as u32, 1, 1),
+            shared_mem_bytes: tiling.smem_bytes as u32,
+        };
+        let null = 0u64;
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(inputs.q.cuda_slice::<T>("q")?)
+            .arg(inputs.k.cuda_slice::<T>("k")?)
+            .arg(inputs.v.cuda_slice::<T>("v")?)
+            .arg(inputs.i.cuda_slice::<f32>("i")?)
+            .arg(inputs.f.cuda_slice::<f32>("f")?);
+        match inputs.initial {
+            Some(s) => {
+                args.arg(s.c.cuda_slice::<f32>("initial.c")?)
+                    .arg(s.n.cuda_slice::<f32>("initial.n")?)
+                    .arg(s.m.cuda_slice::<f32>("initial.m")?);
+            }
+            None => {
+                args.arg(&null).arg(&null).arg(&null);
+            }
+        }
+        args.arg(h.cuda_slice_mut::<T>("h")?)
+            .arg(c.cuda_slice_mut::<f32>("final.c")?)
+            .arg(n.cuda_slice_mut::<f32>("final.n")?)
+            .arg(m.cuda_slice_mut::<f32>("final.m")?)
+            .arg(&p);
+        // SAFETY: mlstm_fwd_fused_<T>_k<class>(q, k, v, i, f, c0, n0, m0, h, c, n, m,
+        // FusedParams): MlstmInputs::dims checked every shape, type and device: q, k hold
+        // heads*len*dqk T with dqk <= class, v and h heads*len*dhv T, i and f heads*len f32,
+        // the states heads*dqk*dhv, heads*dqk and heads f32 (initial ones null with has_init
+        // 0). Block b reads head b / ceil(dhv / tv) and writes its tv value columns only;
+        // 16-byte accesses only where vec_in / vec_out say the rows allow them. The shared
+        // memory is fused_smem_bytes(class), which the kernel checks against its own layout
+        // and which the function was allowed above.
+        unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching mlstm_fwd_fused", e))?;
+    }
+    Ok(MlstmOutput { h, final_state: MlstmState { c, n, m } })
 }
 
 fn forward_typed<T: CudaElement>(
@@ -532,7 +695,8 @@ fn backward_typed<T: CudaElement>(
         return Ok(MlstmGrads { dq, dk, dv, di, df, dinitial });
     }
 
-    let tiling = forward_tiling(dev, dims, inputs.chunk)?;
+    // The backward's recomputation records per-step stats, which the chunked forward does.
+    let tiling = tiling(dims, inputs.chunk, dev.max_shared_memory_per_block())?;
     let value_tiles = dhv.div_ceil(tiling.tv);
     // SAFETY: the forward's first value-tile blocks write rows 0..3 of every step, and the
     // blocks of value tile j row 3 + j.
