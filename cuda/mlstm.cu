@@ -926,6 +926,15 @@ namespace fused {
 constexpr int L = 64;  // steps per chunk
 constexpr int OUT_WARPS = L / 16;
 
+// A chunk's gates, written by the scanning warp one chunk ahead (two of them, by chunk
+// parity): per step t, u = i - b, w, m = b + w, the carried part's weight exp(m_prev - w)
+// times the score scale, and the key gate of the chunk's closing state exp(u - w_last); the
+// state's decay exp(m_prev - w_last).
+struct GateTile {
+    float u[L], w[L], m[L], carried[L], key[L];
+    float decay, pad[3];
+};
+
 // Row strides are odd multiples of 16 bytes, so the 8 rows of an ldmatrix land on 8
 // different 16-byte bank groups.
 template <int DQK, int TV_>
@@ -942,8 +951,8 @@ struct Cfg {
     static constexpr int QK_TILE = L * LDQ;  // elements of one Q or K buffer
     static constexpr int V_TILE = L * VX;
     static constexpr int C_TILE = DQK * VX;
-    // Q[2], K[2], V[2], C, then per warp 64 f32 gate values. Mirrors fused_smem_bytes in cuda.rs.
-    static constexpr uint32_t SMEM = (4 * QK_TILE + 2 * V_TILE + C_TILE) * 2 + WARPS * L * 4;
+    // Q[2], K[2], V[2], C, then two GateTiles. Mirrors fused_smem_bytes in cuda.rs.
+    static constexpr uint32_t SMEM = (4 * QK_TILE + 2 * V_TILE + C_TILE) * 2 + 2 * sizeof(GateTile);
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
@@ -1097,42 +1106,18 @@ __device__ __forceinline__ ChunkGates scan_gates(float lf0, float lf1, float i0,
     return g;
 }
 
-// A row's value from the scan: row t lives in lane t / 2, slot t % 2.
-__device__ __forceinline__ double row_value(const double (&v)[2], int t) {
-    const double a = __shfl_sync(0xffffffffu, v[0], t >> 1), b = __shfl_sync(0xffffffffu, v[1], t >> 1);
-    return (t & 1) ? b : a;
-}
-
-// Output warp W of a chunk (rows 16W..16W+15): see the comment above. `u` is this warp's copy
-// of the chunk's u[s] (f32), `stage` its Q rows, reused for h's 16-byte stores.
-// The gates of an output lane's two rows (t0 = 16 W + lane / 4 and t0 + 8): w, the carried
-// part's weight exp(m_prev - w) times the score scale, and m.
-struct RowGates {
-    float w[2], carried[2], m[2];
-};
-
-template <int W>
-__device__ __forceinline__ RowGates row_gates(const ChunkGates& g, double m_prev, float scale) {
-    RowGates r;
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-        const int t = 16 * W + ((threadIdx.x & 31) >> 2) + 8 * e;
-        const double w = row_value(g.w, t);
-        r.w[e] = float(w);
-        r.carried[e] = __expf(float(m_prev - w)) * scale;
-        r.m[e] = float(row_value(g.b, t) + w);
-    }
-    return r;
-}
-
-template <typename T, int DQK, int TV, int W>
-__device__ __forceinline__ void output_rows(const T* Qb, const T* Kb, const T* Vb, const T* Cs, const float* u,
-                                            const ChunkGates& g, double m_prev, T* __restrict__ h_rows, int valid,
-                                            int tv_valid, const FusedParams& p) {
-    const RowGates rg = row_gates<W>(g, m_prev, p.scale);
+// Every output warp runs the same code over all 8 key tiles, the ones past its diagonal
+// masked: the last warp's work is the chunk's critical path either way, and one copy of the
+// code instead of four (one per diagonal) keeps the loop in the instruction cache (Nsight
+// Compute: 21% of stalls were instruction fetch with four).
+template <typename T, int DQK, int TV>
+__device__ __forceinline__ void output_rows(const T* Qb, const T* Kb, const T* Vb, const T* Cs, const GateTile& gt,
+                                            int W, T* __restrict__ h_rows, int valid, int tv_valid,
+                                            const FusedParams& p) {
     using C = Cfg<DQK, TV>;
-    constexpr int KT = 2 * W + 2;  // key n8 tiles up to the diagonal
+    constexpr int KT = L / 8;
     const int lane = threadIdx.x & 31, quad = lane & 3, r0 = lane >> 2;
+    const float* u = gt.u;
     // S, then its gating into P (packed, half the registers), then Q C_prev into o: the
     // accumulators of S and o are never live together.
     const uint32_t q_addr = smem_addr(Qb + (16 * W + (lane & 15)) * C::LDQ + (lane >> 4) * 8);
@@ -1154,7 +1139,7 @@ __device__ __forceinline__ void output_rows(const T* Qb, const T* Kb, const T* V
     }
 
     const int t0 = 16 * W + r0, t1 = t0 + 8;
-    const float w0f = rg.w[0], w1f = rg.w[1];
+    const float w0f = gt.w[t0], w1f = gt.w[t1];
     uint32_t pa[KT / 2][4];
 #pragma unroll
     for (int n = 0; n < KT; ++n) {
@@ -1162,7 +1147,7 @@ __device__ __forceinline__ void output_rows(const T* Qb, const T* Kb, const T* V
         const float2 uc = *reinterpret_cast<const float2*>(u + c);
         float p00 = s[n][0] * p.scale * __expf(uc.x - w0f), p01 = s[n][1] * p.scale * __expf(uc.y - w0f);
         float p10 = s[n][2] * p.scale * __expf(uc.x - w1f), p11 = s[n][3] * p.scale * __expf(uc.y - w1f);
-        if (n >= 2 * W) {  // the diagonal tiles: keys after the row's step do not count
+        {  // keys after the row's step do not count
             if (c > t0) p00 = 0.f;
             if (c + 1 > t0) p01 = 0.f;
             if (c > t1) p10 = 0.f;
@@ -1193,7 +1178,7 @@ __device__ __forceinline__ void output_rows(const T* Qb, const T* Kb, const T* V
         mma<T>(o[NT - 1], a, b[0], b[1]);
     }
     state_copy_read<C::THREADS>();
-    const float carried0 = rg.carried[0], carried1 = rg.carried[1];
+    const float carried0 = gt.carried[t0], carried1 = gt.carried[t1];
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
         o[n][0] *= carried0;
@@ -1203,7 +1188,7 @@ __device__ __forceinline__ void output_rows(const T* Qb, const T* Kb, const T* V
     }
     const uint32_t v_addr = smem_addr(Vb + ((lane & 7) + ((lane >> 3) & 1) * 8) * VX + (lane >> 4) * 8);
 #pragma unroll
-    for (int j = 0; j <= W; ++j) {
+    for (int j = 0; j < KT / 2; ++j) {
 #pragma unroll
         for (int jj = 0; jj < TV / 16; ++jj) {
             uint32_t b[4];
@@ -1219,8 +1204,8 @@ __device__ __forceinline__ void output_rows(const T* Qb, const T* Kb, const T* V
     // Column TV is the denominator; quad lane 0 holds it.
     const float den0 = __shfl_sync(0xffffffffu, o[NT - 1][0], lane & ~3);
     const float den1 = __shfl_sync(0xffffffffu, o[NT - 1][2], lane & ~3);
-    const float inv0 = 1.f / (fmaxf(fabsf(den0), expf(-rg.m[0])) + p.eps);
-    const float inv1 = 1.f / (fmaxf(fabsf(den1), expf(-rg.m[1])) + p.eps);
+    const float inv0 = 1.f / (fmaxf(fabsf(den0), expf(-gt.m[t0])) + p.eps);
+    const float inv1 = 1.f / (fmaxf(fabsf(den1), expf(-gt.m[t1])) + p.eps);
     T* stage = const_cast<T*>(Qb) + 16 * W * C::LDQ;
     __syncwarp();  // every lane's ldmatrix of these rows is done
 #pragma unroll
@@ -1249,7 +1234,7 @@ __device__ __forceinline__ void output_rows(const T* Qb, const T* Kb, const T* V
 }
 
 // State warp `sw` (rows SR sw .. SR sw + SR - 1 of [C | n]): c = decay c + (K gated)^T [V | 1].
-// `kg` is this warp's copy of the chunk's key gates exp(u[s] - w_last).
+// `kg` holds the chunk's key gates exp(u[s] - w_last).
 template <typename T, int DQK, int TV>
 __device__ __forceinline__ void update_state(float (&c)[Cfg<DQK, TV>::MT][Cfg<DQK, TV>::NT][4], const T* Kb, const T* Vb, const float* kg,
                                              float decay, int sw) {
@@ -1336,7 +1321,7 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
     T* Ks = Qs + 2 * C::QK_TILE;
     T* Vs = Ks + 2 * C::QK_TILE;
     T* Cs = Vs + 2 * C::V_TILE;
-    float* gate = reinterpret_cast<float*>(Cs + C::C_TILE) + warp * L;
+    GateTile* gates = reinterpret_cast<GateTile*>(Cs + C::C_TILE);
 
     // V's columns 64..71 in both buffers: ones (row sums, n's update), then zeros. The copies
     // below write only columns 0..63.
@@ -1353,10 +1338,15 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
                                          vec);
         cp_async_commit();
     };
-    // This lane's two steps of chunk `ch`, f and i, fetched a chunk ahead (the last step's
-    // in place of steps past the end): nothing touches them until they are used, so that
-    // nothing waits for the loads.
-    auto fetch_gates = [&](int ch, float (&fv)[2], float (&iv)[2]) {
+    // The scanning warp (the last one, a state warp: the output warps are the critical path)
+    // scans chunk ch + 1's gates while chunk ch is processed, into GateTile (ch + 1) & 1. It
+    // fetches a chunk's f and i a chunk before it scans them, and touches them only then, so
+    // that nothing waits for those loads (the last step's in place of steps past the end).
+    const bool scanner = warp == C::WARPS - 1;
+    const int chunks = (len + L - 1) / L;
+    float fv[2], iv[2];
+    double m_prev = p.has_init ? double(m0[head]) : 0.0;
+    auto fetch_gates = [&](int ch) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
             const int t = min(ch * L + 2 * lane + e, len - 1);
@@ -1364,29 +1354,37 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
             iv[e] = ig[row0 + t];
         }
     };
-
-    const int chunks = (len + L - 1) / L;
-    load_chunk(0, 0);
-    // Every chunk: the warp's own gate scan (into its private gate row), then the barrier
-    // after which chunk ch's tiles and the carried state's copy are in place, then the next
-    // chunk's copies. The two roles run separate loops so that neither holds the other's
-    // registers; both pass the same barriers.
-    float fv[2], iv[2];
-    if (len > 0) fetch_gates(0, fv, iv);
-    double m_prev = p.has_init ? double(m0[head]) : 0.0;
-    auto begin_chunk = [&](int ch, bool key_gates) {
+    auto scan_chunk = [&](int ch) {
         // Past the end: no decay and i = -inf, which change nothing.
         const int t = ch * L + 2 * lane;
         const ChunkGates g = scan_gates(t < len ? logsigmoid(fv[0]) : 0.f, t + 1 < len ? logsigmoid(fv[1]) : 0.f,
                                         t < len ? iv[0] : -INFINITY, t + 1 < len ? iv[1] : -INFINITY, m_prev);
-        if (ch + 1 < chunks) fetch_gates(ch + 1, fv, iv);
+        if (ch + 1 < chunks) fetch_gates(ch + 1);
+        GateTile& gt = gates[ch & 1];
 #pragma unroll
-        for (int e = 0; e < 2; ++e) gate[2 * lane + e] = key_gates ? __expf(float(g.u[e] - g.w_last)) : float(g.u[e]);
-        __syncwarp();
+        for (int e = 0; e < 2; ++e) {
+            const int s = 2 * lane + e;
+            gt.u[s] = float(g.u[e]);
+            gt.w[s] = float(g.w[e]);
+            gt.m[s] = float(g.b[e] + g.w[e]);
+            gt.carried[s] = __expf(float(m_prev - g.w[e])) * p.scale;
+            gt.key[s] = __expf(float(g.u[e] - g.w_last));
+        }
+        if (lane == 0) gt.decay = __expf(float(m_prev - g.w_last));
+        m_prev = g.b_last + g.w_last;
+    };
+    if (scanner && chunks > 0) {
+        fetch_gates(0);
+        scan_chunk(0);
+    }
+    load_chunk(0, 0);
+    // Every chunk: the barrier after which its tiles, its gates and the carried state's copy
+    // are in place, then the next chunk's copies. The two roles run separate loops so that
+    // neither holds the other's registers; both pass the same barriers.
+    auto begin_chunk = [&](int ch) {
         cp_async_wait_all();
         __syncthreads();
         if (ch + 1 < chunks) load_chunk(ch + 1, (ch + 1) & 1);
-        return g;
     };
 
     if (warp >= OUT_WARPS) {
@@ -1408,11 +1406,11 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
                 }
         store_state_copy<T, DQK, TV>(Cs, cst, sw);
         for (int ch = 0; ch < chunks; ++ch) {
-            const ChunkGates g = begin_chunk(ch, true);
-            const float decay = __expf(float(m_prev - g.w_last));
-            m_prev = g.b_last + g.w_last;
+            begin_chunk(ch);
+            if (scanner && ch + 1 < chunks) scan_chunk(ch + 1);
             const int buf = ch & 1;
-            update_state<T, DQK, TV>(cst, Ks + buf * C::QK_TILE, Vs + buf * C::V_TILE, gate, decay, sw);
+            const GateTile& gt = gates[buf];
+            update_state<T, DQK, TV>(cst, Ks + buf * C::QK_TILE, Vs + buf * C::V_TILE, gt.key, gt.decay, sw);
             state_copy_wait<C::THREADS>();
             store_state_copy<T, DQK, TV>(Cs, cst, sw);
         }
@@ -1428,26 +1426,16 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
                         else if (col == TV && vt == 0) n_out[size_t(head) * dqk + row] = cst[mt][n][e];
                     }
                 }
+        if (scanner && vt == 0 && lane == 0) m_out[head] = float(m_prev);
     } else {
         for (int ch = 0; ch < chunks; ++ch) {
-            const ChunkGates g = begin_chunk(ch, false);
-            const double m_carried = m_prev;
-            m_prev = g.b_last + g.w_last;
+            begin_chunk(ch);
             const int buf = ch & 1;
-            const T* Qb = Qs + buf * C::QK_TILE;
-            const T* Kb = Ks + buf * C::QK_TILE;
-            const T* Vb = Vs + buf * C::V_TILE;
-            T* h_rows = h + (row0 + size_t(ch) * L) * p.dhv + v0;
-            const int valid = min(L, len - ch * L);
-            switch (warp) {
-                case 0: output_rows<T, DQK, TV, 0>(Qb, Kb, Vb, Cs, gate, g, m_carried, h_rows, valid, tv_valid, p); break;
-                case 1: output_rows<T, DQK, TV, 1>(Qb, Kb, Vb, Cs, gate, g, m_carried, h_rows, valid, tv_valid, p); break;
-                case 2: output_rows<T, DQK, TV, 2>(Qb, Kb, Vb, Cs, gate, g, m_carried, h_rows, valid, tv_valid, p); break;
-                default: output_rows<T, DQK, TV, 3>(Qb, Kb, Vb, Cs, gate, g, m_carried, h_rows, valid, tv_valid, p); break;
-            }
+            output_rows<T, DQK, TV>(Qs + buf * C::QK_TILE, Ks + buf * C::QK_TILE, Vs + buf * C::V_TILE, Cs,
+                                    gates[buf], warp, h + (row0 + size_t(ch) * L) * p.dhv + v0,
+                                    min(L, len - ch * L), tv_valid, p);
         }
     }
-    if (vt == 0 && threadIdx.x == 0) m_out[head] = float(m_prev);
 }
 
 }  // namespace hk_mlstm

@@ -236,10 +236,11 @@ fn fused_threads(dqk_class: usize) -> usize {
 }
 
 /// `hk_mlstm::fused::Cfg<class, TV>::SMEM`: Q and K twice (64 rows of class + 8), V twice (64
-/// rows of TV + 8), C (class rows of TV + 8), all 2-byte elements, then 64 f32 per warp.
+/// rows of TV + 8), C (class rows of TV + 8), all 2-byte elements, then two `GateTile`s (five
+/// f32 per step and four more).
 fn fused_smem_bytes(dqk_class: usize) -> usize {
     let (l, vx, ldq) = (FUSED_CHUNK, fused_tv(dqk_class) + 8, dqk_class + 8);
-    (4 * l * ldq + 2 * l * vx + dqk_class * vx) * 2 + fused_threads(dqk_class) / 32 * l * 4
+    (4 * l * ldq + 2 * l * vx + dqk_class * vx) * 2 + 2 * (5 * l + 4) * 4
 }
 
 /// The fused forward's head-dimension class for `dims`, when it takes them: bf16 / f16, dqk
