@@ -927,13 +927,22 @@ constexpr int L = 64;  // steps per chunk
 constexpr int OUT_WARPS = L / 16;
 
 // A chunk's gates, written by the scanning warp one chunk ahead (two of them, by chunk
-// parity): per step t, u = i - b, w, m = b + w, the carried part's weight exp(m_prev - w)
+// parity): per step t, u = i - b and w (see below), m = b + w, the carried part's weight exp(m_prev - w)
 // times the score scale, and the key gate of the chunk's closing state exp(u - w_last); the
 // state's decay exp(m_prev - w_last).
 struct GateTile {
     float u[L], w[L], m[L], carried[L], key[L];
     float decay, pad[3];
 };
+// In the tile, u and w are in base 2 and u carries the score scale: the weight of key s in
+// row t, times the scale, is 2^(u[s] - w[t]), one MUFU.EX2 per score.
+constexpr double LOG2E = 1.4426950408889634;
+
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 
 // Row strides are odd multiples of 16 bytes, so the 8 rows of an ldmatrix land on 8
 // different 16-byte bank groups.
@@ -1038,32 +1047,34 @@ __device__ __forceinline__ void state_copy_wait() {
 }
 
 // Rows [0, 64) x COLS of a row-major global matrix (row stride `stride`, `valid_rows` x
-// `valid_cols` of it real) into a shared tile of row stride LD, zeros elsewhere: 16-byte
-// cp.async pieces (valid_cols a multiple of 8), or plain element copies when `vec` is false.
-// The element-copy path is out of line: it is the rare case, and inlined it would double the
-// loop's code.
-template <typename T, int COLS, int LD, int THREADS>
+// `valid_cols` of it real) into a shared tile of row stride LD, zeros elsewhere, by the
+// LOADERS threads numbered `tid`: 16-byte cp.async pieces (valid_cols a multiple of 8), or
+// plain element copies when `vec` is false. The element-copy path is out of line: it is the
+// rare case, and inlined it would double the loop's code.
+template <typename T, int COLS, int LD, int LOADERS>
 __device__ __noinline__ void load_rows_by_element(T* dst, const T* __restrict__ src, size_t stride, int valid_rows,
-                                                  int valid_cols) {
-    for (int e = threadIdx.x; e < L * COLS; e += THREADS) {
+                                                  int valid_cols, int tid) {
+    for (int e = tid; e < L * COLS; e += LOADERS) {
         const int r = e / COLS, c = e % COLS;
         dst[r * LD + c] = (r < valid_rows && c < valid_cols) ? src[r * stride + c] : hk::from_f32<T>(0.f);
     }
 }
 
-template <typename T, int COLS, int LD, int THREADS>
+template <typename T, int COLS, int LD, int LOADERS>
 __device__ __forceinline__ void load_rows(T* dst, const T* __restrict__ src, size_t stride, int valid_rows,
-                                          int valid_cols, bool vec) {
+                                          int valid_cols, bool vec, int tid) {
     if (vec) {
         constexpr int PIECES = COLS / 8;
+        static_assert(L * PIECES % LOADERS == 0, "every loader copies as many pieces");
 #pragma unroll
-        for (int e = threadIdx.x; e < L * PIECES; e += THREADS) {
+        for (int i = 0; i < L * PIECES / LOADERS; ++i) {
+            const int e = tid + i * LOADERS;
             const int r = e / PIECES, c = (e % PIECES) * 8;
             const bool ok = r < valid_rows && c < valid_cols;
             cp_async16(smem_addr(dst + r * LD + c), ok ? src + r * stride + c : src, ok);
         }
     } else {
-        load_rows_by_element<T, COLS, LD, THREADS>(dst, src, stride, valid_rows, valid_cols);
+        load_rows_by_element<T, COLS, LD, LOADERS>(dst, src, stride, valid_rows, valid_cols, tid);
     }
 }
 
@@ -1145,8 +1156,8 @@ __device__ __forceinline__ void output_rows(const T* Qb, const T* Kb, const T* V
     for (int n = 0; n < KT; ++n) {
         const int c = n * 8 + 2 * quad;
         const float2 uc = *reinterpret_cast<const float2*>(u + c);
-        float p00 = s[n][0] * p.scale * __expf(uc.x - w0f), p01 = s[n][1] * p.scale * __expf(uc.y - w0f);
-        float p10 = s[n][2] * p.scale * __expf(uc.x - w1f), p11 = s[n][3] * p.scale * __expf(uc.y - w1f);
+        float p00 = s[n][0] * ex2(uc.x - w0f), p01 = s[n][1] * ex2(uc.y - w0f);
+        float p10 = s[n][2] * ex2(uc.x - w1f), p11 = s[n][3] * ex2(uc.y - w1f);
         {  // keys after the row's step do not count
             if (c > t0) p00 = 0.f;
             if (c + 1 > t0) p01 = 0.f;
@@ -1329,13 +1340,16 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
         const int r = e >> 3, c = e & 7;
         Vs[r * VX + TV + c] = hk::from_f32<T>(c == 0 ? 1.f : 0.f);
     }
+    // The state warps copy the tiles: the output warps are the chunk's critical path.
     const bool vec = p.vec_in != 0;
+    constexpr int LOADERS = 32 * C::STATE_WARPS;
+    const int loader = int(threadIdx.x) - 32 * OUT_WARPS;
     auto load_chunk = [&](int ch, int buf) {
         const int t0 = ch * L, rows = min(L, len - t0);
-        load_rows<T, DQK, C::LDQ, C::THREADS>(Qs + buf * C::QK_TILE, q + (row0 + t0) * dqk, dqk, rows, dqk, vec);
-        load_rows<T, DQK, C::LDQ, C::THREADS>(Ks + buf * C::QK_TILE, k + (row0 + t0) * dqk, dqk, rows, dqk, vec);
-        load_rows<T, TV, VX, C::THREADS>(Vs + buf * C::V_TILE, v + (row0 + t0) * p.dhv + v0, p.dhv, rows, tv_valid,
-                                         vec);
+        load_rows<T, DQK, C::LDQ, LOADERS>(Qs + buf * C::QK_TILE, q + (row0 + t0) * dqk, dqk, rows, dqk, vec, loader);
+        load_rows<T, DQK, C::LDQ, LOADERS>(Ks + buf * C::QK_TILE, k + (row0 + t0) * dqk, dqk, rows, dqk, vec, loader);
+        load_rows<T, TV, VX, LOADERS>(Vs + buf * C::V_TILE, v + (row0 + t0) * p.dhv + v0, p.dhv, rows, tv_valid, vec,
+                                      loader);
         cp_async_commit();
     };
     // The scanning warp (the last one, a state warp: the output warps are the critical path)
@@ -1343,6 +1357,7 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
     // fetches a chunk's f and i a chunk before it scans them, and touches them only then, so
     // that nothing waits for those loads (the last step's in place of steps past the end).
     const bool scanner = warp == C::WARPS - 1;
+    const double log_scale = log(double(p.scale));
     const int chunks = (len + L - 1) / L;
     float fv[2], iv[2];
     double m_prev = p.has_init ? double(m0[head]) : 0.0;
@@ -1364,8 +1379,8 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
             const int s = 2 * lane + e;
-            gt.u[s] = float(g.u[e]);
-            gt.w[s] = float(g.w[e]);
+            gt.u[s] = float((g.u[e] + log_scale) * LOG2E);
+            gt.w[s] = float(g.w[e] * LOG2E);
             gt.m[s] = float(g.b[e] + g.w[e]);
             gt.carried[s] = __expf(float(m_prev - g.w[e])) * p.scale;
             gt.key[s] = __expf(float(g.u[e] - g.w_last));
@@ -1377,15 +1392,10 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
         fetch_gates(0);
         scan_chunk(0);
     }
-    load_chunk(0, 0);
+    if (warp >= OUT_WARPS) load_chunk(0, 0);
     // Every chunk: the barrier after which its tiles, its gates and the carried state's copy
-    // are in place, then the next chunk's copies. The two roles run separate loops so that
-    // neither holds the other's registers; both pass the same barriers.
-    auto begin_chunk = [&](int ch) {
-        cp_async_wait_all();
-        __syncthreads();
-        if (ch + 1 < chunks) load_chunk(ch + 1, (ch + 1) & 1);
-    };
+    // are in place, then (state warps) the next chunk's copies. The two roles run separate
+    // loops so that neither holds the other's registers; both pass the same barriers.
 
     if (warp >= OUT_WARPS) {
         const int sw = warp - OUT_WARPS;
@@ -1406,7 +1416,9 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
                 }
         store_state_copy<T, DQK, TV>(Cs, cst, sw);
         for (int ch = 0; ch < chunks; ++ch) {
-            begin_chunk(ch);
+            cp_async_wait_all();
+            __syncthreads();
+            if (ch + 1 < chunks) load_chunk(ch + 1, (ch + 1) & 1);
             if (scanner && ch + 1 < chunks) scan_chunk(ch + 1);
             const int buf = ch & 1;
             const GateTile& gt = gates[buf];
@@ -1429,7 +1441,7 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
         if (scanner && vt == 0 && lane == 0) m_out[head] = float(m_prev);
     } else {
         for (int ch = 0; ch < chunks; ++ch) {
-            begin_chunk(ch);
+            __syncthreads();
             const int buf = ch & 1;
             output_rows<T, DQK, TV>(Qs + buf * C::QK_TILE, Ks + buf * C::QK_TILE, Vs + buf * C::V_TILE, Cs,
                                     gates[buf], warp, h + (row0 + size_t(ch) * L) * p.dhv + v0,
