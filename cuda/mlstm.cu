@@ -1035,16 +1035,24 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
-// Named barrier 1 over the whole block: the output warps arrive once they have read the
-// carried state's copy, the state warps wait there before overwriting it.
+// Named barrier 1 over the whole block: the output warps pass it once they have read the
+// carried state's copy, the state warps before overwriting it. The output warps sync there
+// too rather than only arrive: compute-sanitizer's racecheck reported the copy's reads and
+// writes as racing with bar.arrive over 1024 chunks, and the state warps, with less work
+// per chunk, are there first anyway.
+// The roles reach every barrier from different code, so the barriers are the non-.aligned
+// `barrier.sync` (bar.sync and __syncthreads are .aligned: every thread at the same
+// instruction; synccheck reports the difference).
 template <int THREADS>
 __device__ __forceinline__ void state_copy_read() {
-    asm volatile("bar.arrive 1, %0;" ::"n"(THREADS) : "memory");
+    asm volatile("barrier.sync 1, %0;" ::"n"(THREADS) : "memory");
 }
 template <int THREADS>
 __device__ __forceinline__ void state_copy_wait() {
-    asm volatile("bar.sync 1, %0;" ::"n"(THREADS) : "memory");
+    asm volatile("barrier.sync 1, %0;" ::"n"(THREADS) : "memory");
 }
+// Barrier 0 over the whole block, reached by the two roles from different code.
+__device__ __forceinline__ void block_sync() { asm volatile("barrier.sync 0;" ::: "memory"); }
 
 // Rows [0, 64) x COLS of a row-major global matrix (row stride `stride`, `valid_rows` x
 // `valid_cols` of it real) into a shared tile of row stride LD, zeros elsewhere, by the
@@ -1417,7 +1425,7 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
         store_state_copy<T, DQK, TV>(Cs, cst, sw);
         for (int ch = 0; ch < chunks; ++ch) {
             cp_async_wait_all();
-            __syncthreads();
+            block_sync();
             if (ch + 1 < chunks) load_chunk(ch + 1, (ch + 1) & 1);
             if (scanner && ch + 1 < chunks) scan_chunk(ch + 1);
             const int buf = ch & 1;
@@ -1441,7 +1449,7 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
         if (scanner && vt == 0 && lane == 0) m_out[head] = float(m_prev);
     } else {
         for (int ch = 0; ch < chunks; ++ch) {
-            __syncthreads();
+            block_sync();
             const int buf = ch & 1;
             output_rows<T, DQK, TV>(Qs + buf * C::QK_TILE, Ks + buf * C::QK_TILE, Vs + buf * C::V_TILE, Cs,
                                     gates[buf], warp, h + (row0 + size_t(ch) * L) * p.dhv + v0,

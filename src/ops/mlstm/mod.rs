@@ -108,9 +108,11 @@ pub struct MlstmInputs<'a> {
     pub initial: Option<&'a MlstmState>,
     /// The denominator guard: `h = num / (max(|q~ . n|, exp(-m)) + eps)`.
     pub eps: f32,
-    /// Steps per chunk on the GPU (16, 32, 64 or 128); `None` picks 32, or smaller when the
-    /// head dimensions need the shared memory. The result does not depend on it beyond
-    /// rounding.
+    /// Steps per chunk on the GPU (16, 32, 64 or 128). `None` or 64 in bf16 / f16 with dqk up
+    /// to 256 runs the fused forward (chunks of 64, tiles in registers); otherwise the chunked
+    /// forward, where `None` picks 32, or smaller when the head dimensions need the shared
+    /// memory. The backward's recomputation always runs the chunked one. The result does not
+    /// depend on it beyond rounding.
     pub chunk: Option<usize>,
 }
 
