@@ -888,25 +888,26 @@ __device__ void mlstm_step(float* __restrict__ c, float* __restrict__ n, float* 
 
 // ---------------------------------------------------------------------------------------
 // Forward v2 for bf16 / f16 ("fused"): register-resident tiles on mma.sync m16n8k16. One
-// block per (TV value columns, head) walks the sequence in chunks of 64 steps. TV = 64 in
-// every instantiation; 128 (one block of 12 warps per SM at D128, S and the gates not
-// recomputed per value tile) measured 490 us against 460 us at B8 NH16 S4096 D128 on an
-// H100, as 12 warps per SM hide less latency than 16. Its warps
+// block per (TV value columns, head) walks the sequence in chunks of 64 steps. Its warps
 // split by role, so that the carried state never waits on the chunk's outputs:
-//  - 4 output warps, warp w owning the chunk's rows 16w..16w+15: S = Q K^T (key tiles up to
-//    its diagonal only) and Q C_prev in one pass over dqk; S gated into P in registers (the
-//    accumulator fragment of S is the A fragment of P V); then P [V | 1]. C's column TV
-//    holds n and V's column TV is ones, so the same products give the denominator: its
-//    carried part q.n_prev from Q C_prev, its in-chunk part (P's row sums) from P [V | 1].
-//  - state warps, each owning SR rows of [C | n] in f32 registers for the whole
-//    sequence: [C | n] = decay [C | n] + (K gated)^T [V | 1] per chunk, then its element-type
-//    copy in shared memory, which the output warps' next Q C_prev reads.
-// Named barrier 1 lets the state warps overwrite that copy once the output warps have read
-// it. The next chunk's Q, K, V arrive by cp.async while the current one is processed; every
-// warp scans the chunk's gates itself (a few dozen instructions), so no barrier waits on them.
+//  - 4 output warps, warp w owning the chunk's rows 16w..16w+15: S = Q K^T, gated into P in
+//    registers (the accumulator fragment of S is the A fragment of P V), then Q C_prev and
+//    P [V | 1] into one accumulator. C's column TV holds n and V's column TV is ones, so the
+//    same products give the denominator: its carried part q.n_prev from Q C_prev, its
+//    in-chunk part (P's row sums) from P [V | 1].
+//  - state warps, each owning SR rows of [C | n] in f32 registers for the whole sequence:
+//    [C | n] = decay [C | n] + (K gated)^T [V | 1] per chunk, then its element-type copy in
+//    shared memory, which the output warps' next Q C_prev reads. They also copy the next
+//    chunk's Q, K, V by cp.async while the current one is processed, and the last of them
+//    scans the next chunk's gates into shared memory (GateTile).
+// Named barrier 1 lets the state warps overwrite the copy of C once the output warps have
+// read it.
 // Gates as in mlstm_fwd: m[t] = b[t] + w[t], w[t] = max(m_prev, max_{s<=t} u[s]) with
 // u[s] = i[s] - b[s] and b the in-chunk cumulative logsigmoid(f) (f64 in the scan); the
 // weight of key s in row t is exp(u[s] - w[t]) <= 1, the carried part's exp(m_prev - w[t]).
+// TV = 64 in every instantiation; 128 (one block of 12 warps per SM at D128, S and the gates
+// not recomputed per value tile) measured 490 us against 460 us at B8 NH16 S4096 D128 on an
+// H100 (at an earlier version), as 12 warps per SM hide less latency than 16.
 
 // Mirrors FusedParams in src/ops/mlstm/cuda.rs.
 struct FusedParams {
@@ -927,9 +928,9 @@ constexpr int L = 64;  // steps per chunk
 constexpr int OUT_WARPS = L / 16;
 
 // A chunk's gates, written by the scanning warp one chunk ahead (two of them, by chunk
-// parity): per step t, u = i - b and w (see below), m = b + w, the carried part's weight exp(m_prev - w)
-// times the score scale, and the key gate of the chunk's closing state exp(u - w_last); the
-// state's decay exp(m_prev - w_last).
+// parity): per step t, u = i - b and w (see below), m = b + w, the carried part's weight
+// exp(m_prev - w) times the score scale, and the key gate of the chunk's closing state
+// exp(u - w_last); the state's decay exp(m_prev - w_last).
 struct GateTile {
     float u[L], w[L], m[L], carried[L], key[L];
     float decay, pad[3];
@@ -1086,7 +1087,7 @@ __device__ __forceinline__ void load_rows(T* dst, const T* __restrict__ src, siz
     }
 }
 
-// The chunk's gates as every warp sees them: lane l holds steps 2l and 2l + 1.
+// A chunk's gates in the scanning warp: lane l holds steps 2l and 2l + 1.
 struct ChunkGates {
     double b[2];  // in-chunk cumulative logsigmoid(f)
     double u[2];  // i - b
