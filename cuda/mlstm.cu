@@ -905,9 +905,9 @@ __device__ void mlstm_step(float* __restrict__ c, float* __restrict__ n, float* 
 // Gates as in mlstm_fwd: m[t] = b[t] + w[t], w[t] = max(m_prev, max_{s<=t} u[s]) with
 // u[s] = i[s] - b[s] and b the in-chunk cumulative logsigmoid(f) (f64 in the scan); the
 // weight of key s in row t is exp(u[s] - w[t]) <= 1, the carried part's exp(m_prev - w[t]).
-// TV = 64 in every instantiation; 128 (one block of 12 warps per SM at D128, S and the gates
-// not recomputed per value tile) measured 490 us against 460 us at B8 NH16 S4096 D128 on an
-// H100 (at an earlier version), as 12 warps per SM hide less latency than 16.
+// TV = 64. 128 (one block of 12 warps per SM at D128, 16 rows of C per state warp, S and the
+// gates not recomputed per value tile) measured 490 us against 460 us at B8 NH16 S4096 D128
+// on an H100 (at an earlier version), as 12 warps per SM hide less latency than 16.
 
 // Mirrors FusedParams in src/ops/mlstm/cuda.rs.
 struct FusedParams {
@@ -924,7 +924,8 @@ struct FusedParams {
 
 namespace fused {
 
-constexpr int L = 64;  // steps per chunk
+constexpr int L = 64;   // steps per chunk
+constexpr int TV = 64;  // value columns per block
 constexpr int OUT_WARPS = L / 16;
 
 // A chunk's gates, written by the scanning warp one chunk ahead (two of them, by chunk
@@ -947,12 +948,11 @@ __device__ __forceinline__ float ex2(float x) {
 
 // Row strides are odd multiples of 16 bytes, so the 8 rows of an ldmatrix land on 8
 // different 16-byte bank groups.
-template <int DQK, int TV_>
+template <int DQK>
 struct Cfg {
-    static constexpr int TV = TV_;       // value columns per block
-    static constexpr int VX = TV + 8;    // [V | 1 | 0..] and [C | n | 0..]: one more n8 tile
+    static constexpr int VX = TV + 8;  // [V | 1 | 0..] and [C | n | 0..]: one more n8 tile
     static constexpr int NT = TV / 8 + 1;
-    static constexpr int SR = TV == 128 ? 16 : 32;  // rows of [C | n] per state warp
+    static constexpr int SR = 32;  // rows of [C | n] per state warp
     static constexpr int MT = SR / 16;
     static constexpr int STATE_WARPS = DQK / SR;
     static constexpr int WARPS = OUT_WARPS + STATE_WARPS;
@@ -1126,15 +1126,40 @@ __device__ __forceinline__ ChunkGates scan_gates(float lf0, float lf1, float i0,
     return g;
 }
 
+// This lane's ldmatrix.trans address in a tile of row stride VX ([V | 1] or [C | n]) whose
+// 16-row blocks are B operands (k = rows, n = columns): lanes 0-15 name rows 0-15 of columns
+// 0-7, lanes 16-31 rows 0-7 and 8-15 of columns 8-15.
+template <typename T, int VX>
+__device__ __forceinline__ uint32_t b_trans_addr(const T* tile) {
+    const int lane = threadIdx.x & 31;
+    return smem_addr(tile + ((lane & 7) + ((lane >> 3) & 1) * 8) * VX + (lane >> 4) * 8);
+}
+
+// acc (16 rows x TV + 8 columns) += a (16 x 16) times the 16 rows of the tile at b (from
+// b_trans_addr): TV / 16 x4 loads and one x2 for the last n8 tile (ones / n and padding).
+template <typename T>
+__device__ __forceinline__ void mma_by_row_block(float (&acc)[TV / 8 + 1][4], const uint32_t (&a)[4], uint32_t b) {
+#pragma unroll
+    for (int j = 0; j < TV / 16; ++j) {
+        uint32_t f[4];
+        ldsm_x4_trans(f, b + j * 32);
+        mma<T>(acc[2 * j], a, f[0], f[1]);
+        mma<T>(acc[2 * j + 1], a, f[2], f[3]);
+    }
+    uint32_t f[2];
+    ldsm_x2_trans(f, b + TV * 2);
+    mma<T>(acc[TV / 8], a, f[0], f[1]);
+}
+
 // Every output warp runs the same code over all 8 key tiles, the ones past its diagonal
 // masked: the last warp's work is the chunk's critical path either way, and one copy of the
 // code instead of four (one per diagonal) keeps the loop in the instruction cache (Nsight
 // Compute: 21% of stalls were instruction fetch with four).
-template <typename T, int DQK, int TV>
+template <typename T, int DQK>
 __device__ __forceinline__ void output_rows(const T* Qb, const T* Kb, const T* Vb, const T* Cs, const GateTile& gt,
                                             int W, T* __restrict__ h_rows, int valid, int tv_valid,
                                             const FusedParams& p) {
-    using C = Cfg<DQK, TV>;
+    using C = Cfg<DQK>;
     constexpr int KT = L / 8;
     const int lane = threadIdx.x & 31, quad = lane & 3, r0 = lane >> 2;
     const float* u = gt.u;
@@ -1167,12 +1192,11 @@ __device__ __forceinline__ void output_rows(const T* Qb, const T* Kb, const T* V
         const float2 uc = *reinterpret_cast<const float2*>(u + c);
         float p00 = s[n][0] * ex2(uc.x - w0f), p01 = s[n][1] * ex2(uc.y - w0f);
         float p10 = s[n][2] * ex2(uc.x - w1f), p11 = s[n][3] * ex2(uc.y - w1f);
-        {  // keys after the row's step do not count
-            if (c > t0) p00 = 0.f;
-            if (c + 1 > t0) p01 = 0.f;
-            if (c > t1) p10 = 0.f;
-            if (c + 1 > t1) p11 = 0.f;
-        }
+        // Keys after the row's step do not count.
+        if (c > t0) p00 = 0.f;
+        if (c + 1 > t0) p01 = 0.f;
+        if (c > t1) p10 = 0.f;
+        if (c + 1 > t1) p11 = 0.f;
         pa[n >> 1][(n & 1) * 2] = pack2<T>(p00, p01);
         pa[n >> 1][(n & 1) * 2 + 1] = pack2<T>(p10, p11);
     }
@@ -1181,21 +1205,12 @@ __device__ __forceinline__ void output_rows(const T* Qb, const T* Kb, const T* V
     float o[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    const uint32_t c_addr = smem_addr(Cs + ((lane & 7) + ((lane >> 3) & 1) * 8) * VX + (lane >> 4) * 8);
+    const uint32_t c_addr = b_trans_addr<T, VX>(Cs);
 #pragma unroll 2
     for (int kk = 0; kk < DQK / 16; ++kk) {
         uint32_t a[4];
         ldsm_x4(a, q_addr + kk * 32);
-#pragma unroll
-        for (int j = 0; j < TV / 16; ++j) {
-            uint32_t b[4];
-            ldsm_x4_trans(b, c_addr + kk * 16 * VX * 2 + j * 32);
-            mma<T>(o[2 * j], a, b[0], b[1]);
-            mma<T>(o[2 * j + 1], a, b[2], b[3]);
-        }
-        uint32_t b[2];
-        ldsm_x2_trans(b, c_addr + kk * 16 * VX * 2 + TV * 2);
-        mma<T>(o[NT - 1], a, b[0], b[1]);
+        mma_by_row_block<T>(o, a, c_addr + kk * 16 * VX * 2);
     }
     state_copy_read<C::THREADS>();
     const float carried0 = gt.carried[t0], carried1 = gt.carried[t1];
@@ -1206,20 +1221,9 @@ __device__ __forceinline__ void output_rows(const T* Qb, const T* Kb, const T* V
         o[n][2] *= carried1;
         o[n][3] *= carried1;
     }
-    const uint32_t v_addr = smem_addr(Vb + ((lane & 7) + ((lane >> 3) & 1) * 8) * VX + (lane >> 4) * 8);
+    const uint32_t v_addr = b_trans_addr<T, VX>(Vb);
 #pragma unroll
-    for (int j = 0; j < KT / 2; ++j) {
-#pragma unroll
-        for (int jj = 0; jj < TV / 16; ++jj) {
-            uint32_t b[4];
-            ldsm_x4_trans(b, v_addr + j * 16 * VX * 2 + jj * 32);
-            mma<T>(o[2 * jj], pa[j], b[0], b[1]);
-            mma<T>(o[2 * jj + 1], pa[j], b[2], b[3]);
-        }
-        uint32_t b[2];
-        ldsm_x2_trans(b, v_addr + j * 16 * VX * 2 + TV * 2);
-        mma<T>(o[NT - 1], pa[j], b[0], b[1]);
-    }
+    for (int j = 0; j < KT / 2; ++j) mma_by_row_block<T>(o, pa[j], v_addr + j * 16 * VX * 2);
 
     // Column TV is the denominator; quad lane 0 holds it.
     const float den0 = __shfl_sync(0xffffffffu, o[NT - 1][0], lane & ~3);
@@ -1255,10 +1259,10 @@ __device__ __forceinline__ void output_rows(const T* Qb, const T* Kb, const T* V
 
 // State warp `sw` (rows SR sw .. SR sw + SR - 1 of [C | n]): c = decay c + (K gated)^T [V | 1].
 // `kg` holds the chunk's key gates exp(u[s] - w_last).
-template <typename T, int DQK, int TV>
-__device__ __forceinline__ void update_state(float (&c)[Cfg<DQK, TV>::MT][Cfg<DQK, TV>::NT][4], const T* Kb, const T* Vb, const float* kg,
+template <typename T, int DQK>
+__device__ __forceinline__ void update_state(float (&c)[Cfg<DQK>::MT][Cfg<DQK>::NT][4], const T* Kb, const T* Vb, const float* kg,
                                              float decay, int sw) {
-    using C = Cfg<DQK, TV>;
+    using C = Cfg<DQK>;
     constexpr int MT = C::MT, NT = C::NT, VX = C::VX;
     const int lane = threadIdx.x & 31, quad = lane & 3;
 #pragma unroll
@@ -1269,7 +1273,7 @@ __device__ __forceinline__ void update_state(float (&c)[Cfg<DQK, TV>::MT][Cfg<DQ
             for (int e = 0; e < 4; ++e) c[mt][n][e] *= decay;
     const uint32_t k_addr =
         smem_addr(Kb + ((lane & 7) + (lane >> 4) * 8) * C::LDQ + C::SR * sw + ((lane >> 3) & 1) * 8);
-    const uint32_t v_addr = smem_addr(Vb + ((lane & 7) + ((lane >> 3) & 1) * 8) * VX + (lane >> 4) * 8);
+    const uint32_t v_addr = b_trans_addr<T, VX>(Vb);
 #pragma unroll
     for (int j = 0; j < L / 16; ++j) {
         const float2 g01 = *reinterpret_cast<const float2*>(kg + 16 * j + 2 * quad);
@@ -1300,9 +1304,9 @@ __device__ __forceinline__ void update_state(float (&c)[Cfg<DQK, TV>::MT][Cfg<DQ
     }
 }
 
-template <typename T, int DQK, int TV>
-__device__ __forceinline__ void store_state_copy(T* Cs, const float (&c)[Cfg<DQK, TV>::MT][Cfg<DQK, TV>::NT][4], int sw) {
-    using C = Cfg<DQK, TV>;
+template <typename T, int DQK>
+__device__ __forceinline__ void store_state_copy(T* Cs, const float (&c)[Cfg<DQK>::MT][Cfg<DQK>::NT][4], int sw) {
+    using C = Cfg<DQK>;
     constexpr int VX = C::VX;
     const int lane = threadIdx.x & 31, quad = lane & 3, r0 = lane >> 2;
 #pragma unroll
@@ -1319,14 +1323,14 @@ __device__ __forceinline__ void store_state_copy(T* Cs, const float (&c)[Cfg<DQK
 
 }  // namespace fused
 
-template <typename T, int DQK, int TV>
+template <typename T, int DQK>
 __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                 const float* __restrict__ ig, const float* __restrict__ fg,
                                 const float* __restrict__ c0, const float* __restrict__ n0,
                                 const float* __restrict__ m0, T* __restrict__ h, float* __restrict__ c_out,
                                 float* __restrict__ n_out, float* __restrict__ m_out, const FusedParams& p) {
     using namespace fused;
-    using C = Cfg<DQK, TV>;
+    using C = Cfg<DQK>;
     constexpr int VX = C::VX, MT = C::MT, NT = C::NT, SR = C::SR;
     const int v_tiles = (int(p.dhv) + TV - 1) / TV;
     const int head = blockIdx.x / v_tiles, vt = blockIdx.x % v_tiles, v0 = vt * TV;
@@ -1423,7 +1427,7 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
                     }
                     cst[mt][n][e] = x;
                 }
-        store_state_copy<T, DQK, TV>(Cs, cst, sw);
+        store_state_copy<T, DQK>(Cs, cst, sw);
         for (int ch = 0; ch < chunks; ++ch) {
             cp_async_wait_all();
             block_sync();
@@ -1431,9 +1435,9 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
             if (scanner && ch + 1 < chunks) scan_chunk(ch + 1);
             const int buf = ch & 1;
             const GateTile& gt = gates[buf];
-            update_state<T, DQK, TV>(cst, Ks + buf * C::QK_TILE, Vs + buf * C::V_TILE, gt.key, gt.decay, sw);
+            update_state<T, DQK>(cst, Ks + buf * C::QK_TILE, Vs + buf * C::V_TILE, gt.key, gt.decay, sw);
             state_copy_wait<C::THREADS>();
-            store_state_copy<T, DQK, TV>(Cs, cst, sw);
+            store_state_copy<T, DQK>(Cs, cst, sw);
         }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
@@ -1452,7 +1456,7 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
         for (int ch = 0; ch < chunks; ++ch) {
             block_sync();
             const int buf = ch & 1;
-            output_rows<T, DQK, TV>(Qs + buf * C::QK_TILE, Ks + buf * C::QK_TILE, Vs + buf * C::V_TILE, Cs,
+            output_rows<T, DQK>(Qs + buf * C::QK_TILE, Ks + buf * C::QK_TILE, Vs + buf * C::V_TILE, Cs,
                                     gates[buf], warp, h + (row0 + size_t(ch) * L) * p.dhv + v0,
                                     min(L, len - ch * L), tv_valid, p);
         }
@@ -1481,19 +1485,19 @@ MLSTM_FWD_CHUNKS(f16, __half)
 
 // The fused forward (bf16 / f16) by head-dimension class, 64 value columns per block: dqk up
 // to 64 and 128 (two blocks per SM; shared memory allows it), 256 (one block).
-#define MLSTM_FWD_FUSED(NAME, T, DQK, TV, BLOCKS)                                                                    \
-    extern "C" __global__ void __launch_bounds__(hk_mlstm::fused::Cfg<DQK, TV>::THREADS, BLOCKS)                      \
+#define MLSTM_FWD_FUSED(NAME, T, DQK, BLOCKS) \
+    extern "C" __global__ void __launch_bounds__(hk_mlstm::fused::Cfg<DQK>::THREADS, BLOCKS)                      \
         NAME(const T* q, const T* k, const T* v, const float* ig, const float* fg, const float* c0, const float* n0,    \
              const float* m0, T* h, float* c_out, float* n_out, float* m_out, hk_mlstm::FusedParams p) {               \
-        hk_mlstm::mlstm_fwd_fused<T, DQK, TV>(q, k, v, ig, fg, c0, n0, m0, h, c_out, n_out, m_out, p);                 \
+        hk_mlstm::mlstm_fwd_fused<T, DQK>(q, k, v, ig, fg, c0, n0, m0, h, c_out, n_out, m_out, p);                 \
     }
 
-MLSTM_FWD_FUSED(mlstm_fwd_fused_bf16_k64, __nv_bfloat16, 64, 64, 2)
-MLSTM_FWD_FUSED(mlstm_fwd_fused_bf16_k128, __nv_bfloat16, 128, 64, 2)
-MLSTM_FWD_FUSED(mlstm_fwd_fused_bf16_k256, __nv_bfloat16, 256, 64, 1)
-MLSTM_FWD_FUSED(mlstm_fwd_fused_f16_k64, __half, 64, 64, 2)
-MLSTM_FWD_FUSED(mlstm_fwd_fused_f16_k128, __half, 128, 64, 2)
-MLSTM_FWD_FUSED(mlstm_fwd_fused_f16_k256, __half, 256, 64, 1)
+MLSTM_FWD_FUSED(mlstm_fwd_fused_bf16_k64, __nv_bfloat16, 64, 2)
+MLSTM_FWD_FUSED(mlstm_fwd_fused_bf16_k128, __nv_bfloat16, 128, 2)
+MLSTM_FWD_FUSED(mlstm_fwd_fused_bf16_k256, __nv_bfloat16, 256, 1)
+MLSTM_FWD_FUSED(mlstm_fwd_fused_f16_k64, __half, 64, 2)
+MLSTM_FWD_FUSED(mlstm_fwd_fused_f16_k128, __half, 128, 2)
+MLSTM_FWD_FUSED(mlstm_fwd_fused_f16_k256, __half, 256, 1)
 
 #define MLSTM_STEP(NAME, T)                                                                                          \
     extern "C" __global__ void __launch_bounds__(hk_mlstm::STEP_THREADS)                                               \

@@ -1072,23 +1072,21 @@ __device__ __forceinline__ void state_update(float* __restrict__ state, const T*
             float4* hp = reinterpret_cast<float4*>(state + row * N + 4 * j);
             float4 h = *hp;
             const float4 a = *reinterpret_cast<const float4*>(A + d * N + 4 * j);
+            // This lane's four states of B or C: the group's varying row (T) or the
+            // channel's constant one (f32).
+            auto load4 = [&](bool variable, const T* varying, const float* constant, float (&w)[4]) {
+                if (variable) {
+                    hk_scan::RowSegment<T, 4> seg;
+                    seg.load(varying + (b * p.groups + g) * N + 4 * j, 4, true);
+                    for (int s = 0; s < 4; ++s) w[s] = seg.get(s);
+                } else {
+                    const float4 v = *reinterpret_cast<const float4*>(constant + d * N + 4 * j);
+                    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+                }
+            };
             float bv[4], cv[4];
-            if (p.b_variable) {
-                hk_scan::RowSegment<T, 4> seg;
-                seg.load(Bv + (b * p.groups + g) * N + 4 * j, 4, true);
-                for (int s = 0; s < 4; ++s) bv[s] = seg.get(s);
-            } else {
-                const float4 v = *reinterpret_cast<const float4*>(Bc + d * N + 4 * j);
-                bv[0] = v.x, bv[1] = v.y, bv[2] = v.z, bv[3] = v.w;
-            }
-            if (p.c_variable) {
-                hk_scan::RowSegment<T, 4> seg;
-                seg.load(Cv + (b * p.groups + g) * N + 4 * j, 4, true);
-                for (int s = 0; s < 4; ++s) cv[s] = seg.get(s);
-            } else {
-                const float4 v = *reinterpret_cast<const float4*>(Cc + d * N + 4 * j);
-                cv[0] = v.x, cv[1] = v.y, cv[2] = v.z, cv[3] = v.w;
-            }
+            load4(p.b_variable, Bv, Bc, bv);
+            load4(p.c_variable, Cv, Cc, cv);
             // exp(dt A) as the scan forms it: dt times A log2(e).
             using hk_scan::ex2;
             using hk_scan::LOG2E;

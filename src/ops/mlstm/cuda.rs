@@ -5,9 +5,10 @@ use crate::device::{CudaDevice, Device};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernels::KernelModule;
+use crate::ops::push_opt;
 use crate::tensor::{CudaElement, Tensor};
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
 
 /// Chunk sizes with a compiled kernel (`mlstm_fwd_<dtype>_l<chunk>`).
@@ -170,13 +171,9 @@ fn check_gpu_dims(dqk: usize, dhv: usize, heads: usize, len: usize) -> Result<()
 pub(super) fn forward_tiling(dev: &CudaDevice, dims: &MlstmDims, chunk: Option<usize>) -> Result<Tiling> {
     let max_smem = dev.max_shared_memory_per_block();
     match fused_dqk_class(dims, chunk, max_smem) {
-        Some(dqk_pad) => Ok(Tiling {
-            chunk: FUSED_CHUNK,
-            tv: fused_tv(dqk_pad),
-            dqk_pad,
-            smem_bytes: fused_smem_bytes(dqk_pad),
-            fused: true,
-        }),
+        Some(dqk_pad) => {
+            Ok(Tiling { chunk: FUSED_CHUNK, tv: FUSED_TV, dqk_pad, smem_bytes: fused_smem_bytes(dqk_pad), fused: true })
+        }
         None => tiling(dims, chunk, max_smem),
     }
 }
@@ -217,29 +214,24 @@ unsafe impl DeviceRepr for FusedParams {}
 const FUSED_CHUNK: usize = 64;
 const FUSED_DQK: [usize; 3] = [64, 128, 256];
 
-/// `hk_mlstm::fused::Cfg<class, TV>::TV`: value columns per block, as instantiated in
-/// cuda/mlstm.cu (`MLSTM_FWD_FUSED`): 64 for every class.
-fn fused_tv(_dqk_class: usize) -> usize {
-    64
-}
+/// `hk_mlstm::fused::TV`: value columns per block.
+const FUSED_TV: usize = 64;
 
 const FUSED_NAMES: [[&str; 3]; 2] = [
     ["mlstm_fwd_fused_bf16_k64", "mlstm_fwd_fused_bf16_k128", "mlstm_fwd_fused_bf16_k256"],
     ["mlstm_fwd_fused_f16_k64", "mlstm_fwd_fused_f16_k128", "mlstm_fwd_fused_f16_k256"],
 ];
 
-/// `hk_mlstm::fused::Cfg<class, TV>::THREADS`: 4 output warps and one state warp per 16 rows
-/// of C (TV 128) or 32 (TV 64).
+/// `hk_mlstm::fused::Cfg<class>::THREADS`: 4 output warps and one state warp per 32 rows of C.
 fn fused_threads(dqk_class: usize) -> usize {
-    let rows_per_state_warp = if fused_tv(dqk_class) == 128 { 16 } else { 32 };
-    32 * (4 + dqk_class / rows_per_state_warp)
+    32 * (4 + dqk_class / 32)
 }
 
-/// `hk_mlstm::fused::Cfg<class, TV>::SMEM`: Q and K twice (64 rows of class + 8), V twice (64
+/// `hk_mlstm::fused::Cfg<class>::SMEM`: Q and K twice (64 rows of class + 8), V twice (64
 /// rows of TV + 8), C (class rows of TV + 8), all 2-byte elements, then two `GateTile`s (five
 /// f32 per step and four more).
 fn fused_smem_bytes(dqk_class: usize) -> usize {
-    let (l, vx, ldq) = (FUSED_CHUNK, fused_tv(dqk_class) + 8, dqk_class + 8);
+    let (l, vx, ldq) = (FUSED_CHUNK, FUSED_TV + 8, dqk_class + 8);
     (4 * l * ldq + 2 * l * vx + dqk_class * vx) * 2 + 2 * (5 * l + 4) * 4
 }
 
@@ -272,10 +264,7 @@ fn forward_fused<T: CudaElement>(
     // SAFETY (allocations): for every head, its ceil(dhv / tv) blocks write all of h's (len,
     // dhv) values and the final C's (dqk, dhv) values, the first of them the final n and m;
     // with no head nothing is read.
-    let mut h = unsafe { Tensor::cuda_uninit(dev, dims.dtype, &dims.h_shape())? };
-    let mut c = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[dims.batch, dims.heads, dims.dqk, dims.dhv])? };
-    let mut n = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[dims.batch, dims.heads, dims.dqk])? };
-    let mut m = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[dims.batch, dims.heads])? };
+    let mut out = unsafe { uninit_output(dev, dims)? };
     if heads > 0 {
         // Tensors own whole allocations (256-byte aligned), so rows start 16-byte aligned
         // exactly when their length in bytes is a multiple of 16.
@@ -309,26 +298,8 @@ fn forward_fused<T: CudaElement>(
         };
         let null = 0u64;
         let mut args = dev.stream().launch_builder(&f);
-        args.arg(inputs.q.cuda_slice::<T>("q")?)
-            .arg(inputs.k.cuda_slice::<T>("k")?)
-            .arg(inputs.v.cuda_slice::<T>("v")?)
-            .arg(inputs.i.cuda_slice::<f32>("i")?)
-            .arg(inputs.f.cuda_slice::<f32>("f")?);
-        match inputs.initial {
-            Some(s) => {
-                args.arg(s.c.cuda_slice::<f32>("initial.c")?)
-                    .arg(s.n.cuda_slice::<f32>("initial.n")?)
-                    .arg(s.m.cuda_slice::<f32>("initial.m")?);
-            }
-            None => {
-                args.arg(&null).arg(&null).arg(&null);
-            }
-        }
-        args.arg(h.cuda_slice_mut::<T>("h")?)
-            .arg(c.cuda_slice_mut::<f32>("final.c")?)
-            .arg(n.cuda_slice_mut::<f32>("final.n")?)
-            .arg(m.cuda_slice_mut::<f32>("final.m")?)
-            .arg(&p);
+        push_forward_args::<T>(&mut args, inputs, &null, &mut out)?;
+        args.arg(&p);
         // SAFETY: mlstm_fwd_fused_<T>_k<class>(q, k, v, i, f, c0, n0, m0, h, c, n, m,
         // FusedParams): MlstmInputs::dims checked every shape, type and device: q, k hold
         // heads*len*dqk T with dqk <= class, v and h heads*len*dhv T, i and f heads*len f32,
@@ -339,7 +310,51 @@ fn forward_fused<T: CudaElement>(
         // and which the function was allowed above.
         unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching mlstm_fwd_fused", e))?;
     }
-    Ok(MlstmOutput { h, final_state: MlstmState { c, n, m } })
+    Ok(out)
+}
+
+/// The forward's outputs, uninitialised: h and the final C, n, m.
+///
+/// # Safety
+/// The caller's launch writes every value, or nothing reads them.
+unsafe fn uninit_output(dev: &CudaDevice, dims: &MlstmDims) -> Result<MlstmOutput> {
+    let (b, nh) = (dims.batch, dims.heads);
+    // SAFETY: forwarded to the caller (above).
+    unsafe {
+        Ok(MlstmOutput {
+            h: Tensor::cuda_uninit(dev, dims.dtype, &dims.h_shape())?,
+            final_state: MlstmState {
+                c: Tensor::cuda_uninit(dev, DType::F32, &[b, nh, dims.dqk, dims.dhv])?,
+                n: Tensor::cuda_uninit(dev, DType::F32, &[b, nh, dims.dqk])?,
+                m: Tensor::cuda_uninit(dev, DType::F32, &[b, nh])?,
+            },
+        })
+    }
+}
+
+/// The arguments both forward kernels (`mlstm_fwd_*`, `mlstm_fwd_fused_*`) start with: q, k,
+/// v, i, f, the initial C, n, m (`null` without one), h and the final C, n, m.
+fn push_forward_args<'a, T: CudaElement>(
+    args: &mut LaunchArgs<'a>,
+    inputs: &'a MlstmInputs,
+    null: &'a u64,
+    out: &'a mut MlstmOutput,
+) -> Result<()> {
+    args.arg(inputs.q.cuda_slice::<T>("q")?)
+        .arg(inputs.k.cuda_slice::<T>("k")?)
+        .arg(inputs.v.cuda_slice::<T>("v")?)
+        .arg(inputs.i.cuda_slice::<f32>("i")?)
+        .arg(inputs.f.cuda_slice::<f32>("f")?);
+    let initial = inputs.initial;
+    push_opt::<f32>(args, initial.map(|s| &s.c), "initial.c", null)?;
+    push_opt::<f32>(args, initial.map(|s| &s.n), "initial.n", null)?;
+    push_opt::<f32>(args, initial.map(|s| &s.m), "initial.m", null)?;
+    let MlstmOutput { h, final_state: MlstmState { c, n, m } } = out;
+    args.arg(h.cuda_slice_mut::<T>("h")?)
+        .arg(c.cuda_slice_mut::<f32>("final.c")?)
+        .arg(n.cuda_slice_mut::<f32>("final.n")?)
+        .arg(m.cuda_slice_mut::<f32>("final.m")?);
+    Ok(())
 }
 
 fn forward_typed<T: CudaElement>(
@@ -353,10 +368,7 @@ fn forward_typed<T: CudaElement>(
     // SAFETY (allocations): for every head, the blocks (one per value tile) write all of h's
     // (len, dhv) values, the final C's (dqk, dhv) values, and the first tile's block the
     // final n and m; with no head nothing is read.
-    let mut h = unsafe { Tensor::cuda_uninit(dev, dims.dtype, &dims.h_shape())? };
-    let mut c = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[dims.batch, dims.heads, dims.dqk, dims.dhv])? };
-    let mut n = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[dims.batch, dims.heads, dims.dqk])? };
-    let mut m = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[dims.batch, dims.heads])? };
+    let mut out = unsafe { uninit_output(dev, dims)? };
     if heads > 0 {
         let p = MlstmParams {
             heads: heads as u32,
@@ -384,25 +396,7 @@ fn forward_typed<T: CudaElement>(
         };
         let null = 0u64;
         let mut args = dev.stream().launch_builder(&f);
-        args.arg(inputs.q.cuda_slice::<T>("q")?)
-            .arg(inputs.k.cuda_slice::<T>("k")?)
-            .arg(inputs.v.cuda_slice::<T>("v")?)
-            .arg(inputs.i.cuda_slice::<f32>("i")?)
-            .arg(inputs.f.cuda_slice::<f32>("f")?);
-        match inputs.initial {
-            Some(s) => {
-                args.arg(s.c.cuda_slice::<f32>("initial.c")?)
-                    .arg(s.n.cuda_slice::<f32>("initial.n")?)
-                    .arg(s.m.cuda_slice::<f32>("initial.m")?);
-            }
-            None => {
-                args.arg(&null).arg(&null).arg(&null);
-            }
-        }
-        args.arg(h.cuda_slice_mut::<T>("h")?)
-            .arg(c.cuda_slice_mut::<f32>("final.c")?)
-            .arg(n.cuda_slice_mut::<f32>("final.n")?)
-            .arg(m.cuda_slice_mut::<f32>("final.m")?);
+        push_forward_args::<T>(&mut args, inputs, &null, &mut out)?;
         match stats {
             Some((dh, st)) => {
                 args.arg(dh.cuda_slice::<T>("dh")?).arg(st.cuda_slice_mut::<f32>("stats")?);
@@ -423,7 +417,7 @@ fn forward_typed<T: CudaElement>(
         // carving and which the function was allowed above.
         unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching mlstm_fwd", e))?;
     }
-    Ok(MlstmOutput { h, final_state: MlstmState { c, n, m } })
+    Ok(out)
 }
 
 /// Mirrors `hk_mlstm::PassParams` in cuda/mlstm.cu.
