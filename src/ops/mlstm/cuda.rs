@@ -183,8 +183,8 @@ pub(super) fn forward(dev: &CudaDevice, inputs: &MlstmInputs, dims: &MlstmDims) 
     check_gpu_dims(dims.dqk, dims.dhv, heads, dims.len)?;
     let tiling = forward_tiling(dev, dims, inputs.chunk)?;
     match (dims.dtype, tiling.fused) {
-        (DType::BF16, true) => forward_fused::<bf16>(dev, inputs, dims, &tiling),
-        (DType::F16, true) => forward_fused::<f16>(dev, inputs, dims, &tiling),
+        (DType::BF16, true) => forward_fused::<bf16>(dev, inputs, dims, &tiling, None),
+        (DType::F16, true) => forward_fused::<f16>(dev, inputs, dims, &tiling, None),
         (DType::F32, _) => forward_typed::<f32>(dev, inputs, dims, &tiling, None),
         (DType::BF16, false) => forward_typed::<bf16>(dev, inputs, dims, &tiling, None),
         (DType::F16, false) => forward_typed::<f16>(dev, inputs, dims, &tiling, None),
@@ -222,6 +222,24 @@ const FUSED_NAMES: [[&str; 3]; 2] = [
     ["mlstm_fwd_fused_f16_k64", "mlstm_fwd_fused_f16_k128", "mlstm_fwd_fused_f16_k256"],
 ];
 
+/// The same kernels recording the backward's per-step stats (`<name>_stats`).
+const FUSED_STATS_NAMES: [[&str; 3]; 2] = [
+    ["mlstm_fwd_fused_bf16_k64_stats", "mlstm_fwd_fused_bf16_k128_stats", "mlstm_fwd_fused_bf16_k256_stats"],
+    ["mlstm_fwd_fused_f16_k64_stats", "mlstm_fwd_fused_f16_k128_stats", "mlstm_fwd_fused_f16_k256_stats"],
+];
+
+/// The backward's fused passes by X / Y width class, without and with an extra column.
+const FUSED_PASS_NAMES: [[[&str; 3]; 2]; 2] = [
+    [
+        ["mlstm_pass_fused_bf16_k64", "mlstm_pass_fused_bf16_k128", "mlstm_pass_fused_bf16_k256"],
+        ["mlstm_pass_fused_bf16_k64_extra", "mlstm_pass_fused_bf16_k128_extra", "mlstm_pass_fused_bf16_k256_extra"],
+    ],
+    [
+        ["mlstm_pass_fused_f16_k64", "mlstm_pass_fused_f16_k128", "mlstm_pass_fused_f16_k256"],
+        ["mlstm_pass_fused_f16_k64_extra", "mlstm_pass_fused_f16_k128_extra", "mlstm_pass_fused_f16_k256_extra"],
+    ],
+];
+
 /// `hk_mlstm::fused::Cfg<class>::THREADS`: 4 output warps and one state warp per 32 rows of C.
 fn fused_threads(dqk_class: usize) -> usize {
     32 * (4 + dqk_class / 32)
@@ -245,11 +263,14 @@ fn fused_dqk_class(dims: &MlstmDims, chunk: Option<usize>, max_smem: usize) -> O
     (fused_smem_bytes(class) <= max_smem).then_some(class)
 }
 
+/// `stats`: dh and the backward's per-step stats, shaped as [`forward_typed`] takes them
+/// (`3 + ceil(dhv / tv)` rows of `heads * len`), recorded by the `_stats` kernels.
 fn forward_fused<T: CudaElement>(
     dev: &CudaDevice,
     inputs: &MlstmInputs,
     dims: &MlstmDims,
     tiling: &Tiling,
+    stats: Option<(&Tensor, &mut Tensor)>,
 ) -> Result<MlstmOutput> {
     let heads = dims.batch * dims.heads;
     let v_tiles = dims.dhv.div_ceil(tiling.tv);
@@ -285,7 +306,8 @@ fn forward_fused<T: CudaElement>(
             .position(|&c| c == tiling.dqk_pad)
             .ok_or_else(|| Error::invalid("q", "dqk up to 256 for the fused forward", dims.dqk.to_string()))?;
         let row = if dims.dtype == DType::BF16 { 0 } else { 1 };
-        let f = dev.function(KernelModule::Mlstm, FUSED_NAMES[row][class])?;
+        let names = if stats.is_some() { &FUSED_STATS_NAMES } else { &FUSED_NAMES };
+        let f = dev.function(KernelModule::Mlstm, names[row][class])?;
         f.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             tiling.smem_bytes as i32,
@@ -299,12 +321,17 @@ fn forward_fused<T: CudaElement>(
         let null = 0u64;
         let mut args = dev.stream().launch_builder(&f);
         push_forward_args::<T>(&mut args, inputs, &null, &mut out)?;
+        if let Some((dh, st)) = stats {
+            args.arg(dh.cuda_slice::<T>("dh")?).arg(st.cuda_slice_mut::<f32>("stats")?);
+        }
         args.arg(&p);
-        // SAFETY: mlstm_fwd_fused_<T>_k<class>(q, k, v, i, f, c0, n0, m0, h, c, n, m,
-        // FusedParams): MlstmInputs::dims checked every shape, type and device: q, k hold
-        // heads*len*dqk T with dqk <= class, v and h heads*len*dhv T, i and f heads*len f32,
-        // the states heads*dqk*dhv, heads*dqk and heads f32 (initial ones null with has_init
-        // 0). Block b reads head b / ceil(dhv / tv) and writes its tv value columns only;
+        // SAFETY: mlstm_fwd_fused_<T>_k<class>[_stats](q, k, v, i, f, c0, n0, m0, h, c, n, m,
+        // [dh, stats,] FusedParams): MlstmInputs::dims checked every shape, type and device:
+        // q, k hold heads*len*dqk T with dqk <= class, v and h heads*len*dhv T, i and f
+        // heads*len f32, the states heads*dqk*dhv, heads*dqk and heads f32 (initial ones null
+        // with has_init 0); with stats (the _stats kernel), dh is shaped like h and stats
+        // holds (3 + ceil(dhv / tv)) * heads * len f32 (the backward allocates both). Block b
+        // reads head b / ceil(dhv / tv) and writes its tv value columns (and stats rows) only;
         // 16-byte accesses only where vec_in / vec_out say the rows allow them. The shared
         // memory is fused_smem_bytes(class), which the kernel checks against its own layout
         // and which the function was allowed above.
@@ -634,6 +661,169 @@ fn launch_pass<T: CudaElement>(
     Ok(())
 }
 
+/// Mirrors `hk_mlstm::FusedPassParams` in cuda/mlstm.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct FusedPassParams {
+    heads: u32,
+    len: u32,
+    dx: u32,
+    dz: u32,
+    reverse: u32,
+    x_extra: u32,
+    y_extra: u32,
+    has_init: u32,
+    init_transposed: u32,
+    vec_in: u32,
+    vec_out: u32,
+    init_m_default: f32,
+    out_scale: f32,
+    init_scale: f32,
+}
+
+// SAFETY: eleven u32 and three f32 fields, repr(C), no padding: the same bytes as the C struct.
+unsafe impl DeviceRepr for FusedPassParams {}
+
+/// `hk_mlstm::fused::PassCfg<class>::SMEM`: X and Y twice (64 rows of class + 8), Z twice
+/// (64 rows of TV + 8), the state's copy (class rows of TV + 8), all 2-byte elements, E's copy
+/// (TV f32) and two `PassGateTile`s (seven f32 per step, an f64 and two f32).
+fn fused_pass_smem_bytes(class: usize) -> usize {
+    let (l, vx, ldx) = (FUSED_CHUNK, FUSED_TV + 8, class + 8);
+    (4 * l * ldx + 2 * l * vx + class * vx) * 2 + FUSED_TV * 4 + 2 * (7 * l * 4 + 16)
+}
+
+/// The classes of the fused backward (the stats-recording fused forward's for dqk, the passes'
+/// for dhv (dq, dk) and dqk (dv)): bf16 / f16, both head dimensions up to 256, chunk unset or
+/// 64, and every kernel's shared memory within `max_smem`.
+fn fused_backward_classes(dims: &MlstmDims, chunk: Option<usize>, max_smem: usize) -> Option<(usize, usize)> {
+    let qk = fused_dqk_class(dims, chunk, max_smem)?;
+    let hv = *FUSED_DQK.iter().find(|&&c| dims.dhv <= c)?;
+    (fused_pass_smem_bytes(qk) <= max_smem && fused_pass_smem_bytes(hv) <= max_smem).then_some((qk, hv))
+}
+
+/// One backward pass on the fused kernel (`mlstm_pass_fused_*`): as [`launch_pass`], with
+/// `class` the class of `spec.dx`.
+#[allow(clippy::too_many_arguments)]
+fn launch_pass_fused<T: CudaElement>(
+    dev: &CudaDevice,
+    dims: &MlstmDims,
+    spec: &PassSpec,
+    class: usize,
+    [x, y, z]: [&CudaSlice<T>; 3],
+    bufs: &BackwardBufs,
+    init: Option<PassInit>,
+    out: &mut CudaSlice<T>,
+    final_state: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
+) -> Result<()> {
+    let heads = dims.batch * dims.heads;
+    let rows = heads * dims.len;
+    let z_tiles = spec.dz.div_ceil(FUSED_TV);
+    let blocks = heads * z_tiles;
+    if blocks > i32::MAX as usize || spec.dx > class || (final_state.is_some() && !spec.init_transposed) {
+        return Err(Error::invalid(
+            "q",
+            format!("a fused {} pass: dx up to {class}, below 2^31 blocks", spec.name),
+            format!("dx {}, {blocks} blocks", spec.dx),
+        ));
+    }
+    let extra = spec.x_extra != EXTRA_NONE || spec.y_extra != EXTRA_NONE;
+    let p = FusedPassParams {
+        heads: heads as u32,
+        len: dims.len as u32,
+        dx: spec.dx as u32,
+        dz: spec.dz as u32,
+        reverse: u32::from(spec.reverse),
+        x_extra: spec.x_extra,
+        y_extra: spec.y_extra,
+        has_init: u32::from(init.is_some()),
+        init_transposed: u32::from(spec.init_transposed),
+        // Tensors own whole allocations (256-byte aligned): rows start 16-byte aligned exactly
+        // when their length in bytes is a multiple of 16.
+        vec_in: u32::from(spec.dx % 8 == 0 && spec.dz % 8 == 0),
+        vec_out: u32::from(spec.dz % 8 == 0),
+        init_m_default: spec.init_m_default,
+        out_scale: spec.out_scale,
+        init_scale: spec.init_scale,
+    };
+    let class_index = FUSED_DQK
+        .iter()
+        .position(|&c| c == class)
+        .ok_or_else(|| Error::invalid("q", "a fused pass class of 64, 128 or 256", class.to_string()))?;
+    let row = if dims.dtype == DType::BF16 { 0 } else { 1 };
+    let f = dev.function(KernelModule::Mlstm, FUSED_PASS_NAMES[row][usize::from(extra)][class_index])?;
+    let smem = fused_pass_smem_bytes(class);
+    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        .map_err(|e| dev.map_err("setting mlstm_pass_fused's shared memory", e))?;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (fused_threads(class) as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let null = 0u64;
+    let m_fwd = bufs.stats.slice(0..rows);
+    let d_fwd = bufs.stats.slice(rows..2 * rows);
+    let extra_vals = bufs.aux.slice(0..rows);
+    let final_log = bufs.head_aux.slice(heads..2 * heads);
+    let mut args = dev.stream().launch_builder(&f);
+    args.arg(x).arg(y).arg(z).arg(bufs.ig).arg(bufs.fg).arg(&m_fwd).arg(&d_fwd).arg(&extra_vals);
+    let init_m;
+    match init {
+        Some((c, n, m)) => {
+            init_m = m;
+            args.arg(c).arg(n);
+            match &init_m {
+                Some(m) => args.arg(m),
+                None => args.arg(&null),
+            };
+        }
+        None => {
+            args.arg(&null).arg(&null).arg(&null);
+        }
+    }
+    args.arg(out);
+    match final_state {
+        Some((c, n)) => {
+            args.arg(c).arg(n).arg(&final_log);
+        }
+        None => {
+            args.arg(&null).arg(&null).arg(&null);
+        }
+    }
+    args.arg(&p);
+    // SAFETY: mlstm_pass_fused_<T>_k<class>[_extra](x, y, z, i, f, m_fwd, d_fwd, extra,
+    // init_c, init_n, init_m, out, final_c, final_n, final_log, FusedPassParams): as
+    // launch_pass's (x and y heads*len*dx T with dx <= class, z and out heads*len*dz T, the
+    // per-step views heads*len f32, an initial state heads*dx*dz (+ heads*dz) f32 or null, a
+    // final state only with the transposed layout, checked above). Block b reads head
+    // b / ceil(dz / 64) and writes its 64 columns of out (and of the final state) only; 16-byte
+    // accesses only where vec_in / vec_out say the rows allow them. The shared memory is
+    // fused_pass_smem_bytes(class), which the kernel checks against its own layout and which
+    // the function was allowed above.
+    unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching mlstm_pass_fused", e))?;
+    Ok(())
+}
+
+/// A backward pass on the fused kernel (`fused`: [`fused_backward_classes`] took the shape) or
+/// the chunked one.
+#[allow(clippy::too_many_arguments)]
+fn run_pass<T: CudaElement>(
+    dev: &CudaDevice,
+    dims: &MlstmDims,
+    chunk: Option<usize>,
+    fused: bool,
+    spec: &PassSpec,
+    operands: [&CudaSlice<T>; 3],
+    bufs: &BackwardBufs,
+    init: Option<PassInit>,
+    out: &mut CudaSlice<T>,
+    final_state: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
+) -> Result<()> {
+    match FUSED_DQK.iter().find(|&&c| spec.dx <= c) {
+        Some(&class) if fused => launch_pass_fused(dev, dims, spec, class, operands, bufs, init, out, final_state),
+        _ => launch_pass(dev, dims, chunk, spec, operands, bufs, init, out, final_state),
+    }
+}
+
 pub(super) fn backward(
     dev: &CudaDevice,
     inputs: &MlstmInputs,
@@ -691,12 +881,26 @@ fn backward_typed<T: CudaElement>(
     }
 
     // The backward's recomputation records per-step stats, which the chunked forward does.
-    let tiling = tiling(dims, inputs.chunk, dev.max_shared_memory_per_block())?;
+    // The fused kernels where they take the shape (bf16 / f16, head dimensions up to 256),
+    // else the chunked ones.
+    let max_smem = dev.max_shared_memory_per_block();
+    let classes = fused_backward_classes(dims, inputs.chunk, max_smem);
+    let fused = classes.is_some();
+    let tiling = match classes {
+        Some((qk, _)) => {
+            Tiling { chunk: FUSED_CHUNK, tv: FUSED_TV, dqk_pad: qk, smem_bytes: fused_smem_bytes(qk), fused: true }
+        }
+        None => tiling(dims, inputs.chunk, max_smem)?,
+    };
     let value_tiles = dhv.div_ceil(tiling.tv);
     // SAFETY: the forward's first value-tile blocks write rows 0..3 of every step, and the
     // blocks of value tile j row 3 + j.
     let mut stats = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[3 + value_tiles, rows])? };
-    let fwd = forward_typed::<T>(dev, inputs, dims, &tiling, Some((dh, &mut stats)))?;
+    let fwd = if fused {
+        forward_fused::<T>(dev, inputs, dims, &tiling, Some((dh, &mut stats)))?
+    } else {
+        forward_typed::<T>(dev, inputs, dims, &tiling, Some((dh, &mut stats)))?
+    };
     // SAFETY: mlstm_bwd_prep writes all three rows of every step and both head_aux rows of
     // every head (at its first and last step; len >= 1 here).
     let mut aux = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[3, rows])? };
@@ -766,7 +970,7 @@ fn backward_typed<T: CudaElement>(
         )),
         None => None,
     };
-    launch_pass(dev, dims, inputs.chunk, &dq_spec, [dh_s, v, k], &bufs, init, dq.cuda_slice_mut::<T>("dq")?, None)?;
+    run_pass(dev, dims, inputs.chunk, fused, &dq_spec, [dh_s, v, k], &bufs, init, dq.cuda_slice_mut::<T>("dq")?, None)?;
 
     // dk: backwards, X = (v, 1), Y = (dh, d dn) with 1 / d in the key gate, Z = q, from
     // [dC | dn]_final^T; ends at the initial state's gradient.
@@ -804,7 +1008,18 @@ fn backward_typed<T: CudaElement>(
             }
             None => None,
         };
-        launch_pass(dev, dims, inputs.chunk, &dk_spec, [v, dh_s, q], &bufs, init, dk.cuda_slice_mut::<T>("dk")?, fin)?;
+        run_pass(
+            dev,
+            dims,
+            inputs.chunk,
+            fused,
+            &dk_spec,
+            [v, dh_s, q],
+            &bufs,
+            init,
+            dk.cuda_slice_mut::<T>("dk")?,
+            fin,
+        )?;
     }
 
     // dv: backwards, X = k, Y = q, Z = dh with 1 / d in the key gate, from dC_final.
@@ -822,7 +1037,7 @@ fn backward_typed<T: CudaElement>(
     };
     // The n part of the initial state is unused without an extra column (y_extra none).
     let init = dfin_c.zip(dfin_n).map(|(c, n)| (c, n, Some(reverse_start())));
-    launch_pass(dev, dims, inputs.chunk, &dv_spec, [k, q, dh_s], &bufs, init, dv.cuda_slice_mut::<T>("dv")?, None)?;
+    run_pass(dev, dims, inputs.chunk, fused, &dv_spec, [k, q, dh_s], &bufs, init, dv.cuda_slice_mut::<T>("dv")?, None)?;
 
     // Gate gradients and dm0.
     {
