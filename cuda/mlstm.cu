@@ -670,21 +670,18 @@ __device__ void mlstm_pass(const T* __restrict__ x, const T* __restrict__ y, con
 struct PrepParams {
     uint32_t heads;
     uint32_t len;
-    uint32_t value_tiles;
+    uint32_t value_tiles;  // stats rows of h . dh (mlstm_bwd_prep)
     uint32_t exact;
+    uint32_t dhv;          // h and dh row length (mlstm_bwd_prep_h)
 };
 
 constexpr int PREP_THREADS = 256;
 
-__device__ void mlstm_bwd_prep(const float* __restrict__ stats, const float* __restrict__ fg,
-                               const float* __restrict__ m0, float* __restrict__ aux, float* __restrict__ head_aux,
-                               const PrepParams& p) {
+// Step g's aux and head_aux entries from its m, d, den and h . dh.
+__device__ __forceinline__ void prep_step(size_t g, float m, float d, float den, float hdh,
+                                          const float* __restrict__ fg, const float* __restrict__ m0,
+                                          float* __restrict__ aux, float* __restrict__ head_aux, const PrepParams& p) {
     const size_t rows = size_t(p.heads) * p.len;
-    const size_t g = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (g >= rows) return;
-    const float m = stats[g], d = stats[rows + g], den = stats[2 * rows + g];
-    float hdh = 0.f;
-    for (uint32_t v = 0; v < p.value_tiles; ++v) hdh += stats[(3 + v) * rows + g];
     float dn = 0.f, dm = 0.f;
     if (p.exact) {
         const float dd = -hdh / d, floor_m = expf(-m);
@@ -699,8 +696,67 @@ __device__ void mlstm_bwd_prep(const float* __restrict__ stats, const float* __r
     if (t == 0) head_aux[p.heads + head] = (m0 != nullptr ? m0[head] : 0.f) + logsigmoid(fg[g]);
 }
 
-// Gate gradients, one block per head: c[t] = k[t] . dk[t] and r[t] give db = r - c and
-// di = c; dlf is db's reverse cumulative sum (plus <dfinal, final> at the last step), and
+// One thread per step, h . dh summed from the chunked forward's per-value-tile stats rows.
+__device__ void mlstm_bwd_prep(const float* __restrict__ stats, const float* __restrict__ fg,
+                               const float* __restrict__ m0, float* __restrict__ aux, float* __restrict__ head_aux,
+                               const PrepParams& p) {
+    const size_t rows = size_t(p.heads) * p.len;
+    const size_t g = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (g >= rows) return;
+    float hdh = 0.f;
+    for (uint32_t v = 0; v < p.value_tiles; ++v) hdh += stats[(3 + v) * rows + g];
+    prep_step(g, stats[g], stats[rows + g], stats[2 * rows + g], hdh, fg, m0, aux, head_aux, p);
+}
+
+// One warp per step, h . dh from the recomputed h (rounded to T) and dh: the fused forward
+// records only m, d and den, as a dot product over dh's columns on its output warps cost
+// more than the whole forward's time again (dh's loads on the critical path).
+template <typename T>
+__device__ void mlstm_bwd_prep_h(const float* __restrict__ stats, const T* __restrict__ h, const T* __restrict__ dh,
+                                 const float* __restrict__ fg, const float* __restrict__ m0, float* __restrict__ aux,
+                                 float* __restrict__ head_aux, const PrepParams& p) {
+    const size_t rows = size_t(p.heads) * p.len;
+    const size_t g = size_t(blockIdx.x) * (PREP_THREADS / 32) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (g >= rows) return;
+    const T* hr = h + g * p.dhv;
+    const T* dr = dh + g * p.dhv;
+    float hdh = 0.f;
+    for (uint32_t j = lane; j < p.dhv; j += 32) hdh = fmaf(hk::to_f32(hr[j]), hk::to_f32(dr[j]), hdh);
+    hdh = warp_sum(hdh);
+    if (lane == 0) prep_step(g, stats[g], stats[rows + g], stats[2 * rows + g], hdh, fg, m0, aux, head_aux, p);
+}
+
+// c[t] = k[t] . dk[t], one warp per step (all heads at once; the per-head gate kernel
+// below is sequential in time): di = c, db = r - c (in df until the gate kernel's scan), and
+// r's share of the gradient into m.
+struct DotParams {
+    uint32_t rows;  // heads * len
+    uint32_t dqk;
+};
+
+template <typename T>
+__device__ void mlstm_bwd_dots(const T* __restrict__ k, const T* __restrict__ dk, float* __restrict__ aux,
+                               float* __restrict__ di, float* __restrict__ df, const DotParams& p) {
+    const size_t rows = p.rows;
+    const size_t g = size_t(blockIdx.x) * (PREP_THREADS / 32) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (g >= rows) return;
+    const T* kr = k + g * p.dqk;
+    const T* dkr = dk + g * p.dqk;
+    float c = 0.f;
+    for (uint32_t a = lane; a < p.dqk; a += 32) c = fmaf(hk::to_f32(kr[a]), hk::to_f32(dkr[a]), c);
+    c = warp_sum(c);
+    if (lane == 0) {
+        const float r = aux[rows + g];
+        di[g] = c;
+        df[g] = r - c;
+        aux[2 * rows + g] -= r;
+    }
+}
+
+// Gate gradients, one block per head, after mlstm_bwd_dots (di = c, df = db = r - c): dlf is
+// db's reverse cumulative sum (plus <dfinal, final> at the last step), and
 // in Exact mode the gradient into m[t] follows the branch the max took, back to m0. The
 // reverse scans run per thread over a contiguous segment, joined by one thread.
 struct GateParams {
@@ -713,8 +769,7 @@ struct GateParams {
 
 constexpr int GATE_THREADS = 256;
 
-template <typename T>
-__device__ void mlstm_bwd_gates(const T* __restrict__ k, const T* __restrict__ dk, const float* __restrict__ ig,
+__device__ void mlstm_bwd_gates(const float* __restrict__ ig,
                                 const float* __restrict__ fg, const float* __restrict__ stats,
                                 float* __restrict__ aux, const float* __restrict__ c_fin,
                                 const float* __restrict__ n_fin, const float* __restrict__ dc_fin,
@@ -732,19 +787,6 @@ __device__ void mlstm_bwd_gates(const T* __restrict__ k, const T* __restrict__ d
     const int len = int(p.len), dqk = int(p.dqk);
     float* dmd = aux + 2 * rows;
 
-    for (int t = warp; t < len; t += GATE_THREADS / 32) {
-        const T* kr = k + (row0 + t) * dqk;
-        const T* dkr = dk + (row0 + t) * dqk;
-        float c = 0.f;
-        for (int a = lane; a < dqk; a += 32) c = fmaf(hk::to_f32(kr[a]), hk::to_f32(dkr[a]), c);
-        c = warp_sum(c);
-        if (lane == 0) {
-            const float r = aux[rows + row0 + t];
-            di[row0 + t] = c;
-            df[row0 + t] = r - c;  // db, until the scan below
-            dmd[row0 + t] -= r;
-        }
-    }
     // <dfinal, final> and <dinitial, initial> (the initial state's weight's share of dm0).
     float fin = 0.f, ini = 0.f;
     const size_t cs = size_t(p.dqk) * p.dhv;
@@ -1160,12 +1202,10 @@ __device__ __forceinline__ void mma_by_row_block(float (&acc)[NA][4], const uint
 // masked: the last warp's work is the chunk's critical path either way, and one copy of the
 // code instead of four (one per diagonal) keeps the loop in the instruction cache (Nsight
 // Compute: 21% of stalls were instruction fetch with four).
-// What the backward's recomputation records per step (the chunked forward's `stats`): m, the
-// denominator d = max(|den|, exp(-m)) + eps and den (rows 0-2, by the first value tile's
-// blocks), and h . dh over this block's value columns (row 3 + value tile).
-template <typename T>
+// What the backward's recomputation records per step: m, the denominator
+// d = max(|den|, exp(-m)) + eps and den (the chunked forward's stats rows 0-2), by the first
+// value tile's blocks. h . dh is mlstm_bwd_prep_h's.
 struct StatsOut {
-    const T* __restrict__ dh_rows;  // dh at the chunk's first step and the block's first column
     float* __restrict__ stats;
     size_t rows;   // heads * len: the stride of the stats rows
     size_t first;  // the chunk's first step among them
@@ -1175,7 +1215,7 @@ struct StatsOut {
 template <typename T, int DQK, bool STATS>
 __device__ __forceinline__ void output_rows(const T* Qb, const T* Kb, const T* Vb, const T* Cs, const GateTile& gt,
                                             int W, T* __restrict__ h_rows, int valid, int tv_valid,
-                                            const FusedParams& p, const StatsOut<T>& so) {
+                                            const FusedParams& p, const StatsOut& so) {
     using C = Cfg<DQK>;
     constexpr int KT = L / 8;
     const int lane = threadIdx.x & 31, quad = lane & 3, r0 = lane >> 2;
@@ -1248,36 +1288,10 @@ __device__ __forceinline__ void output_rows(const T* Qb, const T* Kb, const T* V
     const float d0 = fmaxf(fabsf(den0), expf(-gt.m[t0])) + p.eps;
     const float d1 = fmaxf(fabsf(den1), expf(-gt.m[t1])) + p.eps;
     const float inv0 = 1.f / d0, inv1 = 1.f / d1;
-    if constexpr (STATS) {
-        // h . dh from h before its rounding, as the chunked forward; dh by element (any dhv).
-        float part0 = 0.f, part1 = 0.f;
-        const bool ok0 = t0 < valid, ok1 = t1 < valid;
-#pragma unroll
-        for (int n = 0; n < NT - 1; ++n) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int c = n * 8 + 2 * quad + e;
-                if (c < tv_valid) {
-                    if (ok0) part0 = fmaf(o[n][e] * inv0, hk::to_f32(so.dh_rows[size_t(t0) * p.dhv + c]), part0);
-                    if (ok1) part1 = fmaf(o[n][2 + e] * inv1, hk::to_f32(so.dh_rows[size_t(t1) * p.dhv + c]), part1);
-                }
-            }
-        }
-#pragma unroll
-        for (int off = 1; off < 4; off <<= 1) {
-            part0 += __shfl_xor_sync(0xffffffffu, part0, off);
-            part1 += __shfl_xor_sync(0xffffffffu, part1, off);
-        }
-        if (quad == 0) {
-            float* hdh = so.stats + (3 + size_t(so.vt)) * so.rows + so.first;
-            if (ok0) hdh[t0] = part0;
-            if (ok1) hdh[t1] = part1;
-            if (so.vt == 0) {
-                float* st = so.stats + so.first;
-                if (ok0) st[t0] = gt.m[t0], st[so.rows + t0] = d0, st[2 * so.rows + t0] = den0;
-                if (ok1) st[t1] = gt.m[t1], st[so.rows + t1] = d1, st[2 * so.rows + t1] = den1;
-            }
-        }
+    if (STATS && so.vt == 0 && quad == 0) {
+        float* st = so.stats + so.first;
+        if (t0 < valid) st[t0] = gt.m[t0], st[so.rows + t0] = d0, st[2 * so.rows + t0] = den0;
+        if (t1 < valid) st[t1] = gt.m[t1], st[so.rows + t1] = d1, st[2 * so.rows + t1] = den1;
     }
     T* stage = const_cast<T*>(Qb) + 16 * W * C::LDQ;
     __syncwarp();  // every lane's ldmatrix of these rows is done
@@ -1379,8 +1393,8 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
                                 const float* __restrict__ ig, const float* __restrict__ fg,
                                 const float* __restrict__ c0, const float* __restrict__ n0,
                                 const float* __restrict__ m0, T* __restrict__ h, float* __restrict__ c_out,
-                                float* __restrict__ n_out, float* __restrict__ m_out, const T* __restrict__ dh,
-                                float* __restrict__ stats, const FusedParams& p) {
+                                float* __restrict__ n_out, float* __restrict__ m_out, float* __restrict__ stats,
+                                const FusedParams& p) {
     using namespace fused;
     using C = Cfg<DQK>;
     constexpr int VX = C::VX, MT = C::MT, NT = C::NT, SR = C::SR;
@@ -1511,7 +1525,7 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
             block_sync();
             const int buf = ch & 1;
             const size_t first = row0 + size_t(ch) * L;
-            const StatsOut<T> so{STATS ? dh + first * p.dhv + v0 : nullptr, stats, size_t(p.heads) * p.len, first, vt};
+            const StatsOut so{stats, size_t(p.heads) * p.len, first, vt};
             output_rows<T, DQK, STATS>(Qs + buf * C::QK_TILE, Ks + buf * C::QK_TILE, Vs + buf * C::V_TILE, Cs,
                                        gates[buf], warp, h + first * p.dhv + v0, min(L, len - ch * L), tv_valid, p,
                                        so);
@@ -1892,14 +1906,13 @@ MLSTM_FWD_CHUNKS(f16, __half)
     extern "C" __global__ void __launch_bounds__(hk_mlstm::fused::Cfg<DQK>::THREADS, BLOCKS)                      \
         NAME(const T* q, const T* k, const T* v, const float* ig, const float* fg, const float* c0, const float* n0,    \
              const float* m0, T* h, float* c_out, float* n_out, float* m_out, hk_mlstm::FusedParams p) {               \
-        hk_mlstm::mlstm_fwd_fused<T, DQK, false>(q, k, v, ig, fg, c0, n0, m0, h, c_out, n_out, m_out, nullptr,     \
-                                                 nullptr, p);                                                     \
+        hk_mlstm::mlstm_fwd_fused<T, DQK, false>(q, k, v, ig, fg, c0, n0, m0, h, c_out, n_out, m_out, nullptr, p); \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(hk_mlstm::fused::Cfg<DQK>::THREADS, BLOCKS)                      \
         NAME##_stats(const T* q, const T* k, const T* v, const float* ig, const float* fg, const float* c0,          \
-                     const float* n0, const float* m0, T* h, float* c_out, float* n_out, float* m_out, const T* dh,   \
+                     const float* n0, const float* m0, T* h, float* c_out, float* n_out, float* m_out,               \
                      float* stats, hk_mlstm::FusedParams p) {                                                     \
-        hk_mlstm::mlstm_fwd_fused<T, DQK, true>(q, k, v, ig, fg, c0, n0, m0, h, c_out, n_out, m_out, dh, stats, p); \
+        hk_mlstm::mlstm_fwd_fused<T, DQK, true>(q, k, v, ig, fg, c0, n0, m0, h, c_out, n_out, m_out, stats, p);    \
     }
 
 MLSTM_FWD_FUSED(mlstm_fwd_fused_bf16_k64, __nv_bfloat16, 64, 2)
@@ -1971,16 +1984,25 @@ extern "C" __global__ void __launch_bounds__(hk_mlstm::PREP_THREADS)
     hk_mlstm::mlstm_bwd_prep(stats, fg, m0, aux, head_aux, p);
 }
 
-#define MLSTM_GATES(NAME, T)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(hk_mlstm::GATE_THREADS)                                               \
-        NAME(const T* k, const T* dk, const float* ig, const float* fg, const float* stats, float* aux,                \
-             const float* c_fin, const float* n_fin, const float* dc_fin, const float* dn_fin, const float* dm_fin,     \
-             const float* c0, const float* n0, const float* dc0, const float* dn0, float* di, float* df, float* dm0,   \
-             hk_mlstm::GateParams p) {                                                                                 \
-        hk_mlstm::mlstm_bwd_gates<T>(k, dk, ig, fg, stats, aux, c_fin, n_fin, dc_fin, dn_fin, dm_fin, c0, n0, dc0,     \
-                                     dn0, di, df, dm0, p);                                                             \
+extern "C" __global__ void __launch_bounds__(hk_mlstm::GATE_THREADS)
+    mlstm_bwd_gates(const float* ig, const float* fg, const float* stats, float* aux, const float* c_fin,
+                    const float* n_fin, const float* dc_fin, const float* dn_fin, const float* dm_fin, const float* c0,
+                    const float* n0, const float* dc0, const float* dn0, float* di, float* df, float* dm0,
+                    hk_mlstm::GateParams p) {
+    hk_mlstm::mlstm_bwd_gates(ig, fg, stats, aux, c_fin, n_fin, dc_fin, dn_fin, dm_fin, c0, n0, dc0, dn0, di, df, dm0, p);
+}
+
+#define MLSTM_ROW_DOTS(DT, T)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(hk_mlstm::PREP_THREADS)                                               \
+        mlstm_bwd_prep_h_##DT(const float* stats, const T* h, const T* dh, const float* fg, const float* m0,           \
+                              float* aux, float* head_aux, hk_mlstm::PrepParams p) {                                  \
+        hk_mlstm::mlstm_bwd_prep_h<T>(stats, h, dh, fg, m0, aux, head_aux, p);                                        \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(hk_mlstm::PREP_THREADS)                                               \
+        mlstm_bwd_dots_##DT(const T* k, const T* dk, float* aux, float* di, float* df, hk_mlstm::DotParams p) {       \
+        hk_mlstm::mlstm_bwd_dots<T>(k, dk, aux, di, df, p);                                                           \
     }
 
-MLSTM_GATES(mlstm_bwd_gates_f32, float)
-MLSTM_GATES(mlstm_bwd_gates_bf16, __nv_bfloat16)
-MLSTM_GATES(mlstm_bwd_gates_f16, __half)
+MLSTM_ROW_DOTS(f32, float)
+MLSTM_ROW_DOTS(bf16, __nv_bfloat16)
+MLSTM_ROW_DOTS(f16, __half)

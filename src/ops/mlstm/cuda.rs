@@ -263,14 +263,14 @@ fn fused_dqk_class(dims: &MlstmDims, chunk: Option<usize>, max_smem: usize) -> O
     (fused_smem_bytes(class) <= max_smem).then_some(class)
 }
 
-/// `stats`: dh and the backward's per-step stats, shaped as [`forward_typed`] takes them
-/// (`3 + ceil(dhv / tv)` rows of `heads * len`), recorded by the `_stats` kernels.
+/// `stats`: the backward's per-step m, d and den (rows 0-2 of `heads * len` f32 each, as
+/// [`forward_typed`] records them), by the `_stats` kernels.
 fn forward_fused<T: CudaElement>(
     dev: &CudaDevice,
     inputs: &MlstmInputs,
     dims: &MlstmDims,
     tiling: &Tiling,
-    stats: Option<(&Tensor, &mut Tensor)>,
+    stats: Option<&mut Tensor>,
 ) -> Result<MlstmOutput> {
     let heads = dims.batch * dims.heads;
     let v_tiles = dims.dhv.div_ceil(tiling.tv);
@@ -321,16 +321,16 @@ fn forward_fused<T: CudaElement>(
         let null = 0u64;
         let mut args = dev.stream().launch_builder(&f);
         push_forward_args::<T>(&mut args, inputs, &null, &mut out)?;
-        if let Some((dh, st)) = stats {
-            args.arg(dh.cuda_slice::<T>("dh")?).arg(st.cuda_slice_mut::<f32>("stats")?);
+        if let Some(st) = stats {
+            args.arg(st.cuda_slice_mut::<f32>("stats")?);
         }
         args.arg(&p);
         // SAFETY: mlstm_fwd_fused_<T>_k<class>[_stats](q, k, v, i, f, c0, n0, m0, h, c, n, m,
-        // [dh, stats,] FusedParams): MlstmInputs::dims checked every shape, type and device:
-        // q, k hold heads*len*dqk T with dqk <= class, v and h heads*len*dhv T, i and f
-        // heads*len f32, the states heads*dqk*dhv, heads*dqk and heads f32 (initial ones null
-        // with has_init 0); with stats (the _stats kernel), dh is shaped like h and stats
-        // holds (3 + ceil(dhv / tv)) * heads * len f32 (the backward allocates both). Block b
+        // [stats,] FusedParams): MlstmInputs::dims checked every shape, type and device: q, k
+        // hold heads*len*dqk T with dqk <= class, v and h heads*len*dhv T, i and f heads*len
+        // f32, the states heads*dqk*dhv, heads*dqk and heads f32 (initial ones null with
+        // has_init 0); with stats (the _stats kernel) stats holds at least 3 * heads * len f32
+        // (the backward allocates it). Block b
         // reads head b / ceil(dhv / tv) and writes its tv value columns (and stats rows) only;
         // 16-byte accesses only where vec_in / vec_out say the rows allow them. The shared
         // memory is fused_smem_bytes(class), which the kernel checks against its own layout
@@ -478,10 +478,22 @@ struct PrepParams {
     len: u32,
     value_tiles: u32,
     exact: u32,
+    dhv: u32,
 }
 
-// SAFETY: four u32 fields, repr(C), no padding.
+// SAFETY: five u32 fields, repr(C), no padding.
 unsafe impl DeviceRepr for PrepParams {}
+
+/// Mirrors `hk_mlstm::DotParams`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct DotParams {
+    rows: u32,
+    dqk: u32,
+}
+
+// SAFETY: two u32 fields, repr(C), no padding.
+unsafe impl DeviceRepr for DotParams {}
 
 /// Mirrors `hk_mlstm::GateParams`.
 #[repr(C)]
@@ -892,12 +904,14 @@ fn backward_typed<T: CudaElement>(
         }
         None => tiling(dims, inputs.chunk, max_smem)?,
     };
-    let value_tiles = dhv.div_ceil(tiling.tv);
+    // The chunked forward records h . dh per value tile in stats rows 3.., the fused one
+    // leaves it to mlstm_bwd_prep_h.
+    let value_tiles = if fused { 0 } else { dhv.div_ceil(tiling.tv) };
     // SAFETY: the forward's first value-tile blocks write rows 0..3 of every step, and the
-    // blocks of value tile j row 3 + j.
+    // chunked forward's blocks of value tile j row 3 + j.
     let mut stats = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[3 + value_tiles, rows])? };
     let fwd = if fused {
-        forward_fused::<T>(dev, inputs, dims, &tiling, Some((dh, &mut stats)))?
+        forward_fused::<T>(dev, inputs, dims, &tiling, Some(&mut stats))?
     } else {
         forward_typed::<T>(dev, inputs, dims, &tiling, Some((dh, &mut stats)))?
     };
@@ -911,24 +925,37 @@ fn backward_typed<T: CudaElement>(
             len: len as u32,
             value_tiles: value_tiles as u32,
             exact: u32::from(exact),
+            dhv: dhv as u32,
         };
-        let f = dev.function(KernelModule::Mlstm, "mlstm_bwd_prep")?;
+        // One thread per step, or (fused) one warp per step with h . dh from h and dh.
+        let (name, steps_per_block) = if fused {
+            (["mlstm_bwd_prep_h_f32", "mlstm_bwd_prep_h_bf16", "mlstm_bwd_prep_h_f16"][dtype_index(dims.dtype)], 8)
+        } else {
+            ("mlstm_bwd_prep", PREP_THREADS as usize)
+        };
+        let f = dev.function(KernelModule::Mlstm, name)?;
         let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(PREP_THREADS as usize) as u32, 1, 1),
+            grid_dim: (rows.div_ceil(steps_per_block) as u32, 1, 1),
             block_dim: (PREP_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let null = 0u64;
         let mut args = dev.stream().launch_builder(&f);
-        args.arg(stats.cuda_slice::<f32>("stats")?).arg(inputs.f.cuda_slice::<f32>("f")?);
+        args.arg(stats.cuda_slice::<f32>("stats")?);
+        if fused {
+            args.arg(fwd.h.cuda_slice::<T>("h")?).arg(dh.cuda_slice::<T>("dh")?);
+        }
+        args.arg(inputs.f.cuda_slice::<f32>("f")?);
         match inputs.initial {
             Some(s) => args.arg(s.m.cuda_slice::<f32>("initial.m")?),
             None => args.arg(&null),
         };
         args.arg(aux.cuda_slice_mut::<f32>("aux")?).arg(head_aux.cuda_slice_mut::<f32>("head_aux")?).arg(&p);
-        // SAFETY: mlstm_bwd_prep(stats, f, m0, aux, head_aux, PrepParams): stats holds
-        // (3 + value_tiles) * rows f32, f rows f32, m0 heads f32 or null, aux 3 * rows and
-        // head_aux 2 * heads f32; one thread per step, those past `rows` return.
+        // SAFETY: mlstm_bwd_prep(stats, f, m0, aux, head_aux, PrepParams) or
+        // mlstm_bwd_prep_h_<T>(stats, h, dh, f, m0, aux, head_aux, PrepParams): stats holds
+        // (3 + value_tiles) * rows f32, h (the recomputed forward's) and dh rows * dhv T, f
+        // rows f32, m0 heads f32 or null, aux 3 * rows and head_aux 2 * heads f32; one thread
+        // (one warp) per step, those past `rows` return.
         unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching mlstm_bwd_prep", e))?;
     }
 
@@ -1039,6 +1066,29 @@ fn backward_typed<T: CudaElement>(
     let init = dfin_c.zip(dfin_n).map(|(c, n)| (c, n, Some(reverse_start())));
     run_pass(dev, dims, inputs.chunk, fused, &dv_spec, [k, q, dh_s], &bufs, init, dv.cuda_slice_mut::<T>("dv")?, None)?;
 
+    // Per step: c = k . dk, then di = c and db = r - c.
+    {
+        let p = DotParams { rows: rows as u32, dqk: dqk as u32 };
+        let name = ["mlstm_bwd_dots_f32", "mlstm_bwd_dots_bf16", "mlstm_bwd_dots_f16"][dtype_index(dims.dtype)];
+        let f = dev.function(KernelModule::Mlstm, name)?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(PREP_THREADS as usize / 32) as u32, 1, 1),
+            block_dim: (PREP_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(k)
+            .arg(dk.cuda_slice::<T>("dk")?)
+            .arg(aux.cuda_slice_mut::<f32>("aux")?)
+            .arg(di.cuda_slice_mut::<f32>("di")?)
+            .arg(df.cuda_slice_mut::<f32>("df")?)
+            .arg(&p);
+        // SAFETY: mlstm_bwd_dots_<T>(k, dk, aux, di, df, DotParams): k and dk hold rows * dqk
+        // T, aux 3 * rows f32, di and df rows f32; one warp per step, those past `rows`
+        // return.
+        unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching mlstm_bwd_dots", e))?;
+    }
+
     // Gate gradients and dm0.
     {
         let p = GateParams {
@@ -1048,14 +1098,11 @@ fn backward_typed<T: CudaElement>(
             dhv: dhv as u32,
             exact: u32::from(exact),
         };
-        let name = ["mlstm_bwd_gates_f32", "mlstm_bwd_gates_bf16", "mlstm_bwd_gates_f16"][dtype_index(dims.dtype)];
-        let f = dev.function(KernelModule::Mlstm, name)?;
+        let f = dev.function(KernelModule::Mlstm, "mlstm_bwd_gates")?;
         let cfg = LaunchConfig { grid_dim: (heads as u32, 1, 1), block_dim: (GATE_THREADS, 1, 1), shared_mem_bytes: 0 };
         let null = 0u64;
         let mut args = dev.stream().launch_builder(&f);
-        args.arg(k)
-            .arg(dk.cuda_slice::<T>("dk")?)
-            .arg(inputs.i.cuda_slice::<f32>("i")?)
+        args.arg(inputs.i.cuda_slice::<f32>("i")?)
             .arg(inputs.f.cuda_slice::<f32>("f")?)
             .arg(stats.cuda_slice::<f32>("stats")?)
             .arg(aux.cuda_slice_mut::<f32>("aux")?)
@@ -1093,9 +1140,9 @@ fn backward_typed<T: CudaElement>(
             }
         }
         args.arg(&p);
-        // SAFETY: mlstm_bwd_gates_<T>(k, dk, i, f, stats, aux, c_fin, n_fin, dc_fin, dn_fin,
-        // dm_fin, c0, n0, dc0, dn0, di, df, dm0, GateParams): k and dk hold rows*dqk T, i, f,
-        // di, df rows f32, stats >= rows f32 (m first), aux 3*rows f32, the states
+        // SAFETY: mlstm_bwd_gates(i, f, stats, aux, c_fin, n_fin, dc_fin, dn_fin, dm_fin, c0,
+        // n0, dc0, dn0, di, df, dm0, GateParams): i, f, di, df hold rows f32, stats >= rows
+        // f32 (m first), aux 3*rows f32, the states
         // heads*dqk*dhv, heads*dqk, heads f32 (null when absent). One block per head touches
         // that head's steps and state only.
         unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching mlstm_bwd_gates", e))?;
