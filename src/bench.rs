@@ -802,8 +802,9 @@ pub fn mlstm_train_target_us(shape: MlstmShape, dtype: DType) -> Option<f64> {
     }
 }
 
-/// Benchmarks a training step of the mLSTM: `mlstm` then `mlstm_backward` (Exact, which
-/// recomputes the forward) with a given dh, at `shape`; two input sets rotate on the GPU.
+/// Benchmarks a training step of the mLSTM: `mlstm_for_backward` then `mlstm_backward`
+/// (Exact) with its saved forward and a given dh, at `shape`; two input sets rotate on the
+/// GPU.
 pub fn bench_mlstm_fwd_bwd(
     device: &Device,
     dtype: DType,
@@ -812,7 +813,7 @@ pub fn bench_mlstm_fwd_bwd(
     copy_gbs: Option<f64>,
 ) -> Result<BenchRow> {
     use crate::check::MlstmCase;
-    use crate::ops::mlstm::{mlstm, mlstm_backward, NormalizerGrad};
+    use crate::ops::mlstm::{mlstm_backward, mlstm_for_backward, NormalizerGrad};
     let MlstmShape { batch, heads, len, head_dim: d } = shape;
     let case = MlstmCase::new(batch, heads, len, d, d, dtype);
     let sets = if device.is_cuda() { 2 } else { 1 };
@@ -827,20 +828,22 @@ pub fn bench_mlstm_fwd_bwd(
         .collect::<Result<Vec<_>>>()?;
     let timing = time_on(device, reps, |i| {
         let (t, dh) = &data[i % sets];
-        mlstm(&t.inputs())?;
-        mlstm_backward(&t.inputs(), dh, None, NormalizerGrad::Exact).map(drop)
+        let saved = mlstm_for_backward(&t.inputs())?;
+        mlstm_backward(&t.inputs(), dh, None, NormalizerGrad::Exact, Some(&saved)).map(drop)
     })?;
     let tokens = (batch * heads * len) as f64;
     let (es, df) = (dtype.size_in_bytes() as f64, d as f64);
-    // Forward: q, k, v, gates in, h out. Backward: the forward again with dh, then three
-    // passes reading three operands each and writing dq, dk, dv, and the gate kernels.
-    let bytes = tokens * (4.0 * df * es + 8.0) * 2.0 + tokens * (12.0 * df * es + 32.0);
+    // The backward runs the forward again unless the saved one carries its stats.
+    let forwards = if mlstm_for_backward(&data[0].0.inputs())?.has_stats() { 1.0 } else { 2.0 };
+    // Forward: q, k, v, gates in, h out. Backward: three passes reading three operands each
+    // and writing dq, dk, dv, and the gate kernels.
+    let bytes = tokens * (4.0 * df * es + 8.0) * forwards + tokens * (12.0 * df * es + 32.0);
     let l = match device {
         Device::Cuda(dev) => crate::ops::mlstm::forward_tiling(dev, &case_dims(&case), None)?.chunk as f64,
         Device::Cpu => 1.0,
     };
-    // Two forwards and three passes of the forward's work.
-    let flops = 5.0 * tokens * (2.0 * l * df + 4.0 * df * df);
+    // The forwards and three passes of the forward's work.
+    let flops = (forwards + 3.0) * tokens * (2.0 * l * df + 4.0 * df * df);
     Ok(BenchRow {
         op: "mlstm forward+backward".to_string(),
         dtype,

@@ -918,6 +918,9 @@ pub struct MlstmCase {
     pub scale: f64,
     pub chunk: Option<usize>,
     pub dtype: DType,
+    /// The backward takes the saved forward of [`crate::ops::mlstm::mlstm_for_backward`]
+    /// instead of recomputing it.
+    pub saved_forward: bool,
 }
 
 /// The tensors of an [`MlstmCase`], owned.
@@ -970,6 +973,7 @@ impl MlstmCase {
             scale: 1.0,
             chunk: None,
             dtype,
+            saved_forward: false,
         }
     }
 
@@ -1053,7 +1057,7 @@ impl MlstmCase {
         device: &Device,
         mode: crate::ops::mlstm::NormalizerGrad,
     ) -> Result<Vec<(&'static str, f64, f64)>> {
-        use crate::ops::mlstm::{cpu, mlstm_backward};
+        use crate::ops::mlstm::{cpu, mlstm_backward, mlstm_for_backward};
         let mut rng = Rng::new(seed);
         let host = self.tensors(&mut rng)?;
         let (b, h, l) = (self.batch, self.heads, self.len);
@@ -1070,7 +1074,8 @@ impl MlstmCase {
         let g_ref = cpu::backward(&p, &dh.to_f64_vec()?, dfinal64.as_ref(), mode);
         let dev_t = host.to_device(device)?;
         let dfinal_d = dfinal.as_ref().map(|s| s.to_device(device)).transpose()?;
-        let g = mlstm_backward(&dev_t.inputs(), &dh.to_device(device)?, dfinal_d.as_ref(), mode)?;
+        let saved = self.saved_forward.then(|| mlstm_for_backward(&dev_t.inputs())).transpose()?;
+        let g = mlstm_backward(&dev_t.inputs(), &dh.to_device(device)?, dfinal_d.as_ref(), mode, saved.as_ref())?;
         let (gi, ri) = (g.dinitial.as_ref(), g_ref.dinitial.as_ref());
         let state_err = |pick: fn(&crate::ops::mlstm::MlstmState) -> &Tensor,
                          pick64: fn(&cpu::State64) -> &Vec<f64>| {

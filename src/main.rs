@@ -443,11 +443,13 @@ fn check(device: &Device, seed: Option<u64>) -> Result<bool> {
     ];
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         let mut worst = 0.0f64;
-        for &(batch, heads, len, dqk, dhv, init, dfinal, extreme, chunk, exact) in grad_cases {
+        for (n, &(batch, heads, len, dqk, dhv, init, dfinal, extreme, chunk, exact)) in grad_cases.iter().enumerate() {
+            // Every other case from the saved training forward, the others recomputing it.
             let case = MlstmCase {
                 with_init: init,
                 with_dfinal: dfinal,
                 chunk,
+                saved_forward: n % 2 == 1,
                 ..MlstmCase::new(batch, heads, len, dqk, dhv, dtype)
             }
             .with_extreme_gates_for_grads(extreme);
@@ -892,7 +894,7 @@ fn run_mlstm(
         }
         "mlstm_backward" => {
             let dfinal = state("dc", "dn", "dm");
-            let g = mlstm_backward(&inputs, get("dh")?, dfinal.as_ref(), mode)?;
+            let g = mlstm_backward(&inputs, get("dh")?, dfinal.as_ref(), mode, None)?;
             let mut v = vec![("dq", g.dq), ("dk", g.dk), ("dv", g.dv), ("di", g.di), ("df", g.df)];
             if let Some(s) = g.dinitial {
                 v.extend([("dc0", s.c), ("dn0", s.n), ("dm0", s.m)]);

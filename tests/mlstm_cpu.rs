@@ -4,7 +4,9 @@
 //! errors. CPU only, run in CI.
 
 use hybrid_kernels::check::{decode_against_mlstm, MlstmCase, Rng};
-use hybrid_kernels::ops::mlstm::{cpu, mlstm, mlstm_backward, mlstm_step, MlstmInputs, MlstmState, NormalizerGrad};
+use hybrid_kernels::ops::mlstm::{
+    cpu, mlstm, mlstm_backward, mlstm_for_backward, mlstm_step, MlstmInputs, MlstmState, NormalizerGrad,
+};
 use hybrid_kernels::{DType, Device, Error, Tensor};
 use proptest::prelude::*;
 
@@ -250,11 +252,16 @@ fn typed_errors_name_the_argument() {
     bad_state.n = t(&[1, 2, 3], DType::F32);
     assert_eq!(arg(mlstm(&MlstmInputs { initial: Some(&bad_state), ..ok }).unwrap_err()), "initial.n");
     let dh = t(&[1, 2, 5, 3], DType::BF16);
-    assert_eq!(arg(mlstm_backward(&ok, &dh, None, NormalizerGrad::Exact).unwrap_err()), "dh");
+    assert_eq!(arg(mlstm_backward(&ok, &dh, None, NormalizerGrad::Exact, None).unwrap_err()), "dh");
     let mut bad_final = MlstmState::zeros(1, 2, 4, 3, &dev).unwrap();
     bad_final.m = t(&[2, 1], DType::F32);
     let dh = t(&[1, 2, 5, 3], DType::F32);
-    assert_eq!(arg(mlstm_backward(&ok, &dh, Some(&bad_final), NormalizerGrad::Exact).unwrap_err()), "dfinal.m");
+    assert_eq!(arg(mlstm_backward(&ok, &dh, Some(&bad_final), NormalizerGrad::Exact, None).unwrap_err()), "dfinal.m");
+    // A saved forward of other inputs (here one step longer) is refused by name.
+    let (q6, v6, g6) = (t(&[1, 2, 6, 4], DType::F32), t(&[1, 2, 6, 3], DType::F32), t(&[1, 2, 6], DType::F32));
+    let other = mlstm_for_backward(&MlstmInputs::new(&q6, &q6, &v6, &g6, &g6)).unwrap();
+    assert!(!other.has_stats());
+    assert_eq!(arg(mlstm_backward(&ok, &dh, None, NormalizerGrad::Exact, Some(&other)).unwrap_err()), "saved.output.h");
     let mut state = MlstmState::zeros(1, 2, 4, 3, &dev).unwrap();
     let (q1, k1, v1) = (t(&[1, 2, 4], DType::F32), t(&[1, 2, 4], DType::F32), t(&[1, 2, 3], DType::F32));
     let (i1, f1) = (t(&[1, 2], DType::F32), t(&[1, 2], DType::F32));

@@ -3,13 +3,15 @@
 //! dtype, with and without an initial state; strongly negative forget and large input gates;
 //! head dims up to 512; S = 65536 in bf16 without a NaN; decoding reproduces the sequence
 //! pass; every gradient against the f64 reference backward on random shapes, both
-//! normaliser modes, with and without initial state and final-state gradient. Skips without a GPU unless HYBRID_KERNELS_REQUIRE_GPU=1; HYBRID_KERNELS_POISON=1
+//! normaliser modes, with and without initial state and final-state gradient, recomputing the
+//! forward or from the saved training forward (the same bits). Skips without a GPU unless
+//! HYBRID_KERNELS_REQUIRE_GPU=1; HYBRID_KERNELS_POISON=1
 //! NaN-fills every output first.
 
 mod common;
 
 use hybrid_kernels::check::{decode_against_mlstm, mlstm_grad_tolerance, mlstm_tolerance, MlstmCase};
-use hybrid_kernels::ops::mlstm::{mlstm_backward, NormalizerGrad};
+use hybrid_kernels::ops::mlstm::{mlstm, mlstm_backward, mlstm_for_backward, NormalizerGrad};
 use hybrid_kernels::{DType, Device, Error, Tensor};
 use proptest::prelude::*;
 
@@ -139,6 +141,7 @@ proptest! {
         dfinal in any::<bool>(),
         extreme in any::<bool>(),
         constant in any::<bool>(),
+        saved in any::<bool>(),
         dtype in prop_oneof![Just(DType::F32), Just(DType::BF16), Just(DType::F16)],
     ) {
         let Some(gpu) = common::gpu("mlstm_gpu_backward_matches_cpu_reference") else { return Ok(()) };
@@ -146,6 +149,7 @@ proptest! {
             with_init: init,
             with_dfinal: dfinal,
             chunk,
+            saved_forward: saved,
             ..MlstmCase::new(batch, heads, len, dqk, dhv, dtype)
         }
         .with_extreme_gates_for_grads(extreme);
@@ -213,7 +217,7 @@ fn mlstm_backward_65536_steps_in_bf16_is_finite() {
         let t = case.tensors(&mut hybrid_kernels::check::Rng::new(9)).unwrap().to_device(&gpu).unwrap();
         let dh = Tensor::full(0.25, &[1, 1, 65536, 64], DType::BF16, &gpu).unwrap();
         // Any state-shaped values serve as the final state's gradient: the initial state's.
-        let g = mlstm_backward(&t.inputs(), &dh, t.initial.as_ref(), NormalizerGrad::Exact).unwrap();
+        let g = mlstm_backward(&t.inputs(), &dh, t.initial.as_ref(), NormalizerGrad::Exact, None).unwrap();
         let d0 = g.dinitial.as_ref().unwrap();
         for (name, x) in [
             ("dq", &g.dq),
@@ -244,5 +248,56 @@ fn mlstm_backward_cancelling_initial_m_gradient() {
             let errs = case.run_backward(1397411264089299281, &gpu, mode).unwrap();
             assert_grads_within(&case, mode, &errs);
         }
+    }
+}
+
+/// The backward from a saved training forward gives the same gradients, bit for bit, as the
+/// one that recomputes it (the fused path records the same stats either way; elsewhere nothing
+/// is saved), and a saved forward of another shape is refused by name.
+#[test]
+fn mlstm_backward_from_the_saved_forward_is_the_recomputed_one() {
+    let Some(gpu) = common::gpu("mlstm_backward_from_the_saved_forward_is_the_recomputed_one") else { return };
+    for (dtype, dqk, dhv, chunk) in [
+        (DType::BF16, 128, 64, None),
+        (DType::F16, 64, 200, Some(64)),
+        (DType::BF16, 33, 40, Some(32)),
+        (DType::F32, 64, 64, None),
+    ] {
+        let case =
+            MlstmCase { with_init: true, with_dfinal: true, chunk, ..MlstmCase::new(2, 2, 150, dqk, dhv, dtype) };
+        let mut rng = hybrid_kernels::check::Rng::new(5);
+        let t = case.tensors(&mut rng).unwrap().to_device(&gpu).unwrap();
+        let dh = Tensor::full(0.5, &[2, 2, 150, dhv], dtype, &gpu).unwrap();
+        let saved = mlstm_for_backward(&t.inputs()).unwrap();
+        assert_eq!(saved.has_stats(), dtype != DType::F32 && chunk != Some(32), "{dtype} {chunk:?}");
+        let plain = mlstm(&t.inputs()).unwrap();
+        assert_eq!(saved.output.h.to_f64_vec().unwrap(), plain.h.to_f64_vec().unwrap());
+        for mode in [NormalizerGrad::Exact, NormalizerGrad::Constant] {
+            let a = mlstm_backward(&t.inputs(), &dh, t.initial.as_ref(), mode, None).unwrap();
+            let b = mlstm_backward(&t.inputs(), &dh, t.initial.as_ref(), mode, Some(&saved)).unwrap();
+            let (da, db) = (a.dinitial.as_ref().unwrap(), b.dinitial.as_ref().unwrap());
+            for (name, x, y) in [
+                ("dq", &a.dq, &b.dq),
+                ("dk", &a.dk, &b.dk),
+                ("dv", &a.dv, &b.dv),
+                ("di", &a.di, &b.di),
+                ("df", &a.df, &b.df),
+                ("dc0", &da.c, &db.c),
+                ("dn0", &da.n, &db.n),
+                ("dm0", &da.m, &db.m),
+            ] {
+                assert_eq!(x.to_f64_vec().unwrap(), y.to_f64_vec().unwrap(), "{name} {dtype} {chunk:?} {mode:?}");
+            }
+        }
+    }
+    let case = MlstmCase::new(1, 2, 40, 64, 64, DType::BF16);
+    let t = case.tensors(&mut hybrid_kernels::check::Rng::new(6)).unwrap().to_device(&gpu).unwrap();
+    let other = MlstmCase::new(1, 2, 41, 64, 64, DType::BF16);
+    let t2 = other.tensors(&mut hybrid_kernels::check::Rng::new(6)).unwrap().to_device(&gpu).unwrap();
+    let saved = mlstm_for_backward(&t2.inputs()).unwrap();
+    let dh = Tensor::full(0.5, &[1, 2, 40, 64], DType::BF16, &gpu).unwrap();
+    match mlstm_backward(&t.inputs(), &dh, None, NormalizerGrad::Exact, Some(&saved)) {
+        Err(Error::InvalidArgument { arg, .. }) => assert_eq!(arg, "saved.output.h"),
+        other => panic!("expected a typed error, got {other:?}"),
     }
 }

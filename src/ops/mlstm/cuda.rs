@@ -836,6 +836,34 @@ fn run_pass<T: CudaElement>(
     }
 }
 
+/// The forward of a training step: on the fused backward's path the fused forward recording
+/// m, d and den (`3 x heads * len` f32, as the backward's recomputation would), elsewhere the
+/// plain forward and no stats.
+pub(super) fn forward_for_backward(
+    dev: &CudaDevice,
+    inputs: &MlstmInputs,
+    dims: &MlstmDims,
+) -> Result<(MlstmOutput, Option<Tensor>)> {
+    let heads = dims.batch * dims.heads;
+    check_gpu_dims(dims.dqk, dims.dhv, heads, dims.len)?;
+    let Some((qk, _)) = fused_backward_classes(dims, inputs.chunk, dev.max_shared_memory_per_block()) else {
+        return Ok((forward(dev, inputs, dims)?, None));
+    };
+    let tiling =
+        Tiling { chunk: FUSED_CHUNK, tv: FUSED_TV, dqk_pad: qk, smem_bytes: fused_smem_bytes(qk), fused: true };
+    // SAFETY: the fused forward's first value-tile blocks write all three rows of every step
+    // (with no step or no head there is nothing to read).
+    let mut stats = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[3, heads * dims.len])? };
+    let out = match dims.dtype {
+        DType::BF16 => forward_fused::<bf16>(dev, inputs, dims, &tiling, Some(&mut stats))?,
+        DType::F16 => forward_fused::<f16>(dev, inputs, dims, &tiling, Some(&mut stats))?,
+        DType::F32 => return Ok((forward(dev, inputs, dims)?, None)),
+    };
+    Ok((out, Some(stats)))
+}
+
+/// `saved`: a fused forward's output and stats for these inputs ([`forward_for_backward`]),
+/// used in place of the recomputation where the backward takes the fused path.
 pub(super) fn backward(
     dev: &CudaDevice,
     inputs: &MlstmInputs,
@@ -843,13 +871,14 @@ pub(super) fn backward(
     dh: &Tensor,
     dfinal: Option<&MlstmState>,
     mode: NormalizerGrad,
+    saved: Option<(&MlstmOutput, &Tensor)>,
 ) -> Result<MlstmGrads> {
     let heads = dims.batch * dims.heads;
     check_gpu_dims(dims.dqk, dims.dhv, heads, dims.len)?;
     match dims.dtype {
-        DType::F32 => backward_typed::<f32>(dev, inputs, dims, dh, dfinal, mode),
-        DType::BF16 => backward_typed::<bf16>(dev, inputs, dims, dh, dfinal, mode),
-        DType::F16 => backward_typed::<f16>(dev, inputs, dims, dh, dfinal, mode),
+        DType::F32 => backward_typed::<f32>(dev, inputs, dims, dh, dfinal, mode, saved),
+        DType::BF16 => backward_typed::<bf16>(dev, inputs, dims, dh, dfinal, mode, saved),
+        DType::F16 => backward_typed::<f16>(dev, inputs, dims, dh, dfinal, mode, saved),
     }
 }
 
@@ -860,6 +889,7 @@ fn backward_typed<T: CudaElement>(
     dh: &Tensor,
     dfinal: Option<&MlstmState>,
     mode: NormalizerGrad,
+    saved: Option<(&MlstmOutput, &Tensor)>,
 ) -> Result<MlstmGrads> {
     let (batch, nh, len, dqk, dhv) = (dims.batch, dims.heads, dims.len, dims.dqk, dims.dhv);
     let heads = batch * nh;
@@ -907,13 +937,21 @@ fn backward_typed<T: CudaElement>(
     // The chunked forward records h . dh per value tile in stats rows 3.., the fused one
     // leaves it to mlstm_bwd_prep_h.
     let value_tiles = if fused { 0 } else { dhv.div_ceil(tiling.tv) };
-    // SAFETY: the forward's first value-tile blocks write rows 0..3 of every step, and the
-    // chunked forward's blocks of value tile j row 3 + j.
-    let mut stats = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[3 + value_tiles, rows])? };
-    let fwd = if fused {
-        forward_fused::<T>(dev, inputs, dims, &tiling, Some(&mut stats))?
-    } else {
-        forward_typed::<T>(dev, inputs, dims, &tiling, Some((dh, &mut stats)))?
+    let recomputed;
+    let (fwd, stats) = match saved {
+        Some((out, stats)) if fused => (out, stats),
+        _ => {
+            // SAFETY: the forward's first value-tile blocks write rows 0..3 of every step, and
+            // the chunked forward's blocks of value tile j row 3 + j.
+            let mut stats = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[3 + value_tiles, rows])? };
+            let out = if fused {
+                forward_fused::<T>(dev, inputs, dims, &tiling, Some(&mut stats))?
+            } else {
+                forward_typed::<T>(dev, inputs, dims, &tiling, Some((dh, &mut stats)))?
+            };
+            recomputed = (out, stats);
+            (&recomputed.0, &recomputed.1)
+        }
     };
     // SAFETY: mlstm_bwd_prep writes all three rows of every step and both head_aux rows of
     // every head (at its first and last step; len >= 1 here).

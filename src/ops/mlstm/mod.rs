@@ -96,6 +96,8 @@ struct StateArgs {
 const INITIAL: StateArgs = StateArgs { c: "initial.c", n: "initial.n", m: "initial.m" };
 const DFINAL: StateArgs = StateArgs { c: "dfinal.c", n: "dfinal.n", m: "dfinal.m" };
 const STATE: StateArgs = StateArgs { c: "state.c", n: "state.n", m: "state.m" };
+const SAVED_FINAL: StateArgs =
+    StateArgs { c: "saved.output.final_state.c", n: "saved.output.final_state.n", m: "saved.output.final_state.m" };
 
 /// The inputs of one mLSTM sequence pass. Build with [`MlstmInputs::new`] and set options.
 #[derive(Clone, Copy, Debug)]
@@ -249,14 +251,47 @@ pub fn mlstm(inputs: &MlstmInputs) -> Result<MlstmOutput> {
     }
 }
 
+/// A training step's forward ([`mlstm_for_backward`]): the output, and the per-step m,
+/// denominator and its pre-guard value `(3, batch * heads * len)` f32 that the backward would
+/// otherwise recompute. Only the fused GPU path (bf16 / f16, head dimensions up to 256, chunk
+/// unset or 64) records them; elsewhere `stats` is None and the backward recomputes. No state
+/// is stored: the backward still recomputes C chunk by chunk.
+#[derive(Clone, Debug)]
+pub struct MlstmSaved {
+    pub output: MlstmOutput,
+    stats: Option<Tensor>,
+}
+
+impl MlstmSaved {
+    /// Whether the backward can skip its recomputation of the forward with these.
+    pub fn has_stats(&self) -> bool {
+        self.stats.is_some()
+    }
+}
+
+/// The forward for a training step: [`mlstm`]'s output plus what [`mlstm_backward`] takes as
+/// `saved`, so that it need not run the forward again.
+pub fn mlstm_for_backward(inputs: &MlstmInputs) -> Result<MlstmSaved> {
+    let dims = inputs.dims()?;
+    match inputs.q.device() {
+        Device::Cpu => Ok(MlstmSaved { output: mlstm(inputs)?, stats: None }),
+        Device::Cuda(dev) => {
+            let (output, stats) = cuda::forward_for_backward(&dev, inputs, &dims)?;
+            Ok(MlstmSaved { output, stats })
+        }
+    }
+}
+
 /// Gradients of `sum(h * dh) + <dfinal.c, C> + <dfinal.n, n> + dfinal.m . m` (`dh` shaped
-/// and typed like h, `dfinal` like the state), differentiated as `mode` says. The forward is
-/// recomputed, nothing is stored between the passes.
+/// and typed like h, `dfinal` like the state), differentiated as `mode` says. Without
+/// `saved` (from [`mlstm_for_backward`] on the same inputs) the forward is recomputed; no
+/// state is stored between the passes either way.
 pub fn mlstm_backward(
     inputs: &MlstmInputs,
     dh: &Tensor,
     dfinal: Option<&MlstmState>,
     mode: NormalizerGrad,
+    saved: Option<&MlstmSaved>,
 ) -> Result<MlstmGrads> {
     let dims = inputs.dims()?;
     let device = inputs.q.device();
@@ -265,6 +300,18 @@ pub fn mlstm_backward(
     dh.expect_device("dh", &device)?;
     if let Some(s) = dfinal {
         s.check(DFINAL, dims.batch, dims.heads, dims.dqk, dims.dhv, &device)?;
+    }
+    if let Some(s) = saved {
+        let h = &s.output.h;
+        h.expect_shape("saved.output.h", &dims.h_shape())?;
+        h.expect_dtype("saved.output.h", dims.dtype)?;
+        h.expect_device("saved.output.h", &device)?;
+        s.output.final_state.check(SAVED_FINAL, dims.batch, dims.heads, dims.dqk, dims.dhv, &device)?;
+        if let Some(st) = &s.stats {
+            st.expect_shape("saved.stats", &[3, dims.batch * dims.heads * dims.len])?;
+            st.expect_dtype("saved.stats", DType::F32)?;
+            st.expect_device("saved.stats", &device)?;
+        }
     }
     match device {
         Device::Cpu => {
@@ -283,7 +330,10 @@ pub fn mlstm_backward(
                     .transpose()?,
             })
         }
-        Device::Cuda(dev) => cuda::backward(&dev, inputs, &dims, dh, dfinal, mode),
+        Device::Cuda(dev) => {
+            let saved = saved.and_then(|s| s.stats.as_ref().map(|st| (&s.output, st)));
+            cuda::backward(&dev, inputs, &dims, dh, dfinal, mode, saved)
+        }
     }
 }
 
