@@ -383,7 +383,8 @@ __device__ void mlstm_fwd(const T* __restrict__ q, const T* __restrict__ k, cons
 // pass rows u-1 and u is logsigmoid(f) of the later original step, the output row s is
 // weighted by exp(i[s] + the pass's own max state) and the pass starts from the final
 // state's gradient at -m_final. All three are `mlstm_pass`: out = X State + causal(X Y^T
-// gated) Z, State = sum gated Y^T Z.
+// gated) Z, State = sum gated Y^T Z (for bf16 / f16 and head dims up to 256 the host runs
+// `mlstm_pass_fused` instead, below, after the fused forward).
 
 // Mirrors PassParams in src/ops/mlstm/cuda.rs.
 struct PassParams {
