@@ -262,6 +262,14 @@ fn typed_errors_name_the_argument() {
     let other = mlstm_for_backward(&MlstmInputs::new(&q6, &q6, &v6, &g6, &g6)).unwrap();
     assert!(!other.has_stats());
     assert_eq!(arg(mlstm_backward(&ok, &dh, None, NormalizerGrad::Exact, Some(&other)).unwrap_err()), "saved.output.h");
+    // ... and so is one taken with another eps or without the initial state.
+    let saved = mlstm_for_backward(&MlstmInputs { eps: 1e-3, ..ok }).unwrap();
+    assert_eq!(arg(mlstm_backward(&ok, &dh, None, NormalizerGrad::Exact, Some(&saved)).unwrap_err()), "saved");
+    let init = MlstmState::zeros(1, 2, 4, 3, &dev).unwrap();
+    let saved = mlstm_for_backward(&ok).unwrap();
+    let with_init = MlstmInputs { initial: Some(&init), ..ok };
+    assert_eq!(arg(mlstm_backward(&with_init, &dh, None, NormalizerGrad::Exact, Some(&saved)).unwrap_err()), "saved");
+    assert!(mlstm_backward(&ok, &dh, None, NormalizerGrad::Exact, Some(&saved)).is_ok());
     let mut state = MlstmState::zeros(1, 2, 4, 3, &dev).unwrap();
     let (q1, k1, v1) = (t(&[1, 2, 4], DType::F32), t(&[1, 2, 4], DType::F32), t(&[1, 2, 3], DType::F32));
     let (i1, f1) = (t(&[1, 2], DType::F32), t(&[1, 2], DType::F32));

@@ -260,6 +260,9 @@ pub fn mlstm(inputs: &MlstmInputs) -> Result<MlstmOutput> {
 pub struct MlstmSaved {
     pub output: MlstmOutput,
     stats: Option<Tensor>,
+    /// What the stats depend on beyond the shapes, checked against the backward's inputs.
+    eps: f32,
+    with_initial: bool,
 }
 
 impl MlstmSaved {
@@ -273,11 +276,12 @@ impl MlstmSaved {
 /// `saved`, so that it need not run the forward again.
 pub fn mlstm_for_backward(inputs: &MlstmInputs) -> Result<MlstmSaved> {
     let dims = inputs.dims()?;
+    let (eps, with_initial) = (inputs.eps, inputs.initial.is_some());
     match inputs.q.device() {
-        Device::Cpu => Ok(MlstmSaved { output: mlstm(inputs)?, stats: None }),
+        Device::Cpu => Ok(MlstmSaved { output: mlstm(inputs)?, stats: None, eps, with_initial }),
         Device::Cuda(dev) => {
             let (output, stats) = cuda::forward_for_backward(&dev, inputs, &dims)?;
-            Ok(MlstmSaved { output, stats })
+            Ok(MlstmSaved { output, stats, eps, with_initial })
         }
     }
 }
@@ -302,6 +306,13 @@ pub fn mlstm_backward(
         s.check(DFINAL, dims.batch, dims.heads, dims.dqk, dims.dhv, &device)?;
     }
     if let Some(s) = saved {
+        if s.eps.to_bits() != inputs.eps.to_bits() || s.with_initial != inputs.initial.is_some() {
+            return Err(Error::invalid(
+                "saved",
+                format!("the forward of these inputs (eps {}, initial state {})", inputs.eps, inputs.initial.is_some()),
+                format!("eps {}, initial state {}", s.eps, s.with_initial),
+            ));
+        }
         let h = &s.output.h;
         h.expect_shape("saved.output.h", &dims.h_shape())?;
         h.expect_dtype("saved.output.h", dims.dtype)?;
