@@ -8,7 +8,7 @@ use crate::kernels::KernelModule;
 use crate::ops::push_opt;
 use crate::tensor::{CudaElement, Tensor};
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
 
 /// Chunk sizes with a compiled kernel (`mlstm_fwd_<dtype>_l<chunk>`).
@@ -591,6 +591,65 @@ struct BackwardBufs<'a> {
 /// the spec's `init_m_default`).
 type PassInit<'a> = (&'a CudaSlice<f32>, &'a CudaSlice<f32>, Option<CudaView<'a, f32>>);
 
+/// Launches a pass kernel (`mlstm_pass_*` or `mlstm_pass_fused_*`, which take the same
+/// arguments) with `params`: x, y, z, i, f, the forward's m and d, aux's d dn row, the initial
+/// C, n and m (null without), out, then the final C, n and their log weight (null without).
+///
+/// # Safety
+/// `f` is such a kernel taking `P` as its params, and the operands, states and `cfg` are
+/// what it reads and writes within (the callers' SAFETY comments say how).
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch_pass_kernel<T: CudaElement, P: DeviceRepr>(
+    dev: &CudaDevice,
+    dims: &MlstmDims,
+    f: &CudaFunction,
+    cfg: LaunchConfig,
+    params: &P,
+    what: &'static str,
+    [x, y, z]: [&CudaSlice<T>; 3],
+    bufs: &BackwardBufs,
+    init: Option<PassInit>,
+    out: &mut CudaSlice<T>,
+    final_state: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
+) -> Result<()> {
+    let heads = dims.batch * dims.heads;
+    let rows = heads * dims.len;
+    let null = 0u64;
+    let m_fwd = bufs.stats.slice(0..rows);
+    let d_fwd = bufs.stats.slice(rows..2 * rows);
+    let extra = bufs.aux.slice(0..rows);
+    let final_log = bufs.head_aux.slice(heads..2 * heads);
+    let mut args = dev.stream().launch_builder(f);
+    args.arg(x).arg(y).arg(z).arg(bufs.ig).arg(bufs.fg).arg(&m_fwd).arg(&d_fwd).arg(&extra);
+    let init_m;
+    match init {
+        Some((c, n, m)) => {
+            init_m = m;
+            args.arg(c).arg(n);
+            match &init_m {
+                Some(m) => args.arg(m),
+                None => args.arg(&null),
+            };
+        }
+        None => {
+            args.arg(&null).arg(&null).arg(&null);
+        }
+    }
+    args.arg(out);
+    match final_state {
+        Some((c, n)) => {
+            args.arg(c).arg(n).arg(&final_log);
+        }
+        None => {
+            args.arg(&null).arg(&null).arg(&null);
+        }
+    }
+    args.arg(params);
+    // SAFETY: forwarded to the caller (above).
+    unsafe { args.launch(cfg) }.map_err(|e| dev.map_err(what, e))?;
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn launch_pass<T: CudaElement>(
     dev: &CudaDevice,
@@ -604,7 +663,6 @@ fn launch_pass<T: CudaElement>(
     final_state: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
 ) -> Result<()> {
     let heads = dims.batch * dims.heads;
-    let rows = heads * dims.len;
     let (chunk, tz, dx_pad, smem) = pass_tiling(dims.dtype, spec, chunk, dev.max_shared_memory_per_block())?;
     let p = PassParams {
         heads: heads as u32,
@@ -630,37 +688,6 @@ fn launch_pass<T: CudaElement>(
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    let null = 0u64;
-    let m_fwd = bufs.stats.slice(0..rows);
-    let d_fwd = bufs.stats.slice(rows..2 * rows);
-    let extra = bufs.aux.slice(0..rows);
-    let final_log = bufs.head_aux.slice(heads..2 * heads);
-    let mut args = dev.stream().launch_builder(&f);
-    args.arg(x).arg(y).arg(z).arg(bufs.ig).arg(bufs.fg).arg(&m_fwd).arg(&d_fwd).arg(&extra);
-    let init_m;
-    match init {
-        Some((c, n, m)) => {
-            init_m = m;
-            args.arg(c).arg(n);
-            match &init_m {
-                Some(m) => args.arg(m),
-                None => args.arg(&null),
-            };
-        }
-        None => {
-            args.arg(&null).arg(&null).arg(&null);
-        }
-    }
-    args.arg(out);
-    match final_state {
-        Some((c, n)) => {
-            args.arg(c).arg(n).arg(&final_log);
-        }
-        None => {
-            args.arg(&null).arg(&null).arg(&null);
-        }
-    }
-    args.arg(&p);
     // SAFETY: mlstm_pass_<T>_l<chunk>(x, y, z, i, f, m_fwd, d_fwd, extra, init_c, init_n,
     // init_m, out, final_c, final_n, final_log, PassParams): backward_typed passes x and y
     // with heads*len*dx T, z and out with heads*len*dz T, i, f and the m, d, extra views
@@ -669,8 +696,9 @@ fn launch_pass<T: CudaElement>(
     // heads*dqk*dhv and heads*dqk f32. Block (head, tile) reads that head's rows and writes
     // out's columns of its tile only; the shared memory is what pass_smem_bytes computes,
     // which the kernel checks against its own carving and which the function was allowed.
-    unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching mlstm_pass", e))?;
-    Ok(())
+    unsafe {
+        launch_pass_kernel(dev, dims, &f, cfg, &p, "launching mlstm_pass", [x, y, z], bufs, init, out, final_state)
+    }
 }
 
 /// Mirrors `hk_mlstm::FusedPassParams` in cuda/mlstm.cu.
@@ -728,7 +756,6 @@ fn launch_pass_fused<T: CudaElement>(
     final_state: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
 ) -> Result<()> {
     let heads = dims.batch * dims.heads;
-    let rows = heads * dims.len;
     let z_tiles = spec.dz.div_ceil(FUSED_TV);
     let blocks = heads * z_tiles;
     if blocks > i32::MAX as usize || spec.dx > class || (final_state.is_some() && !spec.init_transposed) {
@@ -771,37 +798,6 @@ fn launch_pass_fused<T: CudaElement>(
         block_dim: (fused_threads(class) as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    let null = 0u64;
-    let m_fwd = bufs.stats.slice(0..rows);
-    let d_fwd = bufs.stats.slice(rows..2 * rows);
-    let extra_vals = bufs.aux.slice(0..rows);
-    let final_log = bufs.head_aux.slice(heads..2 * heads);
-    let mut args = dev.stream().launch_builder(&f);
-    args.arg(x).arg(y).arg(z).arg(bufs.ig).arg(bufs.fg).arg(&m_fwd).arg(&d_fwd).arg(&extra_vals);
-    let init_m;
-    match init {
-        Some((c, n, m)) => {
-            init_m = m;
-            args.arg(c).arg(n);
-            match &init_m {
-                Some(m) => args.arg(m),
-                None => args.arg(&null),
-            };
-        }
-        None => {
-            args.arg(&null).arg(&null).arg(&null);
-        }
-    }
-    args.arg(out);
-    match final_state {
-        Some((c, n)) => {
-            args.arg(c).arg(n).arg(&final_log);
-        }
-        None => {
-            args.arg(&null).arg(&null).arg(&null);
-        }
-    }
-    args.arg(&p);
     // SAFETY: mlstm_pass_fused_<T>_k<class>[_extra](x, y, z, i, f, m_fwd, d_fwd, extra,
     // init_c, init_n, init_m, out, final_c, final_n, final_log, FusedPassParams): as
     // launch_pass's (x and y heads*len*dx T with dx <= class, z and out heads*len*dz T, the
@@ -811,8 +807,21 @@ fn launch_pass_fused<T: CudaElement>(
     // accesses only where vec_in / vec_out say the rows allow them. The shared memory is
     // fused_pass_smem_bytes(class), which the kernel checks against its own layout and which
     // the function was allowed above.
-    unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching mlstm_pass_fused", e))?;
-    Ok(())
+    unsafe {
+        launch_pass_kernel(
+            dev,
+            dims,
+            &f,
+            cfg,
+            &p,
+            "launching mlstm_pass_fused",
+            [x, y, z],
+            bufs,
+            init,
+            out,
+            final_state,
+        )
+    }
 }
 
 /// A backward pass on the fused kernel (`fused`: [`fused_backward_classes`] took the shape) or
