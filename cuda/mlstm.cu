@@ -663,6 +663,52 @@ __device__ void mlstm_pass(const T* __restrict__ x, const T* __restrict__ y, con
     }
 }
 
+// The warp-per-row dot product kernels (mlstm_bwd_prep_h, mlstm_bwd_dots) move two
+// (rows, dim) tensors and little else, so they run at the copy rate only with 16-byte loads
+// and several rows per warp: `lanes` lanes (a power of two, at most 32) share a row and
+// each warp takes 32 / lanes consecutive rows. Mirrors RowDotShape in cuda.rs, which picks
+// them.
+struct RowDotShape {
+    uint32_t lanes;
+    uint32_t vec;  // rows are whole 16-byte vectors (dim * sizeof(T) % 16 == 0)
+};
+
+template <typename T>
+__device__ __forceinline__ float dot16(uint4 a, uint4 b) {
+    constexpr int N = 16 / int(sizeof(T));
+    const T* x = reinterpret_cast<const T*>(&a);
+    const T* y = reinterpret_cast<const T*>(&b);
+    float acc = 0.f;
+#pragma unroll
+    for (int e = 0; e < N; ++e) acc = fmaf(hk::to_f32(x[e]), hk::to_f32(y[e]), acc);
+    return acc;
+}
+
+// The row this lane works on (all lanes of the warp return, valid or not, for the
+// shuffles), and a[row] . b[row] on every lane of the row's group.
+template <typename T>
+__device__ __forceinline__ float row_dot(const T* __restrict__ a, const T* __restrict__ b, size_t rows, uint32_t dim,
+                                         const RowDotShape& s, size_t& row) {
+    const int lanes = int(s.lanes), lane = threadIdx.x & 31, sub = lane & (lanes - 1);
+    const size_t warp = size_t(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
+    row = warp * size_t(32 / lanes) + size_t(lane / lanes);
+    float acc = 0.f;
+    if (row < rows) {
+        const T* ar = a + row * dim;
+        const T* br = b + row * dim;
+        if (s.vec) {
+            const uint4* av = reinterpret_cast<const uint4*>(ar);
+            const uint4* bv = reinterpret_cast<const uint4*>(br);
+            const uint32_t nv = dim / uint32_t(16 / sizeof(T));
+            for (uint32_t j = sub; j < nv; j += lanes) acc += dot16<T>(av[j], bv[j]);
+        } else {
+            for (uint32_t j = sub; j < dim; j += lanes) acc = fmaf(hk::to_f32(ar[j]), hk::to_f32(br[j]), acc);
+        }
+    }
+    for (int off = lanes / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    return acc;
+}
+
 // Per step of the backward, from the forward's stats (m, d, den, h . dh per value tile):
 // aux[0] = d dn (dn the denominator's gradient), aux[1] = r = q~ . dq~ (what the
 // gate gradient needs from dq), aux[2] = the gradient into m[t] through the denominator's
@@ -674,6 +720,7 @@ struct PrepParams {
     uint32_t value_tiles;  // stats rows of h . dh (mlstm_bwd_prep)
     uint32_t exact;
     uint32_t dhv;          // h and dh row length (mlstm_bwd_prep_h)
+    RowDotShape dots;      // mlstm_bwd_prep_h
 };
 
 constexpr int PREP_THREADS = 256;
@@ -709,46 +756,37 @@ __device__ void mlstm_bwd_prep(const float* __restrict__ stats, const float* __r
     prep_step(g, stats[g], stats[rows + g], stats[2 * rows + g], hdh, fg, m0, aux, head_aux, p);
 }
 
-// One warp per step, h . dh from the recomputed h (rounded to T) and dh: the fused forward
-// records only m, d and den, as a dot product over dh's columns on its output warps cost
-// more than the whole forward's time again (dh's loads on the critical path).
+// h . dh from the recomputed h (rounded to T) and dh, lanes per step as RowDotShape says:
+// the fused forward records only m, d and den, as a dot product over dh's columns on its
+// output warps cost more than the whole forward's time again (dh's loads on the critical
+// path).
 template <typename T>
 __device__ void mlstm_bwd_prep_h(const float* __restrict__ stats, const T* __restrict__ h, const T* __restrict__ dh,
                                  const float* __restrict__ fg, const float* __restrict__ m0, float* __restrict__ aux,
                                  float* __restrict__ head_aux, const PrepParams& p) {
     const size_t rows = size_t(p.heads) * p.len;
-    const size_t g = size_t(blockIdx.x) * (PREP_THREADS / 32) + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
-    if (g >= rows) return;
-    const T* hr = h + g * p.dhv;
-    const T* dr = dh + g * p.dhv;
-    float hdh = 0.f;
-    for (uint32_t j = lane; j < p.dhv; j += 32) hdh = fmaf(hk::to_f32(hr[j]), hk::to_f32(dr[j]), hdh);
-    hdh = warp_sum(hdh);
-    if (lane == 0) prep_step(g, stats[g], stats[rows + g], stats[2 * rows + g], hdh, fg, m0, aux, head_aux, p);
+    size_t g;
+    const float hdh = row_dot<T>(h, dh, rows, p.dhv, p.dots, g);
+    if (g < rows && (threadIdx.x & (p.dots.lanes - 1)) == 0)
+        prep_step(g, stats[g], stats[rows + g], stats[2 * rows + g], hdh, fg, m0, aux, head_aux, p);
 }
 
-// c[t] = k[t] . dk[t], one warp per step (all heads at once; the per-head gate kernel
-// below is sequential in time): di = c, db = r - c (in df until the gate kernel's scan), and
-// r's share of the gradient into m.
+// c[t] = k[t] . dk[t], lanes per step as RowDotShape says (all heads at once; the per-head
+// gate kernel below is sequential in time): di = c, db = r - c (in df until the gate
+// kernel's scan), and r's share of the gradient into m.
 struct DotParams {
     uint32_t rows;  // heads * len
     uint32_t dqk;
+    RowDotShape dots;
 };
 
 template <typename T>
 __device__ void mlstm_bwd_dots(const T* __restrict__ k, const T* __restrict__ dk, float* __restrict__ aux,
                                float* __restrict__ di, float* __restrict__ df, const DotParams& p) {
     const size_t rows = p.rows;
-    const size_t g = size_t(blockIdx.x) * (PREP_THREADS / 32) + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
-    if (g >= rows) return;
-    const T* kr = k + g * p.dqk;
-    const T* dkr = dk + g * p.dqk;
-    float c = 0.f;
-    for (uint32_t a = lane; a < p.dqk; a += 32) c = fmaf(hk::to_f32(kr[a]), hk::to_f32(dkr[a]), c);
-    c = warp_sum(c);
-    if (lane == 0) {
+    size_t g;
+    const float c = row_dot<T>(k, dk, rows, p.dqk, p.dots, g);
+    if (g < rows && (threadIdx.x & (p.dots.lanes - 1)) == 0) {
         const float r = aux[rows + g];
         di[g] = c;
         df[g] = r - c;

@@ -479,9 +479,10 @@ struct PrepParams {
     value_tiles: u32,
     exact: u32,
     dhv: u32,
+    dots: RowDotShape,
 }
 
-// SAFETY: five u32 fields, repr(C), no padding.
+// SAFETY: seven u32 fields (RowDotShape's two inline), repr(C), no padding.
 unsafe impl DeviceRepr for PrepParams {}
 
 /// Mirrors `hk_mlstm::DotParams`.
@@ -490,10 +491,40 @@ unsafe impl DeviceRepr for PrepParams {}
 struct DotParams {
     rows: u32,
     dqk: u32,
+    dots: RowDotShape,
 }
 
-// SAFETY: two u32 fields, repr(C), no padding.
+// SAFETY: four u32 fields (RowDotShape's two inline), repr(C), no padding.
 unsafe impl DeviceRepr for DotParams {}
+
+/// Mirrors `hk_mlstm::RowDotShape`: how the row dot product kernels (`mlstm_bwd_prep_h_*`,
+/// `mlstm_bwd_dots_*`) split a row of `dim` elements over a warp's lanes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct RowDotShape {
+    lanes: u32,
+    vec: u32,
+}
+
+impl RowDotShape {
+    /// 16-byte loads where every row is whole vectors, and about two loads per lane and
+    /// operand: enough bytes in flight per warp for the copy rate without idle lanes.
+    fn new(dim: usize, dtype: DType) -> RowDotShape {
+        let per_vec = 16 / dtype.size_in_bytes();
+        let vec = dim % per_vec == 0;
+        let loads = if vec { dim / per_vec } else { dim };
+        let lanes = (loads / 2).clamp(1, 32);
+        // The largest power of two not above it (lanes share a row by xor shuffles).
+        let lanes = 1usize << (usize::BITS - 1 - lanes.leading_zeros());
+        RowDotShape { lanes: lanes as u32, vec: u32::from(vec) }
+    }
+
+    /// Blocks of PREP_THREADS threads that cover `rows` rows.
+    fn blocks(&self, rows: usize) -> u32 {
+        let rows_per_block = (PREP_THREADS as usize / 32) * (32 / self.lanes as usize);
+        rows.div_ceil(rows_per_block) as u32
+    }
+}
 
 /// Mirrors `hk_mlstm::GateParams`.
 #[repr(C)]
@@ -973,19 +1004,19 @@ fn backward_typed<T: CudaElement>(
             value_tiles: value_tiles as u32,
             exact: u32::from(exact),
             dhv: dhv as u32,
+            dots: RowDotShape::new(dhv, dims.dtype),
         };
-        // One thread per step, or (fused) one warp per step with h . dh from h and dh.
-        let (name, steps_per_block) = if fused {
-            (["mlstm_bwd_prep_h_f32", "mlstm_bwd_prep_h_bf16", "mlstm_bwd_prep_h_f16"][dtype_index(dims.dtype)], 8)
+        // One thread per step, or (fused) a few lanes per step with h . dh from h and dh.
+        let (name, blocks) = if fused {
+            (
+                ["mlstm_bwd_prep_h_f32", "mlstm_bwd_prep_h_bf16", "mlstm_bwd_prep_h_f16"][dtype_index(dims.dtype)],
+                p.dots.blocks(rows),
+            )
         } else {
-            ("mlstm_bwd_prep", PREP_THREADS as usize)
+            ("mlstm_bwd_prep", rows.div_ceil(PREP_THREADS as usize) as u32)
         };
         let f = dev.function(KernelModule::Mlstm, name)?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(steps_per_block) as u32, 1, 1),
-            block_dim: (PREP_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (PREP_THREADS, 1, 1), shared_mem_bytes: 0 };
         let null = 0u64;
         let mut args = dev.stream().launch_builder(&f);
         args.arg(stats.cuda_slice::<f32>("stats")?);
@@ -1002,7 +1033,8 @@ fn backward_typed<T: CudaElement>(
         // mlstm_bwd_prep_h_<T>(stats, h, dh, f, m0, aux, head_aux, PrepParams): stats holds
         // (3 + value_tiles) * rows f32, h (the recomputed forward's) and dh rows * dhv T, f
         // rows f32, m0 heads f32 or null, aux 3 * rows and head_aux 2 * heads f32; one thread
-        // (one warp) per step, those past `rows` return.
+        // (p.dots.lanes lanes, 16-byte loads only if p.dots.vec says dhv allows them) per
+        // step, those past `rows` return.
         unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching mlstm_bwd_prep", e))?;
     }
 
@@ -1115,11 +1147,11 @@ fn backward_typed<T: CudaElement>(
 
     // Per step: c = k . dk, then di = c and db = r - c.
     {
-        let p = DotParams { rows: rows as u32, dqk: dqk as u32 };
+        let p = DotParams { rows: rows as u32, dqk: dqk as u32, dots: RowDotShape::new(dqk, dims.dtype) };
         let name = ["mlstm_bwd_dots_f32", "mlstm_bwd_dots_bf16", "mlstm_bwd_dots_f16"][dtype_index(dims.dtype)];
         let f = dev.function(KernelModule::Mlstm, name)?;
         let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(PREP_THREADS as usize / 32) as u32, 1, 1),
+            grid_dim: (p.dots.blocks(rows), 1, 1),
             block_dim: (PREP_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -1131,8 +1163,8 @@ fn backward_typed<T: CudaElement>(
             .arg(df.cuda_slice_mut::<f32>("df")?)
             .arg(&p);
         // SAFETY: mlstm_bwd_dots_<T>(k, dk, aux, di, df, DotParams): k and dk hold rows * dqk
-        // T, aux 3 * rows f32, di and df rows f32; one warp per step, those past `rows`
-        // return.
+        // T, aux 3 * rows f32, di and df rows f32; p.dots.lanes lanes per step (16-byte loads
+        // only if p.dots.vec says dqk allows them), those past `rows` return.
         unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching mlstm_bwd_dots", e))?;
     }
 
