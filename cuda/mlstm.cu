@@ -1037,6 +1037,12 @@ struct Cfg {
     static constexpr int MT = SR / 16;
     static constexpr int STATE_WARPS = DQK / SR;
     static constexpr int WARPS = OUT_WARPS + STATE_WARPS;
+    // The warp that scans the next chunk's gates: the last output warp where the state warps'
+    // path (tile copies, then the update) is the longer one, at DQK <= 128, and the last
+    // state warp at 256, where the 4 output warps' products take longer (H100: the forward
+    // at D128 385 -> 339 us with an output warp scanning, at D256 523 -> 638 us).
+    static constexpr bool OUTPUT_WARP_SCANS = DQK <= 128;
+    static constexpr int SCAN_WARP = OUTPUT_WARP_SCANS ? OUT_WARPS - 1 : WARPS - 1;
     static constexpr int THREADS = 32 * WARPS;
     static constexpr int LDQ = DQK + 8;
     static constexpr int QK_TILE = L * LDQ;  // elements of one Q or K buffer
@@ -1155,14 +1161,23 @@ template <typename T, int COLS, int LD, int LOADERS, typename Stride>
 __device__ __forceinline__ void load_rows(T* dst, const T* __restrict__ src, Stride stride, int valid_rows,
                                           int valid_cols, bool vec, int tid) {
     if (vec) {
+        // A loader copies the same column of rows r0, r0 + ROW_STEP, ..: one pointer stepped
+        // by ROW_STEP rows and immediate shared offsets. Indexing each piece afresh (a 64-bit
+        // row times stride product per piece) cost ~15 integer instructions per cp.async on
+        // the state warps, whose path is the longer one at DQK <= 128.
         constexpr int PIECES = COLS / 8;
-        static_assert(L * PIECES % LOADERS == 0, "every loader copies as many pieces");
+        static_assert(LOADERS % PIECES == 0, "a loader keeps its column");
+        constexpr int ROW_STEP = LOADERS / PIECES;
+        const int r0 = tid / PIECES, c = (tid % PIECES) * 8;
+        const bool col_ok = c < valid_cols;
+        const T* from = src + r0 * static_cast<long long>(stride) + c;
+        const long long step = ROW_STEP * static_cast<long long>(stride);
+        const uint32_t to = smem_addr(dst + r0 * LD + c);
 #pragma unroll
-        for (int i = 0; i < L * PIECES / LOADERS; ++i) {
-            const int e = tid + i * LOADERS;
-            const int r = e / PIECES, c = (e % PIECES) * 8;
-            const bool ok = r < valid_rows && c < valid_cols;
-            cp_async16(smem_addr(dst + r * LD + c), ok ? src + r * stride + c : src, ok);
+        for (int i = 0; i < L / ROW_STEP; ++i) {
+            const bool ok = col_ok && r0 + i * ROW_STEP < valid_rows;
+            cp_async16(to + i * ROW_STEP * LD * int(sizeof(T)), ok ? from : src, ok);
+            from += step;
         }
     } else {
         load_rows_by_element<T, COLS, LD, LOADERS, Stride>(dst, src, stride, valid_rows, valid_cols, tid);
@@ -1472,11 +1487,11 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
                                       tv_valid, vec, loader);
         cp_async_commit();
     };
-    // The scanning warp (the last one, a state warp: the output warps are the critical path)
+    // The scanning warp (Cfg::SCAN_WARP, on the role with time to spare before barrier 1)
     // scans chunk ch + 1's gates while chunk ch is processed, into GateTile (ch + 1) & 1. It
     // fetches a chunk's f and i a chunk before it scans them, and touches them only then, so
     // that nothing waits for those loads (the last step's in place of steps past the end).
-    const bool scanner = warp == C::WARPS - 1;
+    const bool scanner = warp == C::SCAN_WARP;
     const double log_scale = log(double(p.scale));
     const int chunks = (len + L - 1) / L;
     float fv[2], iv[2];
@@ -1562,12 +1577,18 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
     } else {
         for (int ch = 0; ch < chunks; ++ch) {
             block_sync();
+            if constexpr (C::OUTPUT_WARP_SCANS) {
+                if (scanner && ch + 1 < chunks) scan_chunk(ch + 1);
+            }
             const int buf = ch & 1;
             const size_t first = row0 + size_t(ch) * L;
             const StatsOut so{stats, size_t(p.heads) * p.len, first, vt};
             output_rows<T, DQK, STATS>(Qs + buf * C::QK_TILE, Ks + buf * C::QK_TILE, Vs + buf * C::V_TILE, Cs,
                                        gates[buf], warp, h + first * p.dhv + v0, min(L, len - ch * L), tv_valid, p,
                                        so);
+        }
+        if constexpr (C::OUTPUT_WARP_SCANS) {
+            if (scanner && vt == 0 && lane == 0) m_out[head] = float(m_prev);
         }
     }
 }
@@ -1783,9 +1804,9 @@ __device__ void mlstm_pass_fused(const T* __restrict__ x, const T* __restrict__ 
                                          loader);
         cp_async_commit();
     };
-    // The scanning warp (the last state warp) scans chunk ch + 1's gates while chunk ch is
+    // The scanning warp (Cfg::SCAN_WARP) scans chunk ch + 1's gates while chunk ch is
     // processed, from values fetched a chunk earlier, as in the forward.
-    const bool scanner = warp == C::WARPS - 1;
+    const bool scanner = warp == C::SCAN_WARP;
     const int chunks = (len + L - 1) / L;
     float fr[2], ir[2], mr[2], dr[2], er[2];
     double m_prev = init_m != nullptr ? double(init_m[head]) : double(p.init_m_default);
@@ -1911,6 +1932,9 @@ __device__ void mlstm_pass_fused(const T* __restrict__ x, const T* __restrict__ 
     } else {
         for (int ch = 0; ch < chunks; ++ch) {
             block_sync();
+            if constexpr (C::OUTPUT_WARP_SCANS) {
+                if (scanner && ch + 1 < chunks) scan_chunk(ch + 1);
+            }
             const int buf = ch & 1, t0 = ch * L;
             pass_rows<T, DX, EXTRA>(Xs + buf * C::QK_TILE, Ys + buf * C::QK_TILE, Zs + buf * C::V_TILE, Cs, Es,
                                     gates[buf], warp, out + mem_row(t0) * dz + z0, dir * dz, min(L, len - t0),
