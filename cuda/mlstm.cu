@@ -1040,7 +1040,8 @@ struct Cfg {
     // The warp that scans the next chunk's gates: the last output warp where the state warps'
     // path (tile copies, then the update) is the longer one, at DQK <= 128, and the last
     // state warp at 256, where the 4 output warps' products take longer (H100: the forward
-    // at D128 385 -> 339 us with an output warp scanning, at D256 523 -> 638 us).
+    // at D128 385 -> 339 us with an output warp scanning, at D256 523 -> 638 us; DQK 64, with
+    // two state warps issuing the copies, follows D128 untimed).
     static constexpr bool OUTPUT_WARP_SCANS = DQK <= 128;
     static constexpr int SCAN_WARP = OUTPUT_WARP_SCANS ? OUT_WARPS - 1 : WARPS - 1;
     static constexpr int THREADS = 32 * WARPS;
@@ -1554,6 +1555,9 @@ __device__ void mlstm_fwd_fused(const T* __restrict__ q, const T* __restrict__ k
             cp_async_wait_all();
             block_sync();
             if (ch + 1 < chunks) load_chunk(ch + 1, (ch + 1) & 1);
+            // Never taken where an output warp scans; left as a runtime test rather than an
+            // `if constexpr`, which made ptxas spill more in the k128 passes (456 / 449 /
+            // 397 us against 404 / 404 / 370 on the H100, before the tile-copy change).
             if (scanner && ch + 1 < chunks) scan_chunk(ch + 1);
             const int buf = ch & 1;
             const GateTile& gt = gates[buf];
@@ -1893,6 +1897,9 @@ __device__ void mlstm_pass_fused(const T* __restrict__ x, const T* __restrict__ 
             cp_async_wait_all();
             block_sync();
             if (ch + 1 < chunks) load_chunk(ch + 1, (ch + 1) & 1);
+            // Never taken where an output warp scans; left as a runtime test rather than an
+            // `if constexpr`, which made ptxas spill more in the k128 passes (456 / 449 /
+            // 397 us against 404 / 404 / 370 on the H100, before the tile-copy change).
             if (scanner && ch + 1 < chunks) scan_chunk(ch + 1);
             const int buf = ch & 1;
             const PassGateTile& gt = gates[buf];
