@@ -165,7 +165,10 @@ template <int SPT, int NT, int BLK> struct Layout {
 template <int SPT, int NT, int BLK> struct Tiles {
     static constexpr int DB = BLK / NT, NPAD = SPT * NT;
     static constexpr int cap(int t) { return (t > 8 && (DB * t > 16 * BLK || NPAD * t > 16 * BLK)) ? cap(t / 2) : t; }
-    static constexpr int FWD = cap(64);
+    // Up to 4 lanes per channel the forward sums y over them at the output (partials in shared
+    // memory, PARTIAL_Y), which needs a row per lane: tiles of 32 steps keep that in budget.
+    static constexpr bool PARTIAL_Y = NT <= 4;
+    static constexpr int FWD = PARTIAL_Y ? cap(32) : cap(64);
     static constexpr int BWD = FWD < 32 ? FWD : 32;
 };
 
@@ -201,10 +204,19 @@ __device__ __forceinline__ void load_shared(const float* src, float (&v)[COUNT])
     }
 }
 
+template <int COUNT>
+__device__ __forceinline__ void store_shared(float* dst, const float (&v)[COUNT]) {
+#pragma unroll
+    for (int i = 0; i < COUNT; i += (COUNT % 4 == 0 ? 4 : 1)) {
+        if (COUNT % 4 == 0) *reinterpret_cast<float4*>(dst + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+        else dst[i] = v[i];
+    }
+}
+
 // Advances this lane's states through steps tr .. tr + R of the staged tile (rows of RS
 // floats) and writes y for those steps to sY, reduced over the channel's NT lanes. The
 // forward stages dt u (DtuStaged); the backward keeps u and forms dt u here.
-template <int SPT, int NT, int BLK, int R, int RS, bool GENERAL, bool DtuStaged>
+template <int SPT, int NT, int BLK, int R, int RS, bool GENERAL, bool DtuStaged, bool PARTIAL = false>
 __device__ __forceinline__ void advance_and_emit_y(const Layout<SPT, NT, BLK>& lo, int tr, float (&h)[SPT],
                                                    const float (&a2)[SPT], const float (&bc)[SPT],
                                                    const float (&cc)[SPT], const float* sB, const float* sC,
@@ -234,6 +246,10 @@ __device__ __forceinline__ void advance_and_emit_y(const Layout<SPT, NT, BLK>& l
             }
         }
         y[r] = acc;
+    }
+    if (PARTIAL) {  // this lane's partial sums, row (dl, j) of RS floats
+        store_shared<R>(sY + (lo.dl * NT + lo.j) * RS + tr, y);
+        return;
     }
     transpose_reduce<R, NT, 0>(y, lo.j);
     using Own = ReduceOwner<R, NT>;
@@ -328,15 +344,6 @@ __device__ __forceinline__ void store_row(T* __restrict__ dst, const float (&v)[
 #pragma unroll
         for (int i = 0; i < COUNT; ++i)
             if (i < avail) dst[i] = hk::from_f32<T>(v[i]);
-    }
-}
-
-template <int COUNT>
-__device__ __forceinline__ void store_shared(float* dst, const float (&v)[COUNT]) {
-#pragma unroll
-    for (int i = 0; i < COUNT; i += (COUNT % 4 == 0 ? 4 : 1)) {
-        if (COUNT % 4 == 0) *reinterpret_cast<float4*>(dst + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
-        else dst[i] = v[i];
     }
 }
 
@@ -620,8 +627,12 @@ __device__ __forceinline__ void scan_forward(const T* __restrict__ u, const T* _
     float* sDtu = sDt + L::DB * RS;
     float* sSkip = sDtu + L::DB * RS;
     float* sGate = sSkip + L::DB * RS;
+    // y, or with PARTIAL_Y its partial sums over each lane's states, [dl][j][t]: summing them
+    // at the output costs fewer instructions than the transposing shuffles, and the loop
+    // no longer waits on those (their adds held ~10% of the forward's stall samples).
+    constexpr bool PARTIAL_Y = Tiles<SPT, NT, BLK>::PARTIAL_Y;
     float* sY = sGate + L::DB * RS;
-    float* sKeep = sY + L::DB * RS;
+    float* sKeep = sY + (PARTIAL_Y ? BLK : L::DB) * RS;
 
     const L lo(p);
     // Vectors need 16-byte aligned tensors and rows a whole number of 16-byte vectors.
@@ -658,7 +669,8 @@ __device__ __forceinline__ void scan_forward(const T* __restrict__ u, const T* _
                 for (int s = 0; s < SPT; ++s)
                     if (lo.valid && lo.j * SPT + s < int(p.dstate)) ckpt[cb + s] = h[s];
             }
-            advance_and_emit_y<SPT, NT, BLK, R, RS, GENERAL, true>(lo, tr, h, a2, bc, cc, sB, sC, sDt, sDtu, sKeep, sY);
+            advance_and_emit_y<SPT, NT, BLK, R, RS, GENERAL, true, PARTIAL_Y>(lo, tr, h, a2, bc, cc, sB, sC, sDt, sDtu,
+                                                                             sKeep, sY);
         }
         __syncthreads();
         // out = (y + D u) SiLU(z), each lane its own steps again.
@@ -666,7 +678,18 @@ __device__ __forceinline__ void scan_forward(const T* __restrict__ u, const T* _
             const int ts = lo.j * Tile::PE;
             const int k = lo.dl * RS + ts;
             float y[Tile::PE], skip[Tile::PE], gate[Tile::PE];
-            load_shared<Tile::PE>(sY + k, y);
+            if (PARTIAL_Y) {
+                load_shared<Tile::PE>(sY + lo.dl * NT * RS + ts, y);
+#pragma unroll
+                for (int jj = 1; jj < NT; ++jj) {
+                    float part[Tile::PE];
+                    load_shared<Tile::PE>(sY + (lo.dl * NT + jj) * RS + ts, part);
+#pragma unroll
+                    for (int i = 0; i < Tile::PE; ++i) y[i] += part[i];
+                }
+            } else {
+                load_shared<Tile::PE>(sY + k, y);
+            }
             load_shared<Tile::PE>(sSkip + k, skip);
             load_shared<Tile::PE>(sGate + k, gate);
 #pragma unroll

@@ -114,10 +114,15 @@ impl Geometry {
     fn npad(&self) -> usize {
         self.spt * self.nt
     }
-    /// `Tiles::cap(64)` in the .cu: halved while a thread would stage more than 16
-    /// elements of a per-channel array or of B / C (never below 8).
+    /// `Tiles::PARTIAL_Y` in the .cu: up to 4 lanes per channel the forward keeps a row of
+    /// partial y sums per lane (and tiles of 32 steps).
+    fn partial_y(&self) -> bool {
+        self.nt <= 4
+    }
+    /// `Tiles::FWD` in the .cu: from 32 steps (`partial_y`) or 64, halved while a thread
+    /// would stage more than 16 elements of a per-channel array or of B / C (never below 8).
     fn tile(&self) -> usize {
-        let mut t = 64;
+        let mut t = if self.partial_y() { 32 } else { 64 };
         while t > 8 && (self.channels_per_block() * t > 16 * self.blk || self.npad() * t > 16 * self.blk) {
             t /= 2;
         }
@@ -126,7 +131,8 @@ impl Geometry {
     /// The forward's shared memory in bytes (its tile: `tile()`).
     fn forward_smem(&self) -> usize {
         let tile = self.tile();
-        4 * (2 * tile * (self.npad() + 4) + 5 * self.channels_per_block() * (tile + 4) + tile)
+        let y_rows = if self.partial_y() { self.blk } else { self.channels_per_block() };
+        4 * (2 * tile * (self.npad() + 4) + (4 * self.channels_per_block() + y_rows) * (tile + 4) + tile)
     }
     /// The backward's tile = the checkpoint interval: `Tiles::BWD`, at most 32.
     fn backward_tile(&self) -> usize {
