@@ -52,12 +52,6 @@ __device__ __forceinline__ float ex2(float x) {
     return y;
 }
 
-__device__ __forceinline__ float lg2(float x) {
-    float y;
-    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
 // PyTorch's softplus (threshold 20), as mamba-ssm's kernels use it: log1p(e^x) for x <= 20.
 // Here max(x, 0) + log1p(t) with t = e^-|x| in (0, 1], log1p(t) = t P(t) with P a degree-8
 // fit of log1p(t) / t on [0, 1] (relative error 2.1e-7 evaluated in f32, below that of
@@ -214,7 +208,8 @@ __device__ __forceinline__ void store_shared(float* dst, const float (&v)[COUNT]
 }
 
 // Advances this lane's states through steps tr .. tr + R of the staged tile (rows of RS
-// floats) and writes y for those steps to sY, reduced over the channel's NT lanes. The
+// floats) and writes y for those steps to sY, reduced over the channel's NT lanes, or with
+// PARTIAL this lane's sums over its own states to its row (dl, j) for the caller to add. The
 // forward stages dt u (DtuStaged); the backward keeps u and forms dt u here.
 template <int SPT, int NT, int BLK, int R, int RS, bool GENERAL, bool DtuStaged, bool PARTIAL = false>
 __device__ __forceinline__ void advance_and_emit_y(const Layout<SPT, NT, BLK>& lo, int tr, float (&h)[SPT],
@@ -657,9 +652,9 @@ __device__ __forceinline__ void scan_forward(const T* __restrict__ u, const T* _
         __syncthreads();
         // The next tile's loads fly while this one is scanned.
         if (t0 + TILE < len) raw.load(lo, p, t0 + TILE, vec, u, delta, Bv, Cv, z, resets);
-        // Two groups unrolled: one group's shuffles and stores overlap the next one's loads and
-        // exponentials (H100, bf16: 255 -> 247 us; four: 245 us with more f32 spills; 16-step
-        // groups: 294 us).
+        // Two groups unrolled: one group's reduction (its shuffles, or with PARTIAL_Y its
+        // partial-sum stores) overlaps the next one's loads and exponentials (H100, bf16, before
+        // PARTIAL_Y: 255 -> 247 us; four: 245 us with more f32 spills; 16-step groups: 294 us).
 #pragma unroll 2
         for (int tr = 0; tr < TILE; tr += R) {
             if (p.write_ckpt && (t0 + tr) % int(p.ckpt_interval) == 0 && t0 + tr < len) {
