@@ -82,10 +82,8 @@ __device__ __forceinline__ float softplus(float x) {
 // 1 / (1 + e^-x) on ex2.approx.ftz: __expf's path for results below 2^-126 (two predicated
 // multiplies) buys nothing here, where such an e^-x next to 1 rounds away anyway.
 __device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + ex2(-x * LOG2E)); }
-__device__ __forceinline__ float silu_grad(float x) {
-    const float s = sigmoid(x);
-    return s * (1.f + x * (1.f - s));
-}
+// The derivative of x sigmoid(x), given s = sigmoid(x) (the caller needs s for SiLU too).
+__device__ __forceinline__ float silu_grad(float x, float s) { return s * (1.f + x * (1.f - s)); }
 // v, computed on every path. A value used under a per-element condition (a step past the
 // end, an absent z) is otherwise computed inside a branch per element, and the branches keep
 // the elements' special-function chains from overlapping: the forward's staging was 27% of
@@ -799,7 +797,7 @@ __device__ __forceinline__ void scan_backward(const T* __restrict__ u, const T* 
 #pragma unroll
             for (int i = 0; i < Tile::PE; ++i) {
                 const float sg = sigmoid(zz[i]);
-                dzv[i] = dy[i] * fmaf(dskip, uv[i], yv[i]) * (sg * (1.f + zz[i] * (1.f - sg)));
+                dzv[i] = dy[i] * fmaf(dskip, uv[i], yv[i]) * silu_grad(zz[i], sg);
                 dy[i] *= zz[i] * sg;
             }
             store_shared<Tile::PE>(sDy + kk, dy);
