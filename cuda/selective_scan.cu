@@ -6,12 +6,13 @@
 // Work split: a block owns DB = BLK / NT channels d of one (batch, group); each channel's
 // N states are spread over NT consecutive lanes, SPT states per lane, kept in registers for
 // the whole sequence. Time runs in tiles: the block stages a tile of dt, u, B, C (and z)
-// in shared memory as f32 (softplus and SiLU computed once per element, not once per
-// state), every lane advances its states through the tile, and y_t = sum_n C h is reduced
-// across the NT lanes with a transposing shuffle (NT - 1 shuffles per NT timesteps, not
-// log2(NT) per timestep). Staging goes by channel: lane j of a channel loads steps
-// j*PE .. j*PE + PE - 1 of its own rows by vectors (FwdTile), so bias and D are registers and
-// the same lane writes those steps of the output. The forward loads the next tile into
+// in shared memory, as f32 except 16-bit B and C, kept as loaded (PackedBC: one 16-byte
+// read per lane and step), softplus and SiLU computed once per element, not once per state;
+// every lane advances its states through the tile, and y_t = sum_n C h is summed over the
+// NT lanes, by partial sums per lane added at the output (up to 4 lanes) or a transposing
+// shuffle (NT - 1 shuffles per NT timesteps, not log2(NT) per timestep). Staging goes by
+// channel: lane j of a channel loads steps j*PE .. j*PE + PE - 1 of its own rows by vectors
+// (FwdTile), so bias and D are registers and the same lane writes those steps of the output. The forward loads the next tile into
 // registers (raw, unconverted) before scanning the current one, so the loads' latency hides
 // behind the scan. exp(dt A) is one ex2.approx per (t, n) on A pre-scaled by log2(e). Without resets and
 // with time-varying B and C (Mamba's usual call) the scan skips the reset mask and the
@@ -205,11 +206,51 @@ __device__ __forceinline__ void store_shared(float* dst, const float (&v)[COUNT]
     }
 }
 
+// One element of a 32-bit word holding two 16-bit ones (high: the upper half) as f32.
+__device__ __forceinline__ float unpack_word(uint32_t word, bool high, __nv_bfloat16) {
+    return __uint_as_float(high ? word & 0xffff0000u : word << 16);
+}
+__device__ __forceinline__ float unpack_word(uint32_t word, bool high, __half) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(high ? word >> 16 : word)));
+}
+__device__ __forceinline__ float unpack_word(uint32_t word, bool, float) { return __uint_as_float(word); }
+
+// With 16-bit inputs the forward stages B and C as loaded, not as f32: a row per step of
+// NPAD / SPT lane groups, each SPT elements of B then SPT of C, so that a lane reads its
+// step's B and C in one 16-byte read (4 states) where two f32 [t][n] arrays take two. Every
+// lane reads B_t and C_t of its own states each step; a warp's 16-byte read takes 4
+// shared-memory wavefronts (one per quarter warp) whatever the broadcast, and the SM serves
+// one per cycle. At dstate 16 (12 warps per SM, 4 states per lane) a step's reads took 120
+// cycles with f32 B and C (96 of them B and C), more than the 96 of its exponentials on
+// each quarter of the special-function unit; packed, 72. Unpacking costs one integer
+// operation per element. H100, bf16: 236 -> 217 us.
+template <typename T, int SPT, int NT> struct PackedBC {
+    static constexpr int NPAD = SPT * NT;
+    static constexpr int WORDS = NPAD;  // 32-bit words per step
+    static_assert(sizeof(T) == 2 && SPT % 2 == 0, "two 16-bit elements per word");
+    __device__ __forceinline__ static void load(const float* s, int t, int j, float (&bv)[SPT], float (&cv)[SPT]) {
+        float w[SPT];
+        load_shared<SPT>(s + t * WORDS + j * SPT, w);
+#pragma unroll
+        for (int i = 0; i < SPT / 2; ++i) {
+            const uint32_t wb = __float_as_uint(w[i]), wc = __float_as_uint(w[SPT / 2 + i]);
+            bv[2 * i] = unpack_word(wb, false, T());
+            bv[2 * i + 1] = unpack_word(wb, true, T());
+            cv[2 * i] = unpack_word(wc, false, T());
+            cv[2 * i + 1] = unpack_word(wc, true, T());
+        }
+    }
+    // State n's B at step t, in 16-bit elements from the tile's start; its C is SPT further.
+    __device__ __forceinline__ static int b_index(int t, int n) { return t * 2 * WORDS + (n / SPT) * 2 * SPT + n % SPT; }
+};
+
 // Advances this lane's states through steps tr .. tr + R of the staged tile (rows of RS
 // floats) and writes y for those steps to sY, reduced over the channel's NT lanes, or with
 // PARTIAL this lane's sums over its own states to its row (dl, j) for the caller to add. The
-// forward stages dt u (DtuStaged); the backward keeps u and forms dt u here.
-template <int SPT, int NT, int BLK, int R, int RS, bool GENERAL, bool DtuStaged, bool PARTIAL = false>
+// forward stages dt u (DtuStaged); the backward keeps u and forms dt u here. B and C: f32
+// [t][n] arrays sB and sC, or with a 16-bit STAGED type PackedBC's rows at sB.
+template <int SPT, int NT, int BLK, int R, int RS, bool GENERAL, bool DtuStaged, bool PARTIAL = false,
+          typename STAGED = float>
 __device__ __forceinline__ void advance_and_emit_y(const Layout<SPT, NT, BLK>& lo, int tr, float (&h)[SPT],
                                                    const float (&a2)[SPT], const float (&bc)[SPT],
                                                    const float (&cc)[SPT], const float* sB, const float* sC,
@@ -222,8 +263,12 @@ __device__ __forceinline__ void advance_and_emit_y(const Layout<SPT, NT, BLK>& l
         const int t = tr + r;
         const float keep = GENERAL ? sKeep[t] : 1.f;
         float bv[SPT], cv[SPT];
-        load_shared<SPT>(sB + t * L::BS + lo.j * SPT, bv);
-        load_shared<SPT>(sC + t * L::BS + lo.j * SPT, cv);
+        if constexpr (sizeof(STAGED) == 2) {
+            PackedBC<STAGED, SPT, NT>::load(sB, t, lo.j, bv, cv);
+        } else {
+            load_shared<SPT>(sB + t * L::BS + lo.j * SPT, bv);
+            load_shared<SPT>(sC + t * L::BS + lo.j * SPT, cv);
+        }
         const float dt = sDt[lo.dl * RS + t];
         const float dtu = DtuStaged ? sDtuOrU[lo.dl * RS + t] : dt * sDtuOrU[lo.dl * RS + t];
         float acc = 0.f;
@@ -293,15 +338,12 @@ template <typename T, int COUNT> struct RowSegment {
     }
     __device__ __forceinline__ float get(int i) const {
         if (EPW == 1) return __uint_as_float(w[i]);
-        return unpack(w[i / 2], i % 2 != 0, T());
+        return unpack_word(w[i / 2], i % 2 != 0, T());
     }
-    __device__ __forceinline__ static float unpack(uint32_t word, bool high, __nv_bfloat16) {
-        return __uint_as_float(high ? word & 0xffff0000u : word << 16);
+    // Element i's 16 bits (16-bit T).
+    __device__ __forceinline__ uint16_t bits(int i) const {
+        return static_cast<uint16_t>(i % 2 != 0 ? w[i / 2] >> 16 : w[i / 2]);
     }
-    __device__ __forceinline__ static float unpack(uint32_t word, bool high, __half) {
-        return __half2float(__ushort_as_half(static_cast<unsigned short>(high ? word >> 16 : word)));
-    }
-    __device__ __forceinline__ static float unpack(uint32_t word, bool, float) { return __uint_as_float(word); }
     __device__ __forceinline__ static uint32_t bits_of(float v) { return __float_as_uint(v); }
     __device__ __forceinline__ static uint32_t bits_of(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
     __device__ __forceinline__ static uint32_t bits_of(__half v) { return __half_as_ushort(v); }
@@ -387,6 +429,18 @@ template <typename T, int SPT, int NT, int BLK, int TILE> struct FwdTile {
         }
     }
 
+    // State n's steps ts .. ts + PB into PackedBC's rows (16-bit T).
+    __device__ __forceinline__ static void store_bc_packed(float* sBC, int n, int ts, const RowSegment<T, PB>& bv,
+                                                           const RowSegment<T, PB>& cv) {
+        uint16_t* s16 = reinterpret_cast<uint16_t*>(sBC);
+#pragma unroll
+        for (int i = 0; i < PB; ++i) {
+            const int k = PackedBC<T, SPT, NT>::b_index(ts + i, n);
+            s16[k] = bv.bits(i);
+            s16[k + SPT] = cv.bits(i);
+        }
+    }
+
     __device__ __forceinline__ void load(const Layout<SPT, NT, BLK>& lo, const ScanParams& p, int t0, bool vec,
                                          const T* __restrict__ uu, const T* __restrict__ dd,
                                          const T* __restrict__ Bv, const T* __restrict__ Cv,
@@ -412,7 +466,8 @@ template <typename T, int SPT, int NT, int BLK, int TILE> struct FwdTile {
         keep = (p.has_resets && int(threadIdx.x) < TILE && ta < len && resets[size_t(lo.b) * p.len + ta]) ? 0.f : 1.f;
     }
 
-    // dt, dt u, D u and SiLU(z) (1 without z) into rows of RS floats; B and C as [t][n].
+    // dt, dt u, D u and SiLU(z) (1 without z) into rows of RS floats; B and C as [t][n] (f32)
+    // or PackedBC's rows at sB (16-bit T).
     // Steps past the end and absent channels get dt = 0 (and B = C = 0): the states stay.
     template <int RS>
     __device__ __forceinline__ void stage(const Layout<SPT, NT, BLK>& lo, const ScanParams& p, int t0, float dskip,
@@ -444,7 +499,8 @@ template <typename T, int SPT, int NT, int BLK, int TILE> struct FwdTile {
         for (int r = 0; r < RB; ++r) {
             const int n = bc_state(r);
             if (n >= NPAD) break;
-            store_bc(sB, sC, n, bc_step(), b[r], c[r]);
+            if constexpr (sizeof(T) == 2) store_bc_packed(sB, n, bc_step(), b[r], c[r]);
+            else store_bc(sB, sC, n, bc_step(), b[r], c[r]);
         }
         if (int(threadIdx.x) < TILE) sKeep[threadIdx.x] = keep;
     }
@@ -611,12 +667,20 @@ __device__ __forceinline__ void scan_forward(const T* __restrict__ u, const T* _
     constexpr int TILE = Tiles<SPT, NT, BLK>::FWD;
     constexpr int RS = TILE + 4;
     using Tile = FwdTile<T, SPT, NT, BLK, TILE>;
-    if (p.tile != uint32_t(TILE)) __trap();  // the host mirrors Tiles; a mismatch is a bug
+    // Checkpoints every CKPT steps, the backward's tile (BLOCK threads, this layout), so that
+    // they fall on segment starts: the scan loop below then has no branch inside, and each
+    // unrolled iteration is one basic block for the scheduler.
+    constexpr int CKPT = Tiles<SPT, NT, BLOCK>::BWD;
+    constexpr int SEG = CKPT < TILE ? CKPT : TILE;
+    static_assert(TILE % SEG == 0 && SEG % R == 0 && (CKPT % TILE == 0 || TILE % CKPT == 0), "checkpoint segments");
+    // The host mirrors Tiles; a mismatch is a bug.
+    if (p.tile != uint32_t(TILE) || (p.write_ckpt && p.ckpt_interval != uint32_t(CKPT))) __trap();
     extern __shared__ float4 smem4[];
     float* smem = reinterpret_cast<float*>(smem4);
+    // B and C: [t][n] f32 arrays, or with 16-bit T PackedBC's TILE x NPAD words at sB.
     float* sB = smem;
     float* sC = sB + TILE * L::BS;
-    float* sDt = sC + TILE * L::BS;
+    float* sDt = sizeof(T) == 2 ? smem + TILE * L::NPAD : sC + TILE * L::BS;
     float* sDtu = sDt + L::DB * RS;
     float* sSkip = sDtu + L::DB * RS;
     float* sGate = sSkip + L::DB * RS;
@@ -650,20 +714,22 @@ __device__ __forceinline__ void scan_forward(const T* __restrict__ u, const T* _
         __syncthreads();
         // The next tile's loads fly while this one is scanned.
         if (t0 + TILE < len) raw.load(lo, p, t0 + TILE, vec, u, delta, Bv, Cv, z, resets);
-        // Two groups unrolled: one group's reduction (its shuffles, or with PARTIAL_Y its
-        // partial-sum stores) overlaps the next one's loads and exponentials (H100, bf16, before
-        // PARTIAL_Y: 255 -> 247 us; four: 245 us with more f32 spills; 16-step groups: 294 us).
-#pragma unroll 2
-        for (int tr = 0; tr < TILE; tr += R) {
-            if (p.write_ckpt && (t0 + tr) % int(p.ckpt_interval) == 0 && t0 + tr < len) {
-                const size_t k = size_t(t0 + tr) / p.ckpt_interval;
+        for (int seg = 0; seg < TILE; seg += SEG) {
+            if (p.write_ckpt && (t0 + seg) % CKPT == 0 && t0 + seg < len) {
+                const size_t k = size_t(t0 + seg) / CKPT;
                 const size_t cb = ((size_t(lo.b) * p.n_ckpt + k) * p.dim + lo.d) * p.dstate + size_t(lo.j) * SPT;
 #pragma unroll
                 for (int s = 0; s < SPT; ++s)
                     if (lo.valid && lo.j * SPT + s < int(p.dstate)) ckpt[cb + s] = h[s];
             }
-            advance_and_emit_y<SPT, NT, BLK, R, RS, GENERAL, true, PARTIAL_Y>(lo, tr, h, a2, bc, cc, sB, sC, sDt, sDtu,
-                                                                             sKeep, sY);
+            // Two groups unrolled: one group's reduction (its shuffles, or with PARTIAL_Y its
+            // partial-sum stores) overlaps the next one's loads and exponentials (H100, bf16,
+            // before PARTIAL_Y: 255 -> 247 us; four: 245 us with more f32 spills; 16-step
+            // groups: 294 us).
+#pragma unroll 2
+            for (int tr = seg; tr < seg + SEG; tr += R)
+                advance_and_emit_y<SPT, NT, BLK, R, RS, GENERAL, true, PARTIAL_Y, T>(lo, tr, h, a2, bc, cc, sB, sC, sDt,
+                                                                                 sDtu, sKeep, sY);
         }
         __syncthreads();
         // out = (y + D u) SiLU(z), each lane its own steps again.

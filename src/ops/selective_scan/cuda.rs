@@ -132,7 +132,10 @@ impl Geometry {
     fn forward_smem(&self) -> usize {
         let tile = self.tile();
         let y_rows = if self.partial_y() { self.blk } else { self.channels_per_block() };
-        4 * (2 * tile * (self.npad() + 4) + (4 * self.channels_per_block() + y_rows) * (tile + 4) + tile)
+        // B and C: two f32 [t][n] arrays with rows padded by 4, or packed as 16-bit elements
+        // (`PackedBC`: NPAD words per step).
+        let bc = if self.elem == 2 { tile * self.npad() } else { 2 * tile * (self.npad() + 4) };
+        4 * (bc + (4 * self.channels_per_block() + y_rows) * (tile + 4) + tile)
     }
     /// The backward's tile = the checkpoint interval: `Tiles::BWD`, at most 32.
     fn backward_tile(&self) -> usize {
