@@ -290,7 +290,7 @@ fn forward_typed<T: CudaElement>(
     // selected by b_variable / c_variable), D and bias dim f32, h0 and last_state
     // batch*dim*dstate f32, resets batch*len bytes, ckpt batch*n_ckpt*dim*dstate f32; absent
     // ones are null and their has_* flag is 0. The grid covers groups x channel blocks x
-    // batch; smem is forward_smem_floats(tile) * 4 bytes, allowed above.
+    // batch; smem is Geometry::forward_smem (the layout the kernel computes), allowed above.
     unsafe { args.launch(grid(dims, &g, smem)) }.map_err(|e| dev.map_err("launching selective_scan_fwd", e))?;
     Ok((ScanOutput { out, last_state: last }, ScanCheckpoints { states: ckpt, interval }))
 }
