@@ -158,7 +158,9 @@ impl Geometry {
     }
 }
 
-/// Steps between the checkpoints the forward saves for the backward.
+/// Steps between the checkpoints the forward saves for the backward. The forward kernel
+/// derives the same number from its layout (`Tiles<SPT, NT, BLOCK>::BWD`: forward and backward
+/// share the layout) and traps on a mismatch.
 fn checkpoint_interval(dims: &ScanDims) -> usize {
     Geometry::backward(dims.dstate, dims.dtype).backward_tile()
 }
