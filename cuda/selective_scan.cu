@@ -12,11 +12,12 @@
 // NT lanes, by partial sums per lane added at the output (up to 4 lanes) or a transposing
 // shuffle (NT - 1 shuffles per NT timesteps, not log2(NT) per timestep). Staging goes by
 // channel: lane j of a channel loads steps j*PE .. j*PE + PE - 1 of its own rows by vectors
-// (FwdTile), so bias and D are registers and the same lane writes those steps of the output. The forward loads the next tile into
-// registers (raw, unconverted) before scanning the current one, so the loads' latency hides
-// behind the scan. exp(dt A) is one ex2.approx per (t, n) on A pre-scaled by log2(e). Without resets and
-// with time-varying B and C (Mamba's usual call) the scan skips the reset mask and the
-// constant-B/C terms (the GENERAL = false instantiation).
+// (FwdTile), so bias and D are registers and the same lane writes those steps of the
+// output. The forward loads the next tile into registers (raw, unconverted) before scanning
+// the current one, so the loads' latency hides behind the scan. exp(dt A) is one ex2.approx
+// per (t, n) on A pre-scaled by log2(e). Without resets and with time-varying B and C
+// (Mamba's usual call) the scan skips the reset mask and the constant-B/C terms (the
+// GENERAL = false instantiation).
 //
 // Backward: the forward is recomputed, not stored. The forward (scan with ckpt) leaves the
 // states at every `ckpt_interval` steps; the backward walks those intervals in reverse,
@@ -224,10 +225,11 @@ __device__ __forceinline__ float unpack_word(uint32_t word, bool, float) { retur
 // cycles with f32 B and C (96 of them B and C), more than the 96 of its exponentials on
 // each quarter of the special-function unit; packed, 72. Unpacking costs one integer
 // operation per element. H100, bf16: 236 -> 217 us.
+template <typename T> __host__ __device__ constexpr bool packs_bc() { return sizeof(T) == 2; }
 template <typename T, int SPT, int NT> struct PackedBC {
     static constexpr int NPAD = SPT * NT;
     static constexpr int WORDS = NPAD;  // 32-bit words per step
-    static_assert(sizeof(T) == 2 && SPT % 2 == 0, "two 16-bit elements per word");
+    static_assert(packs_bc<T>() && SPT % 2 == 0, "two 16-bit elements per word");
     __device__ __forceinline__ static void load(const float* s, int t, int j, float (&bv)[SPT], float (&cv)[SPT]) {
         float w[SPT];
         load_shared<SPT>(s + t * WORDS + j * SPT, w);
@@ -263,7 +265,7 @@ __device__ __forceinline__ void advance_and_emit_y(const Layout<SPT, NT, BLK>& l
         const int t = tr + r;
         const float keep = GENERAL ? sKeep[t] : 1.f;
         float bv[SPT], cv[SPT];
-        if constexpr (sizeof(STAGED) == 2) {
+        if constexpr (packs_bc<STAGED>()) {
             PackedBC<STAGED, SPT, NT>::load(sB, t, lo.j, bv, cv);
         } else {
             load_shared<SPT>(sB + t * L::BS + lo.j * SPT, bv);
@@ -394,6 +396,8 @@ template <typename T, int SPT, int NT, int BLK, int TILE> struct FwdTile {
     static constexpr int SEGS = TILE / PB;                           // threads per B / C row
     static constexpr int RB = NPAD * SEGS < BLK ? 1 : NPAD * SEGS / BLK;  // B / C rows per thread
     static_assert(TILE % PE == 0 && TILE % PB == 0 && RB * BLK >= NPAD * SEGS, "tile split");
+    // B and C staged as PackedBC's rows (16-bit T) or as two f32 [t][n] arrays.
+    static constexpr bool PACKED_BC = packs_bc<T>();
     RowSegment<T, PE> u, delta, z;
     RowSegment<T, PB> b[RB], c[RB];
     float keep;
@@ -499,7 +503,7 @@ template <typename T, int SPT, int NT, int BLK, int TILE> struct FwdTile {
         for (int r = 0; r < RB; ++r) {
             const int n = bc_state(r);
             if (n >= NPAD) break;
-            if constexpr (sizeof(T) == 2) store_bc_packed(sB, n, bc_step(), b[r], c[r]);
+            if constexpr (PACKED_BC) store_bc_packed(sB, n, bc_step(), b[r], c[r]);
             else store_bc(sB, sC, n, bc_step(), b[r], c[r]);
         }
         if (int(threadIdx.x) < TILE) sKeep[threadIdx.x] = keep;
@@ -680,7 +684,7 @@ __device__ __forceinline__ void scan_forward(const T* __restrict__ u, const T* _
     // B and C: [t][n] f32 arrays, or with 16-bit T PackedBC's TILE x NPAD words at sB.
     float* sB = smem;
     float* sC = sB + TILE * L::BS;
-    float* sDt = sizeof(T) == 2 ? smem + TILE * L::NPAD : sC + TILE * L::BS;
+    float* sDt = Tile::PACKED_BC ? smem + TILE * L::NPAD : sC + TILE * L::BS;
     float* sDtu = sDt + L::DB * RS;
     float* sSkip = sDtu + L::DB * RS;
     float* sGate = sSkip + L::DB * RS;
