@@ -1,5 +1,7 @@
-//! Compiles every `cuda/*.cu` to PTX with nvcc when one is found, otherwise embeds the
-//! committed `ptx/*.ptx`. Writes only into OUT_DIR. An nvcc that is found but fails is a
+//! Compiles every `cuda/*.cu` and `cuda/<op>/*.cu` (one module per file) to PTX with nvcc
+//! when one is found, in parallel, otherwise embeds the committed `ptx/*.ptx` and
+//! `ptx/<op>/*.ptx`. Writes only into OUT_DIR, with `modules.txt` listing the module names
+//! (`bspline`, `mlstm/forward_fused`) for the tests that compare it with the registry. An nvcc that is found but fails is a
 //! hard error with nvcc's own output: a silent fallback would ship PTX that no longer
 //! matches the sources.
 //!
@@ -29,11 +31,17 @@ fn main() {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
-    let sources = cuda_sources(&cuda_dir);
+    let modules = cuda_modules(&cuda_dir);
     let sm90 = read_flags(&cuda_dir.join("sm90-variants.txt"));
-    for stem in &sm90 {
-        if !sources.iter().any(|s| s.file_stem().is_some_and(|f| f.to_string_lossy() == stem.as_str())) {
-            fail(&format!("cuda/sm90-variants.txt names {stem}, which has no cuda/{stem}.cu"));
+    for name in &sm90 {
+        if !modules.contains(name) {
+            fail(&format!("cuda/sm90-variants.txt names {name}, which has no cuda/{name}.cu"));
+        }
+    }
+    for module in &modules {
+        if let Some((op, _)) = module.split_once('/') {
+            fs::create_dir_all(out_dir.join(op))
+                .unwrap_or_else(|e| fail(&format!("cannot create {}: {e}", out_dir.join(op).display())));
         }
     }
     let origin = match find_nvcc() {
@@ -43,16 +51,25 @@ fn main() {
                 .iter()
                 .map(|f| if f.starts_with("-arch=") { "-arch=compute_90".into() } else { f.clone() })
                 .collect();
-            for src in &sources {
-                compile(&nvcc, &flags, src, &out_dir.join(ptx_name(src)));
-                if sm90.iter().any(|s| src.file_stem().is_some_and(|f| f.to_string_lossy() == s.as_str())) {
-                    compile(&nvcc, &flags90, src, &out_dir.join(sm90_ptx_name(src)));
+            let mut jobs: Vec<(PathBuf, &[String], PathBuf)> = Vec::new();
+            for module in &modules {
+                let src = cuda_dir.join(format!("{module}.cu"));
+                jobs.push((src.clone(), &flags, out_dir.join(format!("{module}.ptx"))));
+                if sm90.contains(module) {
+                    jobs.push((src, &flags90, out_dir.join(format!("{module}.sm90.ptx"))));
                 }
             }
+            // One nvcc per source at once: the big modules take most of a minute each.
+            std::thread::scope(|scope| {
+                for (src, flags, out) in &jobs {
+                    let nvcc = &nvcc;
+                    scope.spawn(move || compile(nvcc, flags, src, out));
+                }
+            });
             format!("nvcc {} ({})", nvcc_release(&nvcc), nvcc.display())
         }
         None => {
-            let mut names: Vec<String> = sources.iter().map(|s| ptx_name(s)).collect();
+            let mut names: Vec<String> = modules.iter().map(|m| format!("{m}.ptx")).collect();
             names.extend(sm90.iter().map(|s| format!("{s}.sm90.ptx")));
             for name in &names {
                 let committed = ptx_dir.join(name);
@@ -67,6 +84,8 @@ fn main() {
             "committed ptx/".to_string()
         }
     };
+    let listing: String = modules.iter().map(|m| format!("{m}\n")).collect();
+    fs::write(out_dir.join("modules.txt"), listing).unwrap_or_else(|e| fail(&format!("cannot write modules.txt: {e}")));
     println!("cargo:rustc-env=HYBRID_KERNELS_PTX_ORIGIN={origin}");
 }
 
@@ -75,20 +94,26 @@ fn fail(msg: &str) -> ! {
     exit(1);
 }
 
-fn cuda_sources(dir: &Path) -> Vec<PathBuf> {
-    let entries = fs::read_dir(dir).unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", dir.display())));
-    let mut v: Vec<PathBuf> =
-        entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "cu")).collect();
+/// The module names: `<stem>` for each `cuda/<stem>.cu`, `<op>/<stem>` for each
+/// `cuda/<op>/<stem>.cu`, sorted.
+fn cuda_modules(dir: &Path) -> Vec<String> {
+    let list = |d: &Path| -> Vec<PathBuf> {
+        let entries = fs::read_dir(d).unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", d.display())));
+        entries.filter_map(|e| e.ok().map(|e| e.path())).collect()
+    };
+    let stem = |p: &Path| p.file_stem().expect("a .cu file has a stem").to_string_lossy().into_owned();
+    let is_cu = |p: &Path| p.extension().is_some_and(|x| x == "cu");
+    let mut v = Vec::new();
+    for path in list(dir) {
+        if path.is_dir() {
+            let op = path.file_name().expect("a folder has a name").to_string_lossy().into_owned();
+            v.extend(list(&path).iter().filter(|p| is_cu(p)).map(|p| format!("{op}/{}", stem(p))));
+        } else if is_cu(&path) {
+            v.push(stem(&path));
+        }
+    }
     v.sort();
     v
-}
-
-fn ptx_name(src: &Path) -> String {
-    format!("{}.ptx", src.file_stem().expect("a .cu file has a stem").to_string_lossy())
-}
-
-fn sm90_ptx_name(src: &Path) -> String {
-    format!("{}.sm90.ptx", src.file_stem().expect("a .cu file has a stem").to_string_lossy())
 }
 
 fn env_flag(name: &str) -> bool {

@@ -33,7 +33,7 @@ __device__ __forceinline__ void bspline_dispatch(const T* x, const float* grid, 
 
 }  // namespace hk_bspline
 
-#define BSPLINE_KERNELS(SUFFIX, T)                                                                  \
+#define HK_BSPLINE_KERNELS(SUFFIX, T)                                                                  \
     extern "C" __global__ void __launch_bounds__(256) bspline_basis_##SUFFIX(                      \
         const T* __restrict__ x, const float* __restrict__ grid, T* __restrict__ out,              \
         hk_bspline::BsplineParams p) {                                                                         \
@@ -45,6 +45,6 @@ __device__ __forceinline__ void bspline_dispatch(const T* x, const float* grid, 
         hk_bspline::bspline_dispatch<T, true>(x, grid, out, p);                                                \
     }
 
-BSPLINE_KERNELS(f32, float)
-BSPLINE_KERNELS(bf16, __nv_bfloat16)
-BSPLINE_KERNELS(f16, __half)
+HK_BSPLINE_KERNELS(f32, float)
+HK_BSPLINE_KERNELS(bf16, __nv_bfloat16)
+HK_BSPLINE_KERNELS(f16, __half)

@@ -206,6 +206,7 @@ struct BsplineParams {
     uint32_t order;        // spline order k
     uint32_t uniform;      // 1: every feature's knots are uniformly spaced (KnotGrid::is_uniform)
 };
+HK_PARAMS_LAYOUT(BsplineParams, 5);
 
 template <typename T>
 struct __align__(16) Stage {

@@ -21,6 +21,7 @@ struct ConvParams {
     uint32_t state_len;  // the update's state length (>= W - 1)
     uint32_t tokens;     // the update's tokens per row
 };
+HK_PARAMS_LAYOUT(ConvParams, 11);
 
 constexpr int THREADS = 128;
 // Consecutive steps per thread: 32 bytes, two 16-byte accesses (8 f32, 16 bf16 / f16), so

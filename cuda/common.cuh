@@ -5,6 +5,12 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+// Every kernel parameter struct is mirrored by a #[repr(C)] struct on the host (its comment
+// names it); both sides assert at compile time that it is FIELDS 4-byte fields with no
+// padding, the host with `assert_kernel_params!` in src/kernels.rs.
+#define HK_PARAMS_LAYOUT(T, FIELDS) \
+    static_assert(sizeof(T) == 4 * (FIELDS) && alignof(T) == 4, #T " must be " #FIELDS " 4-byte fields, as on the host")
+
 namespace hk {
 
 __device__ __forceinline__ float to_f32(float v) { return v; }

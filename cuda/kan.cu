@@ -18,6 +18,7 @@ struct InputGradParams {
     uint32_t order;
     uint32_t uniform;      // KnotGrid::is_uniform
 };
+HK_PARAMS_LAYOUT(InputGradParams, 5);
 
 // d/dx x sigmoid(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))
 __device__ __forceinline__ float silu_grad(float x) {
@@ -120,7 +121,7 @@ __device__ __forceinline__ void features(const T* x, const float* grid, T* out, 
 
 }  // namespace hk_kan
 
-#define KAN_KERNELS(SUFFIX, T)                                                                                   \
+#define HK_KAN_KERNELS(SUFFIX, T)                                                                                   \
     extern "C" __global__ void __launch_bounds__(256, 3) kan_features_##SUFFIX(                                     \
         const T* __restrict__ x, const float* __restrict__ grid, T* __restrict__ out, hk_bspline::BsplineParams p) { \
         hk_kan::features(x, grid, out, p);                                                                       \
@@ -142,6 +143,6 @@ __device__ __forceinline__ void features(const T* x, const float* grid, T* out, 
         hk_kan::input_grad(x, grid, d_features, dx, p);                                                          \
     }
 
-KAN_KERNELS(f32, float)
-KAN_KERNELS(bf16, __nv_bfloat16)
-KAN_KERNELS(f16, __half)
+HK_KAN_KERNELS(f32, float)
+HK_KAN_KERNELS(bf16, __nv_bfloat16)
+HK_KAN_KERNELS(f16, __half)

@@ -63,6 +63,7 @@ struct DirectParams {
     uint32_t has_scaler;
     uint32_t features_per_split;  // a multiple of CHUNK
 };
+HK_PARAMS_LAYOUT(DirectParams, 8);
 
 template <int NBMAX>
 constexpr int ROW_VECS = (NBMAX + 1 + 3) / 4;
@@ -285,7 +286,7 @@ __device__ __forceinline__ void reduce(const float* __restrict__ partial, T* __r
 
 }  // namespace hk_kan_direct
 
-#define KAN_DIRECT_KERNELS(SUFFIX, T)                                                                        \
+#define HK_KAN_DIRECT_KERNELS(SUFFIX, T)                                                                        \
     extern "C" __global__ void __launch_bounds__(256, 1) kan_direct_forward_##SUFFIX(                       \
         const T* __restrict__ x, const float* __restrict__ grid, const T* __restrict__ w_base,               \
         const T* __restrict__ w_spline, const T* __restrict__ scaler, float* __restrict__ partial,           \
@@ -297,9 +298,9 @@ __device__ __forceinline__ void reduce(const float* __restrict__ partial, T* __r
         hk_kan_direct::reduce<T>(partial, y, n, splits);                                                     \
     }
 
-KAN_DIRECT_KERNELS(f32, float)
-KAN_DIRECT_KERNELS(bf16, __nv_bfloat16)
-KAN_DIRECT_KERNELS(f16, __half)
+HK_KAN_DIRECT_KERNELS(f32, float)
+HK_KAN_DIRECT_KERNELS(bf16, __nv_bfloat16)
+HK_KAN_DIRECT_KERNELS(f16, __half)
 
 // ---------------------------------------------------------------------------------------
 // The direct forward on tensor cores, f32 only (kan_direct_tf32x3_features_f32, then

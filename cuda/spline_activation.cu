@@ -19,6 +19,7 @@ struct ActParams {
     uint32_t uniform;     // KnotGrid::is_uniform
     uint32_t shared_acc;  // param partials: (nb + 1) * blockDim.x floats of dynamic shared memory
 };
+HK_PARAMS_LAYOUT(ActParams, 8);
 
 __device__ __forceinline__ float silu_grad(float x) {
     const float s = hk::sigmoid(x);
@@ -136,7 +137,7 @@ __device__ __forceinline__ void reduce(const float* __restrict__ partial, T* __r
 
 }  // namespace hk_act
 
-#define ACT_KERNELS(SUFFIX, T)                                                                                  \
+#define HK_ACT_KERNELS(SUFFIX, T)                                                                                  \
     extern "C" __global__ void spline_activation_forward_##SUFFIX(                                             \
         const T* __restrict__ x, const float* __restrict__ grid, const T* __restrict__ coeff,                  \
         const T* __restrict__ w, T* __restrict__ y, hk_act::ActParams p) {                                     \
@@ -158,6 +159,6 @@ __device__ __forceinline__ void reduce(const float* __restrict__ partial, T* __r
         hk_act::reduce<T>(partial, d_coeff, d_w, n_chunks, channels, nb, has_base);                            \
     }
 
-ACT_KERNELS(f32, float)
-ACT_KERNELS(bf16, __nv_bfloat16)
-ACT_KERNELS(f16, __half)
+HK_ACT_KERNELS(f32, float)
+HK_ACT_KERNELS(bf16, __nv_bfloat16)
+HK_ACT_KERNELS(f16, __half)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Regenerates or checks the committed ptx/ from cuda/, with the flags in cuda/nvcc-flags.txt
-# (the same ones build.rs uses), and ptx/<op>.sm90.ptx (-arch=compute_90) for the sources named
-# in cuda/sm90-variants.txt.
-#   scripts/ptx.sh regen   write ptx/<op>.ptx for every cuda/<op>.cu
+# (the same ones build.rs uses): one module per source, ptx/<op>.ptx for cuda/<op>.cu and
+# ptx/<op>/<pass>.ptx for cuda/<op>/<pass>.cu, plus <module>.sm90.ptx (-arch=compute_90)
+# for the modules named in cuda/sm90-variants.txt. The nvcc runs go in parallel.
+#   scripts/ptx.sh regen   write the PTX of every module
 #   scripts/ptx.sh check   fail when ptx/ differs from what cuda/ compiles to
 # nvcc: $HYBRID_KERNELS_NVCC, else the one scripts/install-nvcc.sh installs (it runs it).
 set -euo pipefail
@@ -19,19 +20,29 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 status=0
 outputs=()
-for src in cuda/*.cu; do
-  name=$(basename "$src" .cu)
-  "$nvcc" "${flags[@]}" "$src" -o "$tmp/$name.ptx"
-  outputs+=("$name.ptx")
+pids=()
+for src in cuda/*.cu cuda/*/*.cu; do
+  [ -e "$src" ] || continue
+  module=${src#cuda/}
+  module=${module%.cu}
+  mkdir -p "$tmp/$(dirname "$module")"
+  "$nvcc" "${flags[@]}" "$src" -o "$tmp/$module.ptx" &
+  pids+=($!)
+  outputs+=("$module.ptx")
   for s in "${sm90[@]}"; do
-    if [ "$s" = "$name" ]; then
-      "$nvcc" "${flags90[@]}" "$src" -o "$tmp/$name.sm90.ptx"
-      outputs+=("$name.sm90.ptx")
+    if [ "$s" = "$module" ]; then
+      "$nvcc" "${flags90[@]}" "$src" -o "$tmp/$module.sm90.ptx" &
+      pids+=($!)
+      outputs+=("$module.sm90.ptx")
     fi
   done
 done
+for pid in "${pids[@]}"; do
+  wait "$pid" || { echo "nvcc failed (see above)" >&2; exit 1; }
+done
 for out in "${outputs[@]}"; do
   if [ "$mode" = regen ]; then
+    mkdir -p "ptx/$(dirname "$out")"
     cp "$tmp/$out" "ptx/$out"
     echo "wrote ptx/$out ($(grep -m1 '^\.version' "ptx/$out"))"
   elif ! cmp -s "$tmp/$out" "ptx/$out"; then
@@ -40,11 +51,12 @@ for out in "${outputs[@]}"; do
     status=1
   fi
 done
-for ptx in ptx/*.ptx; do
+for ptx in ptx/*.ptx ptx/*/*.ptx; do
   [ -e "$ptx" ] || continue
-  stem=$(basename "$ptx" .ptx)
-  stem=${stem%.sm90}
-  if [ ! -e "cuda/$stem.cu" ]; then
+  module=${ptx#ptx/}
+  module=${module%.ptx}
+  module=${module%.sm90}
+  if [ ! -e "cuda/$module.cu" ]; then
     echo "STALE: $ptx has no source in cuda/" >&2
     status=1
   fi

@@ -104,8 +104,8 @@ struct CudaDeviceInner {
     max_shared_per_block: usize,
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<KernelModule, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<(KernelModule, &'static str), CudaFunction>>,
-    resident_blocks: Mutex<HashMap<(KernelModule, &'static str, u32), u32>>,
+    functions: Mutex<HashMap<(KernelModule, String), CudaFunction>>,
+    resident_blocks: Mutex<HashMap<(KernelModule, String, u32), u32>>,
     blas: Mutex<Option<Arc<cudarc::cublas::CudaBlas>>>,
 }
 
@@ -234,8 +234,8 @@ impl CudaDevice {
 
     /// Loads (once) and returns kernel `name` of `module`, checking the compute
     /// capability first and explaining a PTX that the driver is too old for.
-    pub fn function(&self, module: KernelModule, name: &'static str) -> Result<CudaFunction> {
-        let key = (module, name);
+    pub fn function(&self, module: KernelModule, name: &str) -> Result<CudaFunction> {
+        let key = (module, name.to_string());
         if let Some(f) = lock(&self.0.functions).get(&key) {
             return Ok(f.clone());
         }
@@ -248,8 +248,8 @@ impl CudaDevice {
     /// Blocks of `block_threads` threads of kernel `name` that fit on the whole device at
     /// once (occupancy per SM x SMs, at least one per SM): the grid of a grid-stride
     /// kernel that runs in exactly one wave.
-    pub fn resident_blocks(&self, module: KernelModule, name: &'static str, block_threads: u32) -> Result<u32> {
-        let key = (module, name, block_threads);
+    pub fn resident_blocks(&self, module: KernelModule, name: &str, block_threads: u32) -> Result<u32> {
+        let key = (module, name.to_string(), block_threads);
         if let Some(&n) = lock(&self.0.resident_blocks).get(&key) {
             return Ok(n);
         }
@@ -286,7 +286,7 @@ impl CudaDevice {
     pub(crate) fn grid_stride_config(
         &self,
         module: KernelModule,
-        name: &'static str,
+        name: &str,
         block_threads: u32,
         items: usize,
         items_per_block: usize,

@@ -1,57 +1,89 @@
-//! The kernel modules embedded in the library: one per `cuda/<op>.cu`, compiled to PTX by
-//! build.rs (or taken from the committed `ptx/`), loaded lazily per device and cached.
+//! The kernel modules embedded in the library: one per `cuda/<op>.cu` or
+//! `cuda/<op>/<pass>.cu`, compiled to PTX by build.rs (or taken from the committed `ptx/`),
+//! loaded lazily per device and cached; and the one naming rule of their kernels.
+
+use crate::dtype::DType;
 
 /// How the embedded PTX was produced: `nvcc <version> (<path>)` or `committed ptx/`.
 pub const PTX_ORIGIN: &str = env!("HYBRID_KERNELS_PTX_ORIGIN");
 
-/// A typed id for each kernel module; [`crate::device::CudaDevice`] loads each once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum KernelModule {
-    Bspline,
-    Kan,
-    KanDirect,
-    SplineActivation,
-    SelectiveScan,
-    CausalConv1d,
-    Mlstm,
+/// The kernel modules: `cuda/<name>.cu` compiled to `<name>.ptx`, `<name>` either `<op>` or
+/// `<op>/<pass>` (one module per pass of the big kernels, so that, say, decoding loads only
+/// the step's PTX). Adding a module is its source file and one line here.
+macro_rules! kernel_modules {
+    ($($variant:ident => $name:literal,)*) => {
+        /// A typed id for each kernel module; [`crate::device::CudaDevice`] loads each once.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum KernelModule {
+            $($variant,)*
+        }
+
+        impl KernelModule {
+            pub const ALL: &'static [KernelModule] = &[$(KernelModule::$variant,)*];
+
+            /// The source path below `cuda/` without `.cu` (`bspline`, `mlstm/step`); the
+            /// committed PTX is `ptx/<name>.ptx`.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(KernelModule::$variant => $name,)*
+                }
+            }
+
+            pub fn ptx(self) -> &'static str {
+                match self {
+                    $(KernelModule::$variant => include_str!(concat!(env!("OUT_DIR"), "/", $name, ".ptx")),)*
+                }
+            }
+        }
+    };
+}
+
+kernel_modules! {
+    Bspline => "bspline",
+    Kan => "kan",
+    KanDirect => "kan_direct",
+    SplineActivation => "spline_activation",
+    CausalConv1d => "causal_conv1d",
+    SelectiveScanForward => "selective_scan/forward",
+    SelectiveScanBackward => "selective_scan/backward",
+    SelectiveScanStep => "selective_scan/step",
+    MlstmForwardChunked => "mlstm/forward_chunked",
+    MlstmForwardFused => "mlstm/forward_fused",
+    MlstmStep => "mlstm/step",
+    MlstmBackward => "mlstm/backward",
+    MlstmBackwardFused => "mlstm/backward_fused",
+}
+
+/// Asserts at compile time that the host mirror of a kernel parameter struct is `$fields`
+/// 4-byte fields with no padding, as `HK_PARAMS_LAYOUT` in cuda/common.cuh asserts of the C
+/// struct: the two sides then agree byte for byte, which the launches' `DeviceRepr` relies on.
+macro_rules! assert_kernel_params {
+    ($t:ty, $fields:expr) => {
+        const _: () = assert!(
+            std::mem::size_of::<$t>() == 4 * $fields && std::mem::align_of::<$t>() == 4,
+            concat!(stringify!($t), " must be ", stringify!($fields), " 4-byte fields, as its C mirror")
+        );
+    };
+}
+pub(crate) use assert_kernel_params;
+
+/// The position of `dtype` in kernel-name tables indexed by element type: f32, bf16, f16.
+pub const fn dtype_index(dtype: DType) -> usize {
+    match dtype {
+        DType::F32 => 0,
+        DType::BF16 => 1,
+        DType::F16 => 2,
+    }
+}
+
+/// The name of a kernel instantiated per element type: `<op>_<variant>_<dtype><suffix>`
+/// (`selective_scan_fwd_bf16_s4_l16`: op `selective_scan`, variant `fwd`, suffix
+/// `_s4_l16`), the one rule every `extern "C"` kernel of `cuda/` is named by.
+pub fn kernel_name(op: &str, variant: &str, dtype: DType, suffix: &str) -> String {
+    format!("{op}_{variant}_{}{suffix}", dtype.as_str())
 }
 
 impl KernelModule {
-    pub const ALL: &'static [KernelModule] = &[
-        KernelModule::Bspline,
-        KernelModule::Kan,
-        KernelModule::KanDirect,
-        KernelModule::SplineActivation,
-        KernelModule::SelectiveScan,
-        KernelModule::CausalConv1d,
-        KernelModule::Mlstm,
-    ];
-
-    /// The source stem: `cuda/<name>.cu`, `ptx/<name>.ptx`.
-    pub fn name(self) -> &'static str {
-        match self {
-            KernelModule::Bspline => "bspline",
-            KernelModule::Kan => "kan",
-            KernelModule::KanDirect => "kan_direct",
-            KernelModule::SplineActivation => "spline_activation",
-            KernelModule::SelectiveScan => "selective_scan",
-            KernelModule::CausalConv1d => "causal_conv1d",
-            KernelModule::Mlstm => "mlstm",
-        }
-    }
-
-    pub fn ptx(self) -> &'static str {
-        match self {
-            KernelModule::Bspline => include_str!(concat!(env!("OUT_DIR"), "/bspline.ptx")),
-            KernelModule::Kan => include_str!(concat!(env!("OUT_DIR"), "/kan.ptx")),
-            KernelModule::KanDirect => include_str!(concat!(env!("OUT_DIR"), "/kan_direct.ptx")),
-            KernelModule::SplineActivation => include_str!(concat!(env!("OUT_DIR"), "/spline_activation.ptx")),
-            KernelModule::SelectiveScan => include_str!(concat!(env!("OUT_DIR"), "/selective_scan.ptx")),
-            KernelModule::CausalConv1d => include_str!(concat!(env!("OUT_DIR"), "/causal_conv1d.ptx")),
-            KernelModule::Mlstm => include_str!(concat!(env!("OUT_DIR"), "/mlstm.ptx")),
-        }
-    }
-
     /// The module's compute_90 build (cuda/sm90-variants.txt), which devices of compute
     /// capability 9.0 and up load instead of [`KernelModule::ptx`].
     pub fn ptx_sm90(self) -> Option<&'static str> {
@@ -122,28 +154,20 @@ fn parse_sm(target: &str) -> Option<(i32, i32)> {
 mod tests {
     use super::*;
 
+    /// build.rs lists the sources it compiled; both lists are embedded at compile time, so
+    /// the test passes wherever its binary runs.
     #[test]
     fn every_cuda_source_has_a_module_id() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda");
-        let mut stems: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .filter_map(|e| {
-                let p = e.unwrap().path();
-                (p.extension()? == "cu").then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
-            })
-            .collect();
-        stems.sort();
-        let mut ids: Vec<String> = KernelModule::ALL.iter().map(|m| m.name().to_string()).collect();
+        let mut sources: Vec<&str> = include_str!(concat!(env!("OUT_DIR"), "/modules.txt")).lines().collect();
+        sources.sort();
+        let mut ids: Vec<&str> = KernelModule::ALL.iter().map(|m| m.name()).collect();
         ids.sort();
-        assert_eq!(stems, ids);
+        assert_eq!(sources, ids);
     }
 
     #[test]
     fn sm90_variants_are_the_listed_sources_and_target_hopper() {
-        let list = std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda").join("sm90-variants.txt"),
-        )
-        .unwrap();
+        let list = include_str!("../cuda/sm90-variants.txt");
         let mut listed: Vec<&str> =
             list.lines().map(|l| l.split('#').next().unwrap_or("").trim()).filter(|l| !l.is_empty()).collect();
         listed.sort();
@@ -162,6 +186,21 @@ mod tests {
                 assert!(!m.programmatic_launch((9, 0)));
             }
         }
+    }
+
+    #[test]
+    fn kernel_names_follow_the_one_rule_and_exist() {
+        assert_eq!(kernel_name("mlstm", "step", DType::BF16, ""), "mlstm_step_bf16");
+        assert_eq!(kernel_name("selective_scan", "fwd", DType::F16, "_s4_l16"), "selective_scan_fwd_f16_s4_l16");
+        assert_eq!(DType::ALL.map(dtype_index), [0, 1, 2]);
+        let entry = |m: KernelModule, name: &str| m.ptx().contains(&format!(".entry {name}("));
+        assert!(entry(KernelModule::MlstmStep, &kernel_name("mlstm", "step", DType::F16, "")));
+        assert!(entry(
+            KernelModule::SelectiveScanForward,
+            &kernel_name("selective_scan", "fwd", DType::BF16, "_s4_l16")
+        ));
+        assert!(!entry(KernelModule::MlstmForwardFused, "mlstm_fwd_fused_bf16_k128_stats"));
+        assert!(entry(KernelModule::MlstmBackwardFused, "mlstm_fwd_fused_bf16_k128_stats"));
     }
 
     #[test]

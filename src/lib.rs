@@ -41,8 +41,13 @@ pub mod dtype;
 pub mod error;
 mod gemm;
 pub mod kernels;
+pub mod measure;
+pub mod model;
+pub mod nn;
 pub mod ops;
+pub mod rng;
 pub mod tensor;
+pub mod timing;
 
 pub use device::{CudaDevice, Device};
 pub use dtype::{DType, Element};

@@ -6,6 +6,7 @@ pub mod bspline;
 pub mod causal_conv1d;
 pub mod kan;
 pub mod mlstm;
+pub mod registry;
 pub mod selective_scan;
 pub mod sequence_resets;
 pub mod spline_activation;

@@ -5,7 +5,7 @@ use super::{BasisDims, BasisKind, KnotGrid};
 use crate::device::CudaDevice;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::kernels::KernelModule;
+use crate::kernels::{kernel_name, KernelModule};
 use crate::tensor::{CudaData, Storage, Tensor};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -20,6 +20,7 @@ pub(crate) struct BsplineParams {
     pub order: u32,
     pub uniform: u32,
 }
+crate::kernels::assert_kernel_params!(BsplineParams, 5);
 
 // SAFETY: five u32 fields, repr(C), no padding: the same bytes as the C struct.
 unsafe impl DeviceRepr for BsplineParams {}
@@ -30,15 +31,13 @@ const ROWS_PER_BLOCK: usize = 256;
 /// Rows per launch: row indices stay well inside u32 in the kernel.
 const MAX_ROWS_PER_LAUNCH: usize = 1 << 31;
 
-fn kernel_name(kind: BasisKind, dtype: DType) -> &'static str {
-    match (kind, dtype) {
-        (BasisKind::Value, DType::F32) => "bspline_basis_f32",
-        (BasisKind::Value, DType::BF16) => "bspline_basis_bf16",
-        (BasisKind::Value, DType::F16) => "bspline_basis_f16",
-        (BasisKind::Derivative, DType::F32) => "bspline_basis_derivative_f32",
-        (BasisKind::Derivative, DType::BF16) => "bspline_basis_derivative_bf16",
-        (BasisKind::Derivative, DType::F16) => "bspline_basis_derivative_f16",
-    }
+/// `bspline_basis_<dtype>` or `bspline_basis_derivative_<dtype>`.
+fn basis_kernel(kind: BasisKind, dtype: DType) -> String {
+    let variant = match kind {
+        BasisKind::Value => "basis",
+        BasisKind::Derivative => "basis_derivative",
+    };
+    kernel_name("bspline", variant, dtype, "")
 }
 
 /// An output tensor whose every element the following launch writes.
@@ -64,8 +63,8 @@ pub(super) fn evaluate_into(
     if dims.rows == 0 {
         return Ok(());
     }
-    let name = kernel_name(kind, x.dtype());
-    let func = dev.function(KernelModule::Bspline, name)?;
+    let name = basis_kernel(kind, x.dtype());
+    let func = dev.function(KernelModule::Bspline, &name)?;
     // Each launch covers whole batch rows and at most 2^31 rows (32-bit row indices).
     if dims.in_features > MAX_ROWS_PER_LAUNCH {
         return Err(Error::invalid(
@@ -88,7 +87,7 @@ pub(super) fn evaluate_into(
             uniform: u32::from(grid.is_uniform()),
         };
         // At most one wave of resident blocks; the kernel's grid-stride loop covers the rest.
-        let cfg = dev.grid_stride_config(KernelModule::Bspline, name, BLOCK_THREADS, r1 - r0, ROWS_PER_BLOCK)?;
+        let cfg = dev.grid_stride_config(KernelModule::Bspline, &name, BLOCK_THREADS, r1 - r0, ROWS_PER_BLOCK)?;
         match (xd, &mut *od) {
             (CudaData::F32(xs), CudaData::F32(os)) => {
                 launch(dev, &func, xs.slice(r0..r1), knots, os.slice_mut(r0 * nb..r1 * nb), params, cfg)?

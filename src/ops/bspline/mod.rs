@@ -16,8 +16,20 @@
 //! Storage types f32, bf16, f16 for `x` and the output; knots are f32; arithmetic is f32
 //! on the GPU and f64 on the CPU (the reference in [`cpu`]).
 
+pub mod bench;
+pub mod check;
+pub(crate) mod cli;
 pub mod cpu;
 pub(crate) mod cuda;
+
+/// The B-spline ops in the CLI's `check`, `bench basis` and `run`.
+pub const ENTRY: crate::ops::registry::OpEntry = crate::ops::registry::OpEntry {
+    name: "bspline",
+    bench_group: "basis",
+    check: check::check_rows,
+    bench: bench::bench_rows,
+    run: cli::COMMANDS,
+};
 
 use crate::device::Device;
 use crate::dtype::DType;

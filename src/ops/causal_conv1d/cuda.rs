@@ -4,7 +4,7 @@ use super::{cpu, ConvDims, ConvGrads, ConvInputs, ConvOutput, UpdateDims};
 use crate::device::CudaDevice;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::kernels::KernelModule;
+use crate::kernels::{kernel_name, KernelModule};
 use crate::ops::push_opt;
 use crate::tensor::{CudaElement, Tensor};
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -26,6 +26,7 @@ struct ConvParams {
     state_len: u32,
     tokens: u32,
 }
+crate::kernels::assert_kernel_params!(ConvParams, 11);
 
 // SAFETY: eleven u32 fields, repr(C), no padding: the same bytes as the C struct.
 unsafe impl DeviceRepr for ConvParams {}
@@ -39,29 +40,6 @@ fn tile(dtype: DType) -> usize {
 }
 const MAX_GRID_X: usize = i32::MAX as usize;
 
-/// `causal_conv1d_<kind>_<dtype>_w<width><tail>` for f32, bf16, f16 x widths 2, 3, 4.
-macro_rules! conv_names {
-    ($kind:literal, $tail:literal) => {
-        [
-            [
-                concat!("causal_conv1d_", $kind, "_f32_w2", $tail),
-                concat!("causal_conv1d_", $kind, "_f32_w3", $tail),
-                concat!("causal_conv1d_", $kind, "_f32_w4", $tail),
-            ],
-            [
-                concat!("causal_conv1d_", $kind, "_bf16_w2", $tail),
-                concat!("causal_conv1d_", $kind, "_bf16_w3", $tail),
-                concat!("causal_conv1d_", $kind, "_bf16_w4", $tail),
-            ],
-            [
-                concat!("causal_conv1d_", $kind, "_f16_w2", $tail),
-                concat!("causal_conv1d_", $kind, "_f16_w3", $tail),
-                concat!("causal_conv1d_", $kind, "_f16_w4", $tail),
-            ],
-        ]
-    };
-}
-
 /// Which kernel of cuda/causal_conv1d.cu: the passes have a variant for packed rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kernel {
@@ -70,25 +48,14 @@ enum Kernel {
     Update,
 }
 
-fn kernel_name(kernel: Kernel, dtype: DType, width: usize) -> &'static str {
-    const FWD: [[&str; 3]; 3] = conv_names!("fwd", "");
-    const FWD_RESETS: [[&str; 3]; 3] = conv_names!("fwd", "_resets");
-    const BWD: [[&str; 3]; 3] = conv_names!("bwd", "");
-    const BWD_RESETS: [[&str; 3]; 3] = conv_names!("bwd", "_resets");
-    const UPDATE: [[&str; 3]; 3] = conv_names!("update", "");
-    let table = match kernel {
-        Kernel::Forward { resets: false } => &FWD,
-        Kernel::Forward { resets: true } => &FWD_RESETS,
-        Kernel::Backward { resets: false } => &BWD,
-        Kernel::Backward { resets: true } => &BWD_RESETS,
-        Kernel::Update => &UPDATE,
+/// `causal_conv1d_<fwd|bwd|update>_<dtype>_w<width>[_resets]`.
+fn conv_kernel(kernel: Kernel, dtype: DType, width: usize) -> String {
+    let (variant, resets) = match kernel {
+        Kernel::Forward { resets } => ("fwd", resets),
+        Kernel::Backward { resets } => ("bwd", resets),
+        Kernel::Update => ("update", false),
     };
-    let d = match dtype {
-        DType::F32 => 0,
-        DType::BF16 => 1,
-        DType::F16 => 2,
-    };
-    table[d][width - super::MIN_WIDTH]
+    kernel_name("causal_conv1d", variant, dtype, &format!("_w{width}{}", if resets { "_resets" } else { "" }))
 }
 
 fn params(dims: &ConvDims, inputs: &ConvInputs) -> Result<(ConvParams, LaunchConfig)> {
@@ -153,8 +120,8 @@ fn forward_typed<T: CudaElement>(dev: &CudaDevice, inputs: &ConvInputs, dims: &C
     let mut out = unsafe { Tensor::cuda_uninit(dev, dims.dtype, inputs.x.shape())? };
     let mut final_state = unsafe { Tensor::cuda_uninit(dev, dims.dtype, &dims.state_shape())? };
     let resets = inputs.resets.map(|r| r.on_device(dev)).transpose()?;
-    let name = kernel_name(Kernel::Forward { resets: inputs.resets.is_some() }, dims.dtype, dims.width);
-    let f = dev.function(KernelModule::CausalConv1d, name)?;
+    let name = conv_kernel(Kernel::Forward { resets: inputs.resets.is_some() }, dims.dtype, dims.width);
+    let f = dev.function(KernelModule::CausalConv1d, &name)?;
     let null = 0u64;
     let mut args = dev.stream().launch_builder(&f);
     args.arg(inputs.x.cuda_slice::<T>("x")?).arg(inputs.weight.cuda_slice::<f32>("weight")?);
@@ -234,8 +201,8 @@ fn backward_typed<T: CudaElement>(
     let resets = inputs.resets.map(|r| r.on_device(dev)).transpose()?;
     let null = 0u64;
     {
-        let name = kernel_name(Kernel::Backward { resets: inputs.resets.is_some() }, dims.dtype, w);
-        let f = dev.function(KernelModule::CausalConv1d, name)?;
+        let name = conv_kernel(Kernel::Backward { resets: inputs.resets.is_some() }, dims.dtype, w);
+        let f = dev.function(KernelModule::CausalConv1d, &name)?;
         let mut args = dev.stream().launch_builder(&f);
         args.arg(inputs.x.cuda_slice::<T>("x")?).arg(inputs.weight.cuda_slice::<f32>("weight")?);
         push_opt::<f32>(&mut args, inputs.bias, "bias", &null)?;
@@ -331,9 +298,9 @@ fn update_typed<T: CudaElement>(
         tokens: dims.tokens as u32,
         ..ConvParams::default()
     };
-    let name = kernel_name(Kernel::Update, dims.dtype, dims.width);
-    let f = dev.function(KernelModule::CausalConv1d, name)?;
-    let cfg = dev.grid_stride_config(KernelModule::CausalConv1d, name, 128, rows, 128)?;
+    let name = conv_kernel(Kernel::Update, dims.dtype, dims.width);
+    let f = dev.function(KernelModule::CausalConv1d, &name)?;
+    let cfg = dev.grid_stride_config(KernelModule::CausalConv1d, &name, 128, rows, 128)?;
     let null = 0u64;
     let mut args = dev.stream().launch_builder(&f);
     args.arg(state.cuda_slice_mut::<T>("state")?).arg(x.cuda_slice::<T>("x")?).arg(weight.cuda_slice::<f32>("weight")?);

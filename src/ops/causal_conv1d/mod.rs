@@ -12,8 +12,20 @@
 //! float atomics). Arithmetic is f32 on the GPU; each output is rounded once. Non-finite
 //! inputs propagate as the arithmetic does.
 
+pub mod bench;
+pub mod check;
+pub(crate) mod cli;
 pub mod cpu;
 mod cuda;
+
+/// The causal conv1d in the CLI's `check`, `bench conv` and `run`.
+pub const ENTRY: crate::ops::registry::OpEntry = crate::ops::registry::OpEntry {
+    name: "causal_conv1d",
+    bench_group: "conv",
+    check: check::check_rows,
+    bench: bench::bench_rows,
+    run: cli::COMMANDS,
+};
 
 pub use super::sequence_resets::SequenceResets;
 use crate::device::Device;

@@ -5,7 +5,7 @@ use crate::device::CudaDevice;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gemm::{gemm, GemmShape, Layout};
-use crate::kernels::KernelModule;
+use crate::kernels::{kernel_name, KernelModule};
 use crate::ops::bspline::cuda::BsplineParams;
 use crate::tensor::{CudaElement, Tensor};
 use cudarc::driver::{DeviceRepr, PushKernelArg};
@@ -21,6 +21,7 @@ struct InputGradParams {
     order: u32,
     uniform: u32,
 }
+crate::kernels::assert_kernel_params!(InputGradParams, 5);
 
 // SAFETY: five u32 fields, repr(C), no padding: the same bytes as the C struct.
 unsafe impl DeviceRepr for InputGradParams {}
@@ -37,22 +38,15 @@ enum Kernel {
     InputGrad,
 }
 
-fn name(kernel: Kernel, dtype: DType) -> &'static str {
-    use {DType::*, Kernel::*};
-    match (kernel, dtype) {
-        (Features, F32) => "kan_features_f32",
-        (Features, BF16) => "kan_features_bf16",
-        (Features, F16) => "kan_features_f16",
-        (FoldWeights, F32) => "kan_fold_weights_f32",
-        (FoldWeights, BF16) => "kan_fold_weights_bf16",
-        (FoldWeights, F16) => "kan_fold_weights_f16",
-        (SplitGrads, F32) => "kan_split_grads_f32",
-        (SplitGrads, BF16) => "kan_split_grads_bf16",
-        (SplitGrads, F16) => "kan_split_grads_f16",
-        (InputGrad, F32) => "kan_input_grad_f32",
-        (InputGrad, BF16) => "kan_input_grad_bf16",
-        (InputGrad, F16) => "kan_input_grad_f16",
-    }
+/// `kan_<kernel>_<dtype>`.
+fn name(kernel: Kernel, dtype: DType) -> String {
+    let variant = match kernel {
+        Kernel::Features => "features",
+        Kernel::FoldWeights => "fold_weights",
+        Kernel::SplitGrads => "split_grads",
+        Kernel::InputGrad => "input_grad",
+    };
+    kernel_name("kan", variant, dtype, "")
 }
 
 /// Row and feature counts of one call, checked against the kernels' 32-bit indices.
@@ -121,8 +115,8 @@ fn features<T: CudaElement>(layer: &KanLinear, dev: &CudaDevice, x: &Tensor, s: 
     }
     let grid = layer.grid();
     let kernel = name(Kernel::Features, T::DTYPE);
-    let f = dev.function(KernelModule::Kan, kernel)?;
-    let cfg = dev.grid_stride_config(KernelModule::Kan, kernel, BLOCK_THREADS, n_rows, FEATURE_ROWS_PER_BLOCK)?;
+    let f = dev.function(KernelModule::Kan, &kernel)?;
+    let cfg = dev.grid_stride_config(KernelModule::Kan, &kernel, BLOCK_THREADS, n_rows, FEATURE_ROWS_PER_BLOCK)?;
     let params = BsplineParams {
         n_rows: n_rows as u32,
         in_features: s.inf as u32,
@@ -148,9 +142,9 @@ fn fold_weights<T: CudaElement>(layer: &KanLinear, dev: &CudaDevice, s: Sizes) -
     let mut w = unsafe { Tensor::cuda_uninit(dev, T::DTYPE, &[s.outf, s.cols()])? };
     let n_oi = s.outf * s.inf;
     let kernel = name(Kernel::FoldWeights, T::DTYPE);
-    let f = dev.function(KernelModule::Kan, kernel)?;
+    let f = dev.function(KernelModule::Kan, &kernel)?;
     let cfg =
-        dev.grid_stride_config(KernelModule::Kan, kernel, BLOCK_THREADS, n_oi * (1 + s.nb), BLOCK_THREADS as usize)?;
+        dev.grid_stride_config(KernelModule::Kan, &kernel, BLOCK_THREADS, n_oi * (1 + s.nb), BLOCK_THREADS as usize)?;
     let wb = layer.base_weight().cuda_slice::<T>("base_weight")?;
     let ws = layer.spline_weight().cuda_slice::<T>("spline_weight")?;
     // Without a scaler the kernel never reads this pointer; W_base stands in for it.
@@ -240,8 +234,8 @@ fn backward_typed<T: CudaElement>(
     let n_rows = s.rows * s.inf;
     if n_rows > 0 {
         let kernel = name(Kernel::InputGrad, dtype);
-        let func = dev.function(KernelModule::Kan, kernel)?;
-        let cfg = dev.grid_stride_config(KernelModule::Kan, kernel, BLOCK_THREADS, n_rows, BLOCK_THREADS as usize)?;
+        let func = dev.function(KernelModule::Kan, &kernel)?;
+        let cfg = dev.grid_stride_config(KernelModule::Kan, &kernel, BLOCK_THREADS, n_rows, BLOCK_THREADS as usize)?;
         let grid = layer.grid();
         let params = InputGradParams {
             n_rows: n_rows as u32,
@@ -273,8 +267,8 @@ fn backward_typed<T: CudaElement>(
     };
     {
         let kernel = name(Kernel::SplitGrads, dtype);
-        let func = dev.function(KernelModule::Kan, kernel)?;
-        let cfg = dev.grid_stride_config(KernelModule::Kan, kernel, BLOCK_THREADS, n_oi, BLOCK_THREADS as usize)?;
+        let func = dev.function(KernelModule::Kan, &kernel)?;
+        let cfg = dev.grid_stride_config(KernelModule::Kan, &kernel, BLOCK_THREADS, n_oi, BLOCK_THREADS as usize)?;
         let ws = layer.spline_weight().cuda_slice::<T>("spline_weight")?;
         let has_scaler = u32::from(layer.spline_scaler().is_some());
         // Without a scaler these pointers are never touched by the kernel; W_spline stands in.

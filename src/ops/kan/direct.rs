@@ -5,7 +5,7 @@ use super::KanLinear;
 use crate::device::CudaDevice;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::kernels::KernelModule;
+use crate::kernels::{kernel_name, KernelModule};
 use crate::tensor::{CudaElement, Tensor};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -25,6 +25,7 @@ struct DirectParams {
     has_scaler: u32,
     features_per_split: u32,
 }
+crate::kernels::assert_kernel_params!(DirectParams, 8);
 
 // SAFETY: eight u32 fields, repr(C), no padding: the same bytes as the C struct.
 unsafe impl DeviceRepr for DirectParams {}
@@ -126,20 +127,12 @@ pub(super) fn tf32x3_preferred(layer: &KanLinear, rows: usize) -> bool {
         && unsupported(layer, rows, MMA_BLOCK_ROWS).is_none()
 }
 
-fn forward_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "kan_direct_forward_f32",
-        DType::BF16 => "kan_direct_forward_bf16",
-        DType::F16 => "kan_direct_forward_f16",
-    }
+fn forward_name(dtype: DType) -> String {
+    kernel_name("kan_direct", "forward", dtype, "")
 }
 
-fn reduce_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "kan_direct_reduce_f32",
-        DType::BF16 => "kan_direct_reduce_bf16",
-        DType::F16 => "kan_direct_reduce_f16",
-    }
+fn reduce_name(dtype: DType) -> String {
+    kernel_name("kan_direct", "reduce", dtype, "")
 }
 
 /// Features per split of the feature range (split-K): as many splits as fill one wave of
@@ -182,7 +175,7 @@ fn forward_typed<T: CudaElement>(
         return y.reshape(out_shape);
     }
     let name = forward_name(T::DTYPE);
-    let resident = dev.resident_blocks(KernelModule::KanDirect, name, BLOCK_THREADS)? as usize;
+    let resident = dev.resident_blocks(KernelModule::KanDirect, &name, BLOCK_THREADS)? as usize;
     let tiles = outf.div_ceil(BLOCK_OUTS) * rows.div_ceil(BLOCK_ROWS);
     let fps = features_per_split(resident, tiles, inf, CHUNK);
     let splits = inf.div_ceil(fps);
@@ -192,7 +185,7 @@ fn forward_typed<T: CudaElement>(
     let params = DirectParams::new(layer, rows, fps);
     let (wb, scaler) = base_and_scaler::<T>(layer)?;
     {
-        let f = dev.function(KernelModule::KanDirect, name)?;
+        let f = dev.function(KernelModule::KanDirect, &name)?;
         let cfg = LaunchConfig {
             grid_dim: (outf.div_ceil(BLOCK_OUTS) as u32, rows.div_ceil(BLOCK_ROWS) as u32, splits as u32),
             block_dim: (BLOCK_THREADS, 1, 1),
@@ -235,8 +228,8 @@ fn reduce_splits<T: CudaElement>(
     programmatic: bool,
 ) -> Result<()> {
     let name = reduce_name(T::DTYPE);
-    let f = dev.function(KernelModule::KanDirect, name)?;
-    let cfg = dev.grid_stride_config(KernelModule::KanDirect, name, BLOCK_THREADS, n, BLOCK_THREADS as usize)?;
+    let f = dev.function(KernelModule::KanDirect, &name)?;
+    let cfg = dev.grid_stride_config(KernelModule::KanDirect, &name, BLOCK_THREADS, n, BLOCK_THREADS as usize)?;
     let (n32, s32) = (n as u32, splits as u32);
     let stream = dev.stream();
     let (partial_ptr, _partial_sync) = partial.cuda_slice::<f32>("partial")?.device_ptr(stream);

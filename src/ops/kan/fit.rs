@@ -7,8 +7,8 @@
 //! diagonal, which leaves well-posed fits unchanged to ~1e-10 and sends coefficients of bases
 //! that no sample touches to ~0, as a minimum-norm solution would (torch's `lstsq`).
 
-use crate::check::Rng;
 use crate::ops::bspline::cpu::basis_values;
+use crate::rng::Rng;
 
 /// Solves (A^T A + lambda I) X = A^T Y in place: `ata` (n x n) is destroyed and `aty`
 /// (n x m) becomes X. Returns false if the system is not positive definite (only when

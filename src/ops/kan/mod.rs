@@ -20,16 +20,28 @@
 //! - The regularization entropy counts `0 log 0` as 0, where efficient-kan gets NaN.
 //! - Repeated knots follow the basis op's convention (0 instead of 0/0).
 
+pub mod bench;
+pub mod check;
+pub(crate) mod cli;
 pub mod cpu;
 mod cuda;
 mod direct;
 pub mod fit;
 
-use crate::check::Rng;
+/// KANLinear in the CLI's `check`, `bench kan` and `run`.
+pub const ENTRY: crate::ops::registry::OpEntry = crate::ops::registry::OpEntry {
+    name: "kan",
+    bench_group: "kan",
+    check: check::check_rows,
+    bench: bench::bench_rows,
+    run: cli::COMMANDS,
+};
+
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::bspline::{KnotGrid, MAX_SPLINE_ORDER};
+use crate::rng::Rng;
 use crate::tensor::Tensor;
 
 /// efficient-kan's `KANLinear.__init__` arguments, with its defaults.

@@ -173,7 +173,7 @@ pub fn forward_recurrent(p: &Mlstm64) -> Forward64 {
 /// with the initial state's terms alike: what a relative rounding of every term moves
 /// `h = num / d` by, to first order. Plain relative error overstates a kernel's error where
 /// the terms of the denominator cancel (h is then large and sensitive to any rounding);
-/// [`crate::check::scaled_error`] against this does not.
+/// [`crate::measure::scaled_error`] against this does not.
 pub fn h_magnitude(p: &Mlstm64) -> Vec<f64> {
     let (len, dqk, dhv) = (p.len, p.dqk, p.dhv);
     let scale = 1.0 / (dqk as f64).sqrt();

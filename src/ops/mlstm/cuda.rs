@@ -1,10 +1,11 @@
-//! Launches of `cuda/mlstm.cu`.
+//! Launches of `cuda/mlstm/` (forward_chunked.cu, forward_fused.cu, step.cu, backward.cu,
+//! backward_fused.cu: one module each, so inference never loads the backward's PTX).
 
 use super::{MlstmDims, MlstmGrads, MlstmInputs, MlstmOutput, MlstmState, NormalizerGrad, MAX_HEAD_DIM};
 use crate::device::{CudaDevice, Device};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::kernels::KernelModule;
+use crate::kernels::{kernel_name, KernelModule};
 use crate::ops::push_opt;
 use crate::tensor::{CudaElement, Tensor};
 use cudarc::driver::sys::CUfunction_attribute;
@@ -14,7 +15,7 @@ use half::{bf16, f16};
 /// Chunk sizes with a compiled kernel (`mlstm_fwd_<dtype>_l<chunk>`).
 pub(super) const CHUNKS: [usize; 4] = [16, 32, 64, 128];
 
-/// Mirrors `hk_mlstm::MlstmParams` in cuda/mlstm.cu.
+/// Mirrors `hk_mlstm::MlstmParams` in cuda/mlstm/mlstm.cuh.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct MlstmParams {
@@ -28,6 +29,7 @@ struct MlstmParams {
     eps: f32,
     scale: f32,
 }
+crate::kernels::assert_kernel_params!(MlstmParams, 9);
 
 // SAFETY: seven u32 and two f32 fields, repr(C), no padding: the same bytes as the C struct.
 unsafe impl DeviceRepr for MlstmParams {}
@@ -42,6 +44,7 @@ struct StepParams {
     eps: f32,
     scale: f32,
 }
+crate::kernels::assert_kernel_params!(StepParams, 5);
 
 // SAFETY: three u32 and two f32 fields, repr(C), no padding.
 unsafe impl DeviceRepr for StepParams {}
@@ -119,34 +122,14 @@ pub(super) fn tiling(dims: &MlstmDims, chunk: Option<usize>, max_smem: usize) ->
     }
 }
 
-fn dtype_index(dtype: DType) -> usize {
-    match dtype {
-        DType::F32 => 0,
-        DType::BF16 => 1,
-        DType::F16 => 2,
+/// The chunked kernel `mlstm_<variant>_<dtype>_l<chunk>` (variant `fwd` or `pass`), for a
+/// chunk of [`CHUNKS`].
+fn chunk_kernel_name(variant: &str, dtype: DType, chunk: usize) -> Result<String> {
+    if !CHUNKS.contains(&chunk) {
+        return Err(Error::invalid("chunk", format!("one of {CHUNKS:?}"), chunk.to_string()));
     }
+    Ok(kernel_name("mlstm", variant, dtype, &format!("_l{chunk}")))
 }
-
-/// `<kernel>_<dtype>_l<chunk>` from its table: rows f32, bf16, f16; columns `CHUNKS`.
-fn chunk_kernel_name(names: &[[&'static str; 4]; 3], dtype: DType, chunk: usize) -> Result<&'static str> {
-    let c = CHUNKS
-        .iter()
-        .position(|&c| c == chunk)
-        .ok_or_else(|| Error::invalid("chunk", format!("one of {CHUNKS:?}"), chunk.to_string()))?;
-    Ok(names[dtype_index(dtype)][c])
-}
-
-const FWD_NAMES: [[&str; 4]; 3] = [
-    ["mlstm_fwd_f32_l16", "mlstm_fwd_f32_l32", "mlstm_fwd_f32_l64", "mlstm_fwd_f32_l128"],
-    ["mlstm_fwd_bf16_l16", "mlstm_fwd_bf16_l32", "mlstm_fwd_bf16_l64", "mlstm_fwd_bf16_l128"],
-    ["mlstm_fwd_f16_l16", "mlstm_fwd_f16_l32", "mlstm_fwd_f16_l64", "mlstm_fwd_f16_l128"],
-];
-
-const PASS_NAMES: [[&str; 4]; 3] = [
-    ["mlstm_pass_f32_l16", "mlstm_pass_f32_l32", "mlstm_pass_f32_l64", "mlstm_pass_f32_l128"],
-    ["mlstm_pass_bf16_l16", "mlstm_pass_bf16_l32", "mlstm_pass_bf16_l64", "mlstm_pass_bf16_l128"],
-    ["mlstm_pass_f16_l16", "mlstm_pass_f16_l32", "mlstm_pass_f16_l64", "mlstm_pass_f16_l128"],
-];
 
 fn check_gpu_dims(dqk: usize, dhv: usize, heads: usize, len: usize) -> Result<()> {
     if dqk > MAX_HEAD_DIM || dhv > MAX_HEAD_DIM {
@@ -191,7 +174,7 @@ pub(super) fn forward(dev: &CudaDevice, inputs: &MlstmInputs, dims: &MlstmDims) 
     }
 }
 
-/// Mirrors `hk_mlstm::FusedParams` in cuda/mlstm.cu.
+/// Mirrors `hk_mlstm::FusedParams` in cuda/mlstm/mlstm.cuh.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct FusedParams {
@@ -205,6 +188,7 @@ struct FusedParams {
     eps: f32,
     scale: f32,
 }
+crate::kernels::assert_kernel_params!(FusedParams, 9);
 
 // SAFETY: seven u32 and two f32 fields, repr(C), no padding: the same bytes as the C struct.
 unsafe impl DeviceRepr for FusedParams {}
@@ -216,29 +200,6 @@ const FUSED_DQK: [usize; 3] = [64, 128, 256];
 
 /// `hk_mlstm::fused::TV`: value columns per block.
 const FUSED_TV: usize = 64;
-
-const FUSED_NAMES: [[&str; 3]; 2] = [
-    ["mlstm_fwd_fused_bf16_k64", "mlstm_fwd_fused_bf16_k128", "mlstm_fwd_fused_bf16_k256"],
-    ["mlstm_fwd_fused_f16_k64", "mlstm_fwd_fused_f16_k128", "mlstm_fwd_fused_f16_k256"],
-];
-
-/// The same kernels recording the backward's per-step stats (`<name>_stats`).
-const FUSED_STATS_NAMES: [[&str; 3]; 2] = [
-    ["mlstm_fwd_fused_bf16_k64_stats", "mlstm_fwd_fused_bf16_k128_stats", "mlstm_fwd_fused_bf16_k256_stats"],
-    ["mlstm_fwd_fused_f16_k64_stats", "mlstm_fwd_fused_f16_k128_stats", "mlstm_fwd_fused_f16_k256_stats"],
-];
-
-/// The backward's fused passes by X / Y width class, without and with an extra column.
-const FUSED_PASS_NAMES: [[[&str; 3]; 2]; 2] = [
-    [
-        ["mlstm_pass_fused_bf16_k64", "mlstm_pass_fused_bf16_k128", "mlstm_pass_fused_bf16_k256"],
-        ["mlstm_pass_fused_bf16_k64_extra", "mlstm_pass_fused_bf16_k128_extra", "mlstm_pass_fused_bf16_k256_extra"],
-    ],
-    [
-        ["mlstm_pass_fused_f16_k64", "mlstm_pass_fused_f16_k128", "mlstm_pass_fused_f16_k256"],
-        ["mlstm_pass_fused_f16_k64_extra", "mlstm_pass_fused_f16_k128_extra", "mlstm_pass_fused_f16_k256_extra"],
-    ],
-];
 
 /// `hk_mlstm::fused::Cfg<class>::THREADS`: 4 output warps and one state warp per 32 rows of C.
 fn fused_threads(dqk_class: usize) -> usize {
@@ -301,13 +262,21 @@ fn forward_fused<T: CudaElement>(
             eps: inputs.eps,
             scale: 1.0 / (dims.dqk as f32).sqrt(),
         };
-        let class = FUSED_DQK
-            .iter()
-            .position(|&c| c == tiling.dqk_pad)
-            .ok_or_else(|| Error::invalid("q", "dqk up to 256 for the fused forward", dims.dqk.to_string()))?;
-        let row = if dims.dtype == DType::BF16 { 0 } else { 1 };
-        let names = if stats.is_some() { &FUSED_STATS_NAMES } else { &FUSED_NAMES };
-        let f = dev.function(KernelModule::Mlstm, names[row][class])?;
+        if !FUSED_DQK.contains(&tiling.dqk_pad) || dims.dtype == DType::F32 {
+            return Err(Error::invalid(
+                "q",
+                "dqk up to 256 in bf16 or f16 for the fused forward",
+                dims.dqk.to_string(),
+            ));
+        }
+        // Inference runs the forward module's kernel; the training forward (with the backward's
+        // stats) the backward module's `_stats` instantiation.
+        let (module, stats_suffix) = match stats {
+            Some(_) => (KernelModule::MlstmBackwardFused, "_stats"),
+            None => (KernelModule::MlstmForwardFused, ""),
+        };
+        let name = kernel_name("mlstm", "fwd_fused", dims.dtype, &format!("_k{}{stats_suffix}", tiling.dqk_pad));
+        let f = dev.function(module, &name)?;
         f.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             tiling.smem_bytes as i32,
@@ -408,8 +377,8 @@ fn forward_typed<T: CudaElement>(
             eps: inputs.eps,
             scale: 1.0 / (dims.dqk as f32).sqrt(),
         };
-        let name = chunk_kernel_name(&FWD_NAMES, dims.dtype, tiling.chunk)?;
-        let f = dev.function(KernelModule::Mlstm, name)?;
+        let name = chunk_kernel_name("fwd", dims.dtype, tiling.chunk)?;
+        let f = dev.function(KernelModule::MlstmForwardChunked, &name)?;
         f.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             tiling.smem_bytes as i32,
@@ -447,7 +416,7 @@ fn forward_typed<T: CudaElement>(
     Ok(out)
 }
 
-/// Mirrors `hk_mlstm::PassParams` in cuda/mlstm.cu.
+/// Mirrors `hk_mlstm::PassParams` in cuda/mlstm/mlstm.cuh.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct PassParams {
@@ -466,6 +435,7 @@ struct PassParams {
     out_scale: f32,
     init_scale: f32,
 }
+crate::kernels::assert_kernel_params!(PassParams, 14);
 
 // SAFETY: eleven u32 and three f32 fields, repr(C), no padding: the same bytes as the C struct.
 unsafe impl DeviceRepr for PassParams {}
@@ -481,6 +451,7 @@ struct PrepParams {
     dhv: u32,
     dots: RowDotShape,
 }
+crate::kernels::assert_kernel_params!(PrepParams, 7);
 
 // SAFETY: seven u32 fields (RowDotShape's two inline), repr(C), no padding.
 unsafe impl DeviceRepr for PrepParams {}
@@ -493,6 +464,7 @@ struct DotParams {
     dqk: u32,
     dots: RowDotShape,
 }
+crate::kernels::assert_kernel_params!(DotParams, 4);
 
 // SAFETY: four u32 fields (RowDotShape's two inline), repr(C), no padding.
 unsafe impl DeviceRepr for DotParams {}
@@ -505,6 +477,7 @@ struct RowDotShape {
     lanes: u32,
     vec: u32,
 }
+crate::kernels::assert_kernel_params!(RowDotShape, 2);
 
 impl RowDotShape {
     /// 16-byte loads where every row is whole vectors, and about two loads per lane and
@@ -536,6 +509,7 @@ struct GateParams {
     dhv: u32,
     exact: u32,
 }
+crate::kernels::assert_kernel_params!(GateParams, 5);
 
 // SAFETY: five u32 fields, repr(C), no padding.
 unsafe impl DeviceRepr for GateParams {}
@@ -711,7 +685,7 @@ fn launch_pass<T: CudaElement>(
         out_scale: spec.out_scale,
         init_scale: spec.init_scale,
     };
-    let f = dev.function(KernelModule::Mlstm, chunk_kernel_name(&PASS_NAMES, dims.dtype, chunk)?)?;
+    let f = dev.function(KernelModule::MlstmBackward, &chunk_kernel_name("pass", dims.dtype, chunk)?)?;
     f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
         .map_err(|e| dev.map_err("setting mlstm_pass's shared memory", e))?;
     let cfg = LaunchConfig {
@@ -732,7 +706,7 @@ fn launch_pass<T: CudaElement>(
     }
 }
 
-/// Mirrors `hk_mlstm::FusedPassParams` in cuda/mlstm.cu.
+/// Mirrors `hk_mlstm::FusedPassParams` in cuda/mlstm/mlstm.cuh.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct FusedPassParams {
@@ -751,6 +725,7 @@ struct FusedPassParams {
     out_scale: f32,
     init_scale: f32,
 }
+crate::kernels::assert_kernel_params!(FusedPassParams, 14);
 
 // SAFETY: eleven u32 and three f32 fields, repr(C), no padding: the same bytes as the C struct.
 unsafe impl DeviceRepr for FusedPassParams {}
@@ -815,12 +790,12 @@ fn launch_pass_fused<T: CudaElement>(
         out_scale: spec.out_scale,
         init_scale: spec.init_scale,
     };
-    let class_index = FUSED_DQK
-        .iter()
-        .position(|&c| c == class)
-        .ok_or_else(|| Error::invalid("q", "a fused pass class of 64, 128 or 256", class.to_string()))?;
-    let row = if dims.dtype == DType::BF16 { 0 } else { 1 };
-    let f = dev.function(KernelModule::Mlstm, FUSED_PASS_NAMES[row][usize::from(extra)][class_index])?;
+    if !FUSED_DQK.contains(&class) || dims.dtype == DType::F32 {
+        return Err(Error::invalid("q", "a fused pass class of 64, 128 or 256 in bf16 or f16", class.to_string()));
+    }
+    let extra_suffix = if extra { "_extra" } else { "" };
+    let name = kernel_name("mlstm", "pass_fused", dims.dtype, &format!("_k{class}{extra_suffix}"));
+    let f = dev.function(KernelModule::MlstmBackwardFused, &name)?;
     let smem = fused_pass_smem_bytes(class);
     f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
         .map_err(|e| dev.map_err("setting mlstm_pass_fused's shared memory", e))?;
@@ -1008,14 +983,11 @@ fn backward_typed<T: CudaElement>(
         };
         // One thread per step, or (fused) a few lanes per step with h . dh from h and dh.
         let (name, blocks) = if fused {
-            (
-                ["mlstm_bwd_prep_h_f32", "mlstm_bwd_prep_h_bf16", "mlstm_bwd_prep_h_f16"][dtype_index(dims.dtype)],
-                p.dots.blocks(rows),
-            )
+            (kernel_name("mlstm", "bwd_prep_h", dims.dtype, ""), p.dots.blocks(rows))
         } else {
-            ("mlstm_bwd_prep", rows.div_ceil(PREP_THREADS as usize) as u32)
+            ("mlstm_bwd_prep".to_string(), rows.div_ceil(PREP_THREADS as usize) as u32)
         };
-        let f = dev.function(KernelModule::Mlstm, name)?;
+        let f = dev.function(KernelModule::MlstmBackward, &name)?;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (PREP_THREADS, 1, 1), shared_mem_bytes: 0 };
         let null = 0u64;
         let mut args = dev.stream().launch_builder(&f);
@@ -1148,8 +1120,7 @@ fn backward_typed<T: CudaElement>(
     // Per step: c = k . dk, then di = c and db = r - c.
     {
         let p = DotParams { rows: rows as u32, dqk: dqk as u32, dots: RowDotShape::new(dqk, dims.dtype) };
-        let name = ["mlstm_bwd_dots_f32", "mlstm_bwd_dots_bf16", "mlstm_bwd_dots_f16"][dtype_index(dims.dtype)];
-        let f = dev.function(KernelModule::Mlstm, name)?;
+        let f = dev.function(KernelModule::MlstmBackward, &kernel_name("mlstm", "bwd_dots", dims.dtype, ""))?;
         let cfg = LaunchConfig {
             grid_dim: (p.dots.blocks(rows), 1, 1),
             block_dim: (PREP_THREADS, 1, 1),
@@ -1177,7 +1148,7 @@ fn backward_typed<T: CudaElement>(
             dhv: dhv as u32,
             exact: u32::from(exact),
         };
-        let f = dev.function(KernelModule::Mlstm, "mlstm_bwd_gates")?;
+        let f = dev.function(KernelModule::MlstmBackward, "mlstm_bwd_gates")?;
         let cfg = LaunchConfig { grid_dim: (heads as u32, 1, 1), block_dim: (GATE_THREADS, 1, 1), shared_mem_bytes: 0 };
         let null = 0u64;
         let mut args = dev.stream().launch_builder(&f);
@@ -1270,8 +1241,7 @@ fn step_typed<T: CudaElement>(
         eps,
         scale: 1.0 / (dims.dqk as f32).sqrt(),
     };
-    let name = ["mlstm_step_f32", "mlstm_step_bf16", "mlstm_step_f16"][dtype_index(dims.dtype)];
-    let func = dev.function(KernelModule::Mlstm, name)?;
+    let func = dev.function(KernelModule::MlstmStep, &kernel_name("mlstm", "step", dims.dtype, ""))?;
     let cfg = LaunchConfig {
         grid_dim: (heads as u32, 1, 1),
         block_dim: (STEP_THREADS, 1, 1),

@@ -13,8 +13,20 @@
 //! Arithmetic is f32 on the GPU with bf16/f16 products on tensor cores; each output is
 //! rounded once. Non-finite inputs propagate as the arithmetic does.
 
+pub mod bench;
+pub mod check;
+pub(crate) mod cli;
 pub mod cpu;
 mod cuda;
+
+/// The mLSTM in the CLI's `check`, `bench mlstm` and `run`.
+pub const ENTRY: crate::ops::registry::OpEntry = crate::ops::registry::OpEntry {
+    name: "mlstm",
+    bench_group: "mlstm",
+    check: check::check_rows,
+    bench: bench::bench_rows,
+    run: cli::COMMANDS,
+};
 
 use crate::device::Device;
 use crate::dtype::DType;

@@ -1,17 +1,17 @@
-//! Launches of `cuda/selective_scan.cu`.
+//! Launches of `cuda/selective_scan/` (forward.cu, backward.cu, step.cu: one module each).
 
 use super::{cpu, ScanCheckpoints, ScanDims, ScanGrads, ScanInputs, ScanOutput};
 use crate::device::CudaDevice;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::kernels::KernelModule;
+use crate::kernels::{kernel_name, KernelModule};
 use crate::ops::push_opt;
 use crate::tensor::{CudaElement, Tensor};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
 
-/// Mirrors `hk_scan::ScanParams` in cuda/selective_scan.cu.
+/// Mirrors `hk_scan::ScanParams` in cuda/selective_scan/selective_scan.cuh.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct ScanParams {
@@ -34,11 +34,12 @@ struct ScanParams {
     has_dlast: u32,
     write_ckpt: u32,
 }
+crate::kernels::assert_kernel_params!(ScanParams, 18);
 
 // SAFETY: eighteen u32 fields, repr(C), no padding: the same bytes as the C struct.
 unsafe impl DeviceRepr for ScanParams {}
 
-/// cuda/selective_scan.cu: the backward's BLOCK, S and the instantiated (states per lane,
+/// cuda/selective_scan/: the backward's BLOCK, S and the instantiated (states per lane,
 /// lanes per channel) layouts, `HK_SCAN_LAYOUTS`.
 const BWD_BLOCK: usize = 128;
 const PIECE: usize = 8;
@@ -46,26 +47,6 @@ const LAYOUTS: [(usize, usize); 7] = [(4, 1), (4, 2), (4, 4), (4, 8), (4, 16), (
 const MAX_GRID_Y: usize = 65_535;
 /// Above this much dynamic shared memory a kernel must opt in.
 const DEFAULT_SMEM: usize = 48 * 1024;
-
-macro_rules! kernel_names {
-    ($kind:literal, $dt:literal, [$(($spt:literal, $nt:literal)),*]) => {
-        [$(concat!("selective_scan_", $kind, "_", $dt, "_s", $spt, "_l", $nt)),*]
-    };
-}
-
-macro_rules! layout_names {
-    ($kind:literal, $dt:literal) => {
-        kernel_names!($kind, $dt, [(4, 1), (4, 2), (4, 4), (4, 8), (4, 16), (4, 32), (8, 32)])
-    };
-}
-
-fn dtype_index(dtype: DType) -> usize {
-    match dtype {
-        DType::F32 => 0,
-        DType::BF16 => 1,
-        DType::F16 => 2,
-    }
-}
 
 /// A kernel's thread layout: `spt` states per lane, `nt` lanes per channel, `blk` threads.
 #[derive(Clone, Copy, Debug)]
@@ -75,7 +56,9 @@ struct Geometry {
     blk: usize,
     /// Bytes per element of u, delta, B, C, z.
     elem: usize,
-    name: &'static str,
+    dtype: DType,
+    /// `fwd` or `bwd`.
+    pass: &'static str,
 }
 
 impl Geometry {
@@ -87,25 +70,19 @@ impl Geometry {
     /// The forward: 64-thread blocks up to 8 lanes per channel (more, smaller blocks fill
     /// the SMs evenly), 128 beyond.
     fn forward(dstate: usize, dtype: DType) -> Geometry {
-        const NAMES: [[&str; 7]; 3] =
-            [layout_names!("fwd", "f32"), layout_names!("fwd", "bf16"), layout_names!("fwd", "f16")];
-        let i = Geometry::layout(dstate);
-        let (spt, nt) = LAYOUTS[i];
-        Geometry {
-            spt,
-            nt,
-            blk: if nt >= 16 { 128 } else { 64 },
-            elem: dtype.size_in_bytes(),
-            name: NAMES[dtype_index(dtype)][i],
-        }
+        let (spt, nt) = LAYOUTS[Geometry::layout(dstate)];
+        let blk = if nt >= 16 { 128 } else { 64 };
+        Geometry { spt, nt, blk, elem: dtype.size_in_bytes(), dtype, pass: "fwd" }
     }
 
     fn backward(dstate: usize, dtype: DType) -> Geometry {
-        const NAMES: [[&str; 7]; 3] =
-            [layout_names!("bwd", "f32"), layout_names!("bwd", "bf16"), layout_names!("bwd", "f16")];
-        let i = Geometry::layout(dstate);
-        let (spt, nt) = LAYOUTS[i];
-        Geometry { spt, nt, blk: BWD_BLOCK, elem: dtype.size_in_bytes(), name: NAMES[dtype_index(dtype)][i] }
+        let (spt, nt) = LAYOUTS[Geometry::layout(dstate)];
+        Geometry { spt, nt, blk: BWD_BLOCK, elem: dtype.size_in_bytes(), dtype, pass: "bwd" }
+    }
+
+    /// `selective_scan_<fwd|bwd>_<dtype>_s<spt>_l<nt>`, one per `HK_SCAN_LAYOUTS` entry.
+    fn kernel(&self) -> String {
+        kernel_name("selective_scan", self.pass, self.dtype, &format!("_s{}_l{}", self.spt, self.nt))
     }
 
     fn channels_per_block(&self) -> usize {
@@ -261,7 +238,7 @@ fn forward_typed<T: CudaElement>(
         None
     };
     let resets = resets_on(dev, inputs)?;
-    let f = dev.function(KernelModule::SelectiveScan, g.name)?;
+    let f = dev.function(KernelModule::SelectiveScanForward, &g.kernel())?;
     let smem = g.forward_smem();
     allow_smem(dev, &f, smem)?;
     let null = 0u64;
@@ -455,7 +432,7 @@ fn backward_typed<T: CudaElement>(
     let resets = resets_on(dev, inputs)?;
     let null = 0u64;
     {
-        let f = dev.function(KernelModule::SelectiveScan, g.name)?;
+        let f = dev.function(KernelModule::SelectiveScanBackward, &g.kernel())?;
         let smem = g.backward_smem();
         allow_smem(dev, &f, smem)?;
         let mut args = dev.stream().launch_builder(&f);
@@ -502,11 +479,7 @@ fn backward_typed<T: CudaElement>(
     }
     let (mut db, mut dc) = (None, None);
     if let Some(partial) = &bc_partial {
-        let kernel = match dt {
-            DType::F32 => "selective_scan_reduce_bc_f32",
-            DType::BF16 => "selective_scan_reduce_bc_bf16",
-            DType::F16 => "selective_scan_reduce_bc_f16",
-        };
+        let kernel = kernel_name("selective_scan", "reduce_bc", dt, "");
         let n = dims.batch * dims.groups * dims.dstate * dims.len;
         // SAFETY (allocations): selective_scan_reduce_bc writes every element of each
         // time-varying one.
@@ -514,8 +487,8 @@ fn backward_typed<T: CudaElement>(
             if dims.b_variable { Some(unsafe { Tensor::cuda_uninit(dev, dt, inputs.b.shape())? }) } else { None };
         let mut c_t =
             if dims.c_variable { Some(unsafe { Tensor::cuda_uninit(dev, dt, inputs.c.shape())? }) } else { None };
-        let f = dev.function(KernelModule::SelectiveScan, kernel)?;
-        let cfg = dev.grid_stride_config(KernelModule::SelectiveScan, kernel, 256, n, 256)?;
+        let f = dev.function(KernelModule::SelectiveScanBackward, &kernel)?;
+        let cfg = dev.grid_stride_config(KernelModule::SelectiveScanBackward, &kernel, 256, n, 256)?;
         let bpg = blocks_per_group as u32;
         let mut args = dev.stream().launch_builder(&f);
         args.arg(partial.cuda_slice::<f32>("bc_partial")?);
@@ -553,8 +526,8 @@ fn backward_typed<T: CudaElement>(
     };
     {
         let kernel = "selective_scan_reduce_params";
-        let f = dev.function(KernelModule::SelectiveScan, kernel)?;
-        let cfg = dev.grid_stride_config(KernelModule::SelectiveScan, kernel, 256, dims.dim * row, 256)?;
+        let f = dev.function(KernelModule::SelectiveScanBackward, kernel)?;
+        let cfg = dev.grid_stride_config(KernelModule::SelectiveScanBackward, kernel, 256, dims.dim * row, 256)?;
         let mut args = dev.stream().launch_builder(&f);
         args.arg(param_partial.cuda_slice::<f32>("param_partial")?).arg(da.cuda_slice_mut::<f32>("dA")?);
         for (t, name) in [(&mut db_const, "dB"), (&mut dc_const, "dC"), (&mut dd, "dD"), (&mut dbias, "ddelta_bias")] {
@@ -588,7 +561,7 @@ pub(super) fn state_update(
     }
 }
 
-/// `hk_scan::step_lanes` in cuda/selective_scan.cu: lanes per (batch, channel) row of the
+/// `hk_scan::step_lanes` in cuda/selective_scan/selective_scan.cuh: lanes per (batch, channel) row of the
 /// decoding step, four states each, for dstate = 8, 16, .. 128; one otherwise.
 fn step_lanes(dstate: usize) -> usize {
     if (8..=128).contains(&dstate) && dstate.is_power_of_two() {
@@ -627,14 +600,10 @@ fn state_update_typed<T: CudaElement>(
         softplus: u32::from(inputs.dt_softplus),
         ..ScanParams::default()
     };
-    let kernel = match dims.dtype {
-        DType::F32 => "selective_state_update_f32",
-        DType::BF16 => "selective_state_update_bf16",
-        DType::F16 => "selective_state_update_f16",
-    };
-    let f = dev.function(KernelModule::SelectiveScan, kernel)?;
+    let kernel = kernel_name("selective_state", "update", dims.dtype, "");
+    let f = dev.function(KernelModule::SelectiveScanStep, &kernel)?;
     let items = rows * step_lanes(dims.dstate);
-    let cfg = dev.grid_stride_config(KernelModule::SelectiveScan, kernel, 128, items, 128)?;
+    let cfg = dev.grid_stride_config(KernelModule::SelectiveScanStep, &kernel, 128, items, 128)?;
     let null = 0u64;
     let mut args = dev.stream().launch_builder(&f);
     args.arg(state.cuda_slice_mut::<f32>("state")?)

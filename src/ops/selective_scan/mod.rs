@@ -19,8 +19,20 @@
 //! [`selective_scan_for_backward`] returns with the output (`batch * dim * dstate *
 //! ceil(len / interval)` f32); without them the backward first reruns the forward to make them.
 
+pub mod bench;
+pub mod check;
+pub(crate) mod cli;
 pub mod cpu;
 mod cuda;
+
+/// The selective scan in the CLI's `check`, `bench scan` and `run`.
+pub const ENTRY: crate::ops::registry::OpEntry = crate::ops::registry::OpEntry {
+    name: "selective_scan",
+    bench_group: "scan",
+    check: check::check_rows,
+    bench: bench::bench_rows,
+    run: cli::COMMANDS,
+};
 
 pub use super::sequence_resets::SequenceResets;
 use crate::device::Device;

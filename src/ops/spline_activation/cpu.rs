@@ -43,7 +43,7 @@ pub fn backward(p: &ActParams64, x: &[f64], dy: &[f64]) -> (Vec<f64>, Vec<f64>, 
 }
 
 /// Forward and backward over absolute values of every term: the scales of their rounding
-/// errors (see `crate::check::scaled_error`). Returns (y, dx, dcoeff, dw) magnitudes.
+/// errors (see `crate::measure::scaled_error`). Returns (y, dx, dcoeff, dw) magnitudes.
 pub fn magnitudes(p: &ActParams64, x: &[f64], dy: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>, Option<Vec<f64>>) {
     let (dx, dcoeff, dw) = backward_terms(p, x, dy, true);
     (forward_terms(p, x, true), dx, dcoeff, dw)

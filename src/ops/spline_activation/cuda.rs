@@ -4,7 +4,7 @@ use super::{ActivationGrads, SplineActivation};
 use crate::device::CudaDevice;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::kernels::KernelModule;
+use crate::kernels::{kernel_name, KernelModule};
 use crate::tensor::{CudaElement, Tensor};
 use cudarc::driver::{DeviceRepr, PushKernelArg};
 use half::{bf16, f16};
@@ -22,6 +22,7 @@ struct ActParams {
     uniform: u32,
     shared_acc: u32,
 }
+crate::kernels::assert_kernel_params!(ActParams, 8);
 
 // SAFETY: eight u32 fields, repr(C), no padding: the same bytes as the C struct.
 unsafe impl DeviceRepr for ActParams {}
@@ -41,22 +42,15 @@ enum Kernel {
     Reduce,
 }
 
-fn name(k: Kernel, d: DType) -> &'static str {
-    use {DType::*, Kernel::*};
-    match (k, d) {
-        (Forward, F32) => "spline_activation_forward_f32",
-        (Forward, BF16) => "spline_activation_forward_bf16",
-        (Forward, F16) => "spline_activation_forward_f16",
-        (Dx, F32) => "spline_activation_dx_f32",
-        (Dx, BF16) => "spline_activation_dx_bf16",
-        (Dx, F16) => "spline_activation_dx_f16",
-        (Partials, F32) => "spline_activation_param_partials_f32",
-        (Partials, BF16) => "spline_activation_param_partials_bf16",
-        (Partials, F16) => "spline_activation_param_partials_f16",
-        (Reduce, F32) => "spline_activation_param_reduce_f32",
-        (Reduce, BF16) => "spline_activation_param_reduce_bf16",
-        (Reduce, F16) => "spline_activation_param_reduce_f16",
-    }
+/// `spline_activation_<kernel>_<dtype>`.
+fn name(k: Kernel, d: DType) -> String {
+    let variant = match k {
+        Kernel::Forward => "forward",
+        Kernel::Dx => "dx",
+        Kernel::Partials => "param_partials",
+        Kernel::Reduce => "param_reduce",
+    };
+    kernel_name("spline_activation", variant, d, "")
 }
 
 fn params(act: &SplineActivation, rows: usize) -> Result<ActParams> {
@@ -107,9 +101,9 @@ fn forward_typed<T: CudaElement>(act: &SplineActivation, dev: &CudaDevice, x: &T
         return Ok(y);
     }
     let kernel = name(Kernel::Forward, T::DTYPE);
-    let f = dev.function(KernelModule::SplineActivation, kernel)?;
+    let f = dev.function(KernelModule::SplineActivation, &kernel)?;
     let cfg =
-        dev.grid_stride_config(KernelModule::SplineActivation, kernel, BLOCK_THREADS, n, BLOCK_THREADS as usize)?;
+        dev.grid_stride_config(KernelModule::SplineActivation, &kernel, BLOCK_THREADS, n, BLOCK_THREADS as usize)?;
     let coeff = act.coeff().cuda_slice::<T>("coeff")?;
     // Without a base weight the kernel never reads `w`; coeff stands in for it.
     let w = match act.base_weight() {
@@ -159,9 +153,9 @@ fn backward_typed<T: CudaElement>(
     let n = rows * c;
     if n > 0 {
         let kernel = name(Kernel::Dx, dtype);
-        let f = dev.function(KernelModule::SplineActivation, kernel)?;
+        let f = dev.function(KernelModule::SplineActivation, &kernel)?;
         let cfg =
-            dev.grid_stride_config(KernelModule::SplineActivation, kernel, BLOCK_THREADS, n, BLOCK_THREADS as usize)?;
+            dev.grid_stride_config(KernelModule::SplineActivation, &kernel, BLOCK_THREADS, n, BLOCK_THREADS as usize)?;
         let mut args = dev.stream().launch_builder(&f);
         args.arg(xs).arg(knots).arg(coeff).arg(w).arg(dys).arg(dx.cuda_slice_mut::<T>("dx")?).arg(&p);
         // SAFETY: spline_activation_dx_<T>(x, grid, coeff, w, dy, dx, ActParams): x, dy and dx
@@ -176,10 +170,10 @@ fn backward_typed<T: CudaElement>(
     let nc32 = n_chunks as u32;
     {
         let kernel = name(Kernel::Partials, dtype);
-        let f = dev.function(KernelModule::SplineActivation, kernel)?;
+        let f = dev.function(KernelModule::SplineActivation, &kernel)?;
         let mut cfg = dev.grid_stride_config(
             KernelModule::SplineActivation,
-            kernel,
+            &kernel,
             BLOCK_THREADS,
             n_chunks * c,
             BLOCK_THREADS as usize,
@@ -200,10 +194,10 @@ fn backward_typed<T: CudaElement>(
     }
     {
         let kernel = name(Kernel::Reduce, dtype);
-        let f = dev.function(KernelModule::SplineActivation, kernel)?;
+        let f = dev.function(KernelModule::SplineActivation, &kernel)?;
         let cfg = dev.grid_stride_config(
             KernelModule::SplineActivation,
-            kernel,
+            &kernel,
             BLOCK_THREADS,
             c * (nb + 1),
             BLOCK_THREADS as usize,

@@ -8,8 +8,20 @@
 //! with f32 arithmetic on the GPU; the CPU backend is the f64 reference ([`cpu`]). The
 //! parameter gradients are summed over rows deterministically (fixed order, no atomics).
 
+pub mod bench;
+pub mod check;
+pub(crate) mod cli;
 pub mod cpu;
 mod cuda;
+
+/// The B-spline activation in the CLI's `check`, `bench activation` and `run`.
+pub const ENTRY: crate::ops::registry::OpEntry = crate::ops::registry::OpEntry {
+    name: "spline_activation",
+    bench_group: "activation",
+    check: check::check_rows,
+    bench: bench::bench_rows,
+    run: cli::COMMANDS,
+};
 
 use crate::device::Device;
 use crate::dtype::DType;
