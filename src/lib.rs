@@ -13,9 +13,21 @@
 //!   and the rolling-state decoding update (causal-conv1d semantics).
 //! - [`ops::mlstm`]: xLSTM's mLSTM cell (mlstm_kernels' mLSTMexp), a chunkwise forward on
 //!   tensor cores with exact max-state stabilisation, the decoding step, and the backward
-//!   (CPU reference so far).
+//!   (exact, or with the normaliser held constant), on the GPU and the CPU.
 //! - [`ops::spline_activation`]: a learnable per-channel B-spline activation (the
 //!   "B-spline MLP"), forward and backward.
+//!
+//! Layers of the crate, dependencies pointing down only:
+//!
+//! - [`model`]: models assembled from layers (reserved);
+//! - [`nn`]: layers with explicit forward, backward and step (reserved);
+//! - [`ops`]: one folder per op, owning its API and validation, f64 CPU reference, launches,
+//!   check cases, bench rows and CLI `run` commands; [`ops::registry`] lists them;
+//! - core: [`tensor`], [`device`], [`dtype`], [`error`], [`kernels`] (the embedded modules and
+//!   the kernel naming rule), [`rng`], [`measure`] (error measures and tolerances),
+//!   [`timing`] (CUDA-event timing).
+//!
+//! [`check`] and [`bench`](mod@bench) drive the CLI's `check` and `bench` over the registry.
 //!
 //! Kernels are compiled to PTX at build time (or taken from the committed `ptx/` when no
 //! nvcc is found) and embedded; they are loaded lazily, per device. Every op also runs

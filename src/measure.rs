@@ -147,3 +147,64 @@ pub fn optional_error(t: &Option<Tensor>, reference: &Option<Vec<f64>>) -> Resul
         _ => Ok(f64::INFINITY),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use crate::tensor::Tensor;
+
+    /// One rounding into each type, of values spread over its whole range (subnormals, normal
+    /// numbers, values near the largest finite), measured as the checks measure a tensor:
+    /// never above one unit roundoff, over 1000 seeds. This is why a correct build's
+    /// `check --device cpu` (which measures only output rounding) cannot fail any row, whose
+    /// tolerances are two roundings or more.
+    #[test]
+    fn one_rounding_stays_within_one_unit_roundoff_over_1000_seeds() {
+        for seed in 0..1000u64 {
+            let mut rng = Rng::new(seed);
+            for dtype in DType::ALL {
+                let n = 1 + rng.below(64);
+                let (lo, hi) = match dtype {
+                    DType::F16 => (-30.0, 15.0),
+                    DType::BF16 => (-140.0, 127.0),
+                    DType::F32 => (-150.0, 127.0),
+                };
+                // A common scale per tensor (so whole tensors of tiny values occur), spread by
+                // up to 2^8 between elements, random signs.
+                let scale = rng.uniform(lo, hi);
+                let exact: Vec<f64> = (0..n)
+                    .map(|_| {
+                        let sign = if rng.below(2) == 0 { -1.0 } else { 1.0 };
+                        sign * 2f64.powf((scale + rng.uniform(-8.0, 0.0)).min(hi))
+                    })
+                    .collect();
+                let as_f32: Vec<f32> = exact.iter().map(|&v| v as f32).collect();
+                // The reference is exact where f32 holds it; the rounding under test is to dtype.
+                let reference: Vec<f64> = as_f32.iter().map(|&v| f64::from(v)).collect();
+                let t = Tensor::from_f32(&as_f32, &[n], dtype, &crate::device::Device::Cpu).unwrap();
+                let err = relative_error_in(&t.to_f64_vec().unwrap(), &reference, dtype);
+                assert!(
+                    err <= unit_roundoff(dtype),
+                    "seed {seed} {dtype}: {err:e} > {:e} (scale 2^{scale:.1})",
+                    unit_roundoff(dtype)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_underflow_floor_only_matters_below_the_normal_range() {
+        let reference = [1.0, -2.0, 0.5];
+        let out = [1.0 + 1e-3, -2.0, 0.5];
+        let plain = relative_error(&out, &reference);
+        assert!((relative_error_in(&out, &reference, DType::F16) - plain).abs() < 1e-4 * plain);
+        // Tiny values: an absolute error of half the smallest f16 subnormal is within one
+        // rounding there, however large relative to the values.
+        let tiny = [3e-7, -1e-7];
+        let off = [3e-7 + 2f64.powi(-25), -1e-7];
+        assert!(relative_error(&off, &tiny) > 0.09);
+        assert!(relative_error_in(&off, &tiny, DType::F16) <= unit_roundoff(DType::F16));
+        assert!(rounding_tolerance(DType::BF16, 2.0, 0.0) == 2.0 / 256.0);
+    }
+}

@@ -173,30 +173,8 @@ __device__ void mlstm_pass(const T* __restrict__ x, const T* __restrict__ y, con
                 cl[e] = rc;
                 gl[e] = kg;
             }
-            double ta = ra, tc = rc;
-#pragma unroll
-            for (int off = 1; off < 32; off <<= 1) {
-                const double ya = __shfl_up_sync(0xffffffffu, ta, off), yc = __shfl_up_sync(0xffffffffu, tc, off);
-                if (lane >= off) {
-                    tc = fmax(yc + ta, tc);
-                    ta = ya + ta;
-                }
-            }
-            double ea = __shfl_up_sync(0xffffffffu, ta, 1), ec = __shfl_up_sync(0xffffffffu, tc, 1);
-            if (lane == 0) {
-                ea = 0.0;
-                ec = -INFINITY;
-            }
-            double ml[PER];
-#pragma unroll
-            for (int e = 0; e < PER; ++e) {
-                const double c = fmax(ec + bl[e], cl[e]);
-                bl[e] += ea;
-                ml[e] = fmax(m_prev + bl[e], c);
-            }
-            constexpr int LAST_LANE = (L - 1) / PER;
-            const double bL = __shfl_sync(0xffffffffu, bl[PER - 1], LAST_LANE);
-            const double mL = __shfl_sync(0xffffffffu, ml[PER - 1], LAST_LANE);
+            double ml[PER], bL, mL;
+            scan_chunk_gates<L, PER>(bl, cl, ra, rc, m_prev, lane, ml, bL, mL);
 #pragma unroll
             for (int e = 0; e < PER; ++e) {
                 const int pos = lane * PER + e;

@@ -147,6 +147,41 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ 
     }
 }
 
+// The warp scan of a chunk's gates shared by mlstm_fwd and mlstm_pass. m follows
+// m[t] = max(lf[t] + m[t-1], k[t]), a max-plus recurrence whose steps compose as (a1, c1) then
+// (a2, c2) = (a1 + a2, max(c1 + a2, c2)). Lane `lane` holds steps lane*PER .. lane*PER + PER - 1:
+// bl / cl the compositions from its first step to each of its own, ra / rc their totals. This
+// scans the lanes' totals; on return bl holds each step's b (cumulative over the chunk), ml its
+// m from m_prev, and every lane has b and m of the chunk's last step in bL, mL. In f64 (see
+// mlstm_fwd).
+template <int L, int PER>
+__device__ __forceinline__ void scan_chunk_gates(double (&bl)[PER], const double (&cl)[PER], double ra, double rc,
+                                                 double m_prev, int lane, double (&ml)[PER], double& bL, double& mL) {
+    double ta = ra, tc = rc;  // inclusive scan of the lanes' compositions
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const double ya = __shfl_up_sync(0xffffffffu, ta, off), yc = __shfl_up_sync(0xffffffffu, tc, off);
+        if (lane >= off) {
+            tc = fmax(yc + ta, tc);
+            ta = ya + ta;
+        }
+    }
+    double ea = __shfl_up_sync(0xffffffffu, ta, 1), ec = __shfl_up_sync(0xffffffffu, tc, 1);
+    if (lane == 0) {
+        ea = 0.0;
+        ec = -INFINITY;
+    }
+#pragma unroll
+    for (int e = 0; e < PER; ++e) {
+        const double c = fmax(ec + bl[e], cl[e]);
+        bl[e] += ea;
+        ml[e] = fmax(m_prev + bl[e], c);
+    }
+    constexpr int LAST_LANE = (L - 1) / PER;
+    bL = __shfl_sync(0xffffffffu, bl[PER - 1], LAST_LANE);
+    mL = __shfl_sync(0xffffffffu, ml[PER - 1], LAST_LANE);
+}
+
 // ---------------------------------------------------------------------------------------
 // Forward v2 for bf16 / f16 ("fused"): register-resident tiles on mma.sync m16n8k16. One
 // block per (TV value columns, head) walks the sequence in chunks of 64 steps. Its warps

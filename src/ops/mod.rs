@@ -1,6 +1,11 @@
-//! The kernels' public entry points. Each op is one unit: `cuda/<op>.cu`, `ops/<op>/`
-//! (validation and public API in `mod.rs`, the f64 CPU reference in `cpu.rs`, launches in
-//! `cuda.rs`), `tests/<op>*.rs` and `benches/<op>.rs`.
+//! The kernels' public entry points. Each op is one unit: `cuda/<op>.cu` or `cuda/<op>/`
+//! (a shared header and one file per pass, each its own module), and `ops/<op>/`: validation
+//! and public API in `mod.rs`, the f64 CPU reference in `cpu.rs`, launches in `cuda.rs`, its
+//! check cases and tolerances in `check.rs`, bench shapes, targets and rows in `bench.rs`,
+//! its `hybrid-kernels run` commands in `cli.rs`; then `tests/<op>*.rs` and
+//! `benches/<op>.rs`. Adding an op: its folders, its module ids in `crate::kernels`, one line
+//! in [`registry::OPS`]. Nothing here imports [`crate::check`] or [`crate::bench`], which drive
+//! the CLI over the registry.
 
 pub mod bspline;
 pub mod causal_conv1d;
