@@ -102,6 +102,7 @@ struct CudaDeviceInner {
     compute_capability: (i32, i32),
     multiprocessors: u32,
     max_shared_per_block: usize,
+    total_memory: usize,
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<KernelModule, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(KernelModule, String), CudaFunction>>,
@@ -138,12 +139,14 @@ impl CudaDevice {
         let max_shared_per_block = attr(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(0) as usize;
         let name = ctx.name().map_err(|e| Error::driver("cuDeviceGetName", e))?;
         let stream = ctx.new_stream().map_err(|e| Error::driver("creating a stream", e))?;
+        let (_, total_memory) = ctx.mem_get_info().map_err(|e| Error::driver("cuMemGetInfo", e))?;
         Ok(CudaDevice(Arc::new(CudaDeviceInner {
             ordinal,
             name,
             compute_capability,
             multiprocessors,
             max_shared_per_block,
+            total_memory,
             stream,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
@@ -176,6 +179,11 @@ impl CudaDevice {
     /// The stream every operation on this device is queued on, in order.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.0.stream
+    }
+
+    /// The device's memory in bytes (read once, when the device was opened).
+    pub fn total_memory(&self) -> usize {
+        self.0.total_memory
     }
 
     /// (free, total) device memory in bytes.

@@ -21,6 +21,15 @@ impl DType {
         }
     }
 
+    /// The largest finite value of the type.
+    pub fn max_finite(self) -> f64 {
+        match self {
+            DType::F32 => f32::MAX as f64,
+            DType::BF16 => half::bf16::MAX.to_f64(),
+            DType::F16 => half::f16::MAX.to_f64(),
+        }
+    }
+
     /// The lower-case name used in kernel symbols (`bspline_basis_bf16`) and the CLI.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -40,6 +40,11 @@ pub enum Error {
     #[error("out of device memory: asked for {requested_bytes} bytes on device {ordinal}{}", free_total(*free_bytes, *total_bytes))]
     OutOfMemory { ordinal: usize, requested_bytes: usize, free_bytes: Option<usize>, total_bytes: Option<usize> },
 
+    /// Host memory for an allocation sized by the caller's argument `arg` cannot exist:
+    /// reported before anything is allocated (see `crate::memory`).
+    #[error("not enough host memory for `{arg}`: it needs {requested_bytes} bytes{}", available(*available_bytes))]
+    HostOutOfMemory { arg: &'static str, requested_bytes: usize, available_bytes: Option<usize> },
+
     /// A shape, length or value of argument `arg` is not what the operation needs.
     #[error("invalid `{arg}`: expected {expected}, found {found}")]
     InvalidArgument { arg: &'static str, expected: String, found: String },
@@ -74,8 +79,9 @@ pub enum Error {
         source: cudarc::cublas::result::CublasError,
     },
 
-    #[error("safetensors: {0}")]
-    Safetensors(#[from] safetensors::SafeTensorError),
+    /// A safetensors file that could not be read or written: which file and what is wrong.
+    #[error("safetensors file {path}: {problem}")]
+    Safetensors { path: String, problem: String },
 
     #[error("i/o on {path}: {source}")]
     Io {
@@ -85,10 +91,40 @@ pub enum Error {
     },
 }
 
+/// What is wrong, in words, for each way a safetensors file can be malformed.
+pub(crate) fn describe_safetensors(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::InvalidHeader => "the header is not valid UTF-8".into(),
+        E::InvalidHeaderStart => "the header does not start with `{` (not a safetensors file?)".into(),
+        E::InvalidHeaderDeserialization => "the header is not the JSON a safetensors file holds".into(),
+        E::HeaderTooLarge => "the header is larger than the 100 MB safetensors allows".into(),
+        E::HeaderTooSmall => "the file is shorter than the 8-byte header length (not a safetensors file?)".into(),
+        E::InvalidHeaderLength => "the header length is past the end of the file (truncated?)".into(),
+        E::TensorNotFound(name) => format!("no tensor named `{name}`"),
+        E::TensorInvalidInfo => "a tensor's shape, dtype and data offsets disagree".into(),
+        E::InvalidOffset(name) => format!("the data offsets of tensor `{name}` are invalid (truncated?)"),
+        E::IoError(io) => format!("i/o error: {io}"),
+        E::JsonError(json) => format!("the header's JSON is invalid: {json}"),
+        E::InvalidTensorView(dtype, shape, len) => {
+            format!("a {dtype:?} tensor of shape {shape:?} cannot hold {len} bytes")
+        }
+        E::MetadataIncompleteBuffer => "the tensors' data offsets do not cover the data (truncated?)".into(),
+        E::ValidationOverflow => "a tensor's size overflows".into(),
+    }
+}
+
 fn free_total(free: Option<usize>, total: Option<usize>) -> String {
     match (free, total) {
         (Some(f), Some(t)) => format!(" ({f} of {t} bytes free)"),
         _ => String::new(),
+    }
+}
+
+fn available(bytes: Option<usize>) -> String {
+    match bytes {
+        Some(b) => format!(" and the system has {b} bytes available (memory plus swap)"),
+        None => " (more than any address space can hold)".to_string(),
     }
 }
 
@@ -106,7 +142,7 @@ impl Error {
 
     /// True when the driver said it ran out of memory (allocation, launch resources).
     pub fn is_out_of_memory(&self) -> bool {
-        matches!(self, Error::OutOfMemory { .. })
+        matches!(self, Error::OutOfMemory { .. } | Error::HostOutOfMemory { .. })
             || matches!(self, Error::Driver { source, .. } if source.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY)
     }
 }

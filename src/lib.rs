@@ -24,7 +24,7 @@
 //! - [`ops`]: one folder per op, owning its API and validation, f64 CPU reference, launches,
 //!   check cases, bench rows and CLI `run` commands; [`ops::registry`] lists them;
 //! - core: [`tensor`], [`device`], [`dtype`], [`error`], [`kernels`] (the embedded modules and
-//!   the kernel naming rule), [`rng`], [`measure`] (error measures and tolerances),
+//!   the kernel naming rule), [`memory`] (the host memory budget), [`rng`], [`measure`] (error measures and tolerances),
 //!   [`timing`] (CUDA-event timing).
 //!
 //! [`check`] and [`bench`](mod@bench) drive the CLI's `check` and `bench` over the registry.
@@ -54,6 +54,7 @@ pub mod error;
 mod gemm;
 pub mod kernels;
 pub mod measure;
+pub mod memory;
 pub mod model;
 pub mod nn;
 pub mod ops;

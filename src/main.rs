@@ -286,11 +286,36 @@ fn run(device: &Device, opts: &mut Options) -> Result<()> {
         |arg: &'static str| Error::InvalidArgument { arg, expected: "a path".into(), found: "nothing".into() };
     let input = opts.input.take().ok_or_else(|| missing("--input"))?;
     let output = opts.output.take().ok_or_else(|| missing("--output"))?;
+    check_output_path(&input, &output)?;
     let tensors = load_safetensors(&input, device)?;
     let args = RunArgs { device, input_path: &input, tensors: &tensors, options: &opts.op_options };
     let outputs = (command.run)(&args)?;
     let main = args.required(command.main_input)?;
     save_outputs(&op, device, (command.main_input, main), &outputs, &output)
+}
+
+/// Before anything runs: `--output` must name a file in an existing folder, and not the
+/// input (writing it would replace the input with the op's outputs).
+fn check_output_path(input: &str, output: &str) -> Result<()> {
+    let bad =
+        |expected: &str, found: String| Error::InvalidArgument { arg: "--output", expected: expected.into(), found };
+    let out = std::path::Path::new(output);
+    let same = output == input
+        || matches!((std::fs::canonicalize(input), std::fs::canonicalize(out)), (Ok(a), Ok(b)) if a == b);
+    if same {
+        return Err(bad("a file other than --input (the input would be replaced)", output.into()));
+    }
+    if out.is_dir() || out.file_name().is_none() {
+        return Err(bad("a file path", format!("{output} (a folder)")));
+    }
+    let folder = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    if !folder.is_dir() {
+        return Err(bad("a file in an existing folder", format!("{output} (no folder {})", folder.display())));
+    }
+    Ok(())
 }
 
 /// Writes an op's named outputs to `output` and says what ran on what (`input`: the main

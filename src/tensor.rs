@@ -5,6 +5,7 @@
 use crate::device::{CudaDevice, Device};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
+use crate::memory::{host_collect, host_vec};
 use cudarc::driver::{CudaSlice, DevicePtr};
 use half::{bf16, f16};
 use std::collections::HashMap;
@@ -47,8 +48,21 @@ macro_rules! by_dtype {
     };
 }
 
+/// "1 element", "7 elements".
+fn elements(n: usize) -> String {
+    if n == 1 {
+        "1 element".into()
+    } else {
+        format!("{n} elements")
+    }
+}
+
 /// Element count of `shape`, or an error naming `arg` when the product overflows usize.
 pub fn elem_count(arg: &'static str, shape: &[usize]) -> Result<usize> {
+    // A zero dimension empties the tensor whatever the others are (their product may overflow).
+    if shape.contains(&0) {
+        return Ok(0);
+    }
     shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
@@ -60,11 +74,7 @@ impl Tensor {
     pub fn from_vec<T: Element>(data: Vec<T>, shape: &[usize], device: &Device) -> Result<Tensor> {
         let n = elem_count("shape", shape)?;
         if n != data.len() {
-            return Err(Error::invalid(
-                "data",
-                format!("{n} elements for shape {shape:?}"),
-                format!("{} elements", data.len()),
-            ));
+            return Err(Error::invalid("data", format!("{} for shape {shape:?}", elements(n)), elements(data.len())));
         }
         let host = Tensor { shape: shape.to_vec(), storage: Storage::Host(T::wrap(data)) };
         match device {
@@ -76,26 +86,46 @@ impl Tensor {
     /// A host tensor of `dtype` from f64 values, each rounded once (to nearest even): how
     /// the f64 CPU references hand out their results.
     pub fn from_f64_rounded(values: &[f64], shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let n = values.len();
+        let cpu = &Device::Cpu;
         match dtype {
-            DType::F32 => Tensor::from_vec(values.iter().map(|&x| x as f32).collect(), shape, &Device::Cpu),
-            DType::BF16 => Tensor::from_vec(values.iter().map(|&x| bf16::from_f64(x)).collect(), shape, &Device::Cpu),
-            DType::F16 => Tensor::from_vec(values.iter().map(|&x| f16::from_f64(x)).collect(), shape, &Device::Cpu),
+            DType::F32 => Tensor::from_vec(host_collect("values", n, values.iter().map(|&x| x as f32))?, shape, cpu),
+            DType::BF16 => {
+                Tensor::from_vec(host_collect("values", n, values.iter().map(|&x| bf16::from_f64(x)))?, shape, cpu)
+            }
+            DType::F16 => {
+                Tensor::from_vec(host_collect("values", n, values.iter().map(|&x| f16::from_f64(x)))?, shape, cpu)
+            }
         }
     }
 
     /// Converts f32 values to `dtype` (round to nearest even) and places them on `device`.
     pub fn from_f32(data: &[f32], shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let n = data.len();
         match dtype {
-            DType::F32 => Tensor::from_vec(data.to_vec(), shape, device),
-            DType::BF16 => Tensor::from_vec(data.iter().map(|&v| bf16::from_f32(v)).collect(), shape, device),
-            DType::F16 => Tensor::from_vec(data.iter().map(|&v| f16::from_f32(v)).collect(), shape, device),
+            DType::F32 => Tensor::from_vec(host_collect("data", n, data.iter().copied())?, shape, device),
+            DType::BF16 => {
+                Tensor::from_vec(host_collect("data", n, data.iter().map(|&v| bf16::from_f32(v)))?, shape, device)
+            }
+            DType::F16 => {
+                Tensor::from_vec(host_collect("data", n, data.iter().map(|&v| f16::from_f32(v)))?, shape, device)
+            }
         }
     }
 
     /// A tensor with every element equal to `value` (NaN poisons outputs in tests).
     pub fn full(value: f32, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let n = elem_count("shape", shape)?;
-        Tensor::from_f32(&vec![value; n], shape, dtype, device)
+        let host = match dtype {
+            DType::F32 => HostData::F32(host_vec("shape", n, value)?),
+            DType::BF16 => HostData::BF16(host_vec("shape", n, bf16::from_f32(value))?),
+            DType::F16 => HostData::F16(host_vec("shape", n, f16::from_f32(value))?),
+        };
+        let t = Tensor::from_host(shape.to_vec(), host);
+        match device {
+            Device::Cpu => Ok(t),
+            Device::Cuda(_) => t.to_device(device),
+        }
     }
 
     pub(crate) fn from_cuda(shape: Vec<usize>, device: CudaDevice, data: CudaData) -> Tensor {
@@ -115,7 +145,12 @@ impl Tensor {
     }
 
     pub fn elem_count(&self) -> usize {
-        self.shape.iter().product()
+        // Validated when the tensor was made: the product fits, or a dimension is 0.
+        if self.shape.contains(&0) {
+            0
+        } else {
+            self.shape.iter().product()
+        }
     }
 
     pub fn size_in_bytes(&self) -> usize {
@@ -189,12 +224,18 @@ impl Tensor {
             Storage::Host(h) => std::borrow::Cow::Borrowed(h),
             Storage::Cuda(_, c) => std::borrow::Cow::Owned(c.download()?),
         };
-        Ok(by_dtype!(host.as_ref(), v => v.iter().map(|x| x.to_f64()).collect()))
+        let n = self.elem_count();
+        by_dtype!(host.as_ref(), v => host_collect("tensor", n, v.iter().map(|x| x.to_f64())))
     }
 
     /// The elements widened to f32, whatever the element type.
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
-        Ok(self.to_f64_vec()?.into_iter().map(|v| v as f32).collect())
+        let host = match &self.storage {
+            Storage::Host(h) => std::borrow::Cow::Borrowed(h),
+            Storage::Cuda(_, c) => std::borrow::Cow::Owned(c.download()?),
+        };
+        let n = self.elem_count();
+        by_dtype!(host.as_ref(), v => host_collect("tensor", n, v.iter().map(|x| x.to_f64() as f32)))
     }
 
     /// Converts to another element type (round to nearest even), on the host.
@@ -411,8 +452,17 @@ impl<T: Element> HostElement for T {
     }
 }
 
-/// Writes named tensors to a safetensors file (copied to the host first).
+/// Writes named tensors to a safetensors file (copied to the host first). Names must be
+/// distinct. The file is written whole or not at all: to a temporary file beside `path`,
+/// synced, then renamed over it, so a failed write leaves what was at `path` untouched.
 pub fn save_safetensors<P: AsRef<Path>>(path: P, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    let path = path.as_ref();
+    let shown = path.display().to_string();
+    for (i, (name, _)) in tensors.iter().enumerate() {
+        if tensors[..i].iter().any(|(other, _)| other == name) {
+            return Err(Error::invalid("tensors", "distinct names", format!("`{name}` twice")));
+        }
+    }
     let mut host: Vec<(String, HostData, Vec<usize>)> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let data = match &t.storage {
@@ -421,16 +471,45 @@ pub fn save_safetensors<P: AsRef<Path>>(path: P, tensors: &[(&str, &Tensor)]) ->
         };
         host.push((name.to_string(), data, t.shape.clone()));
     }
+    let problem = |e: safetensors::SafeTensorError| Error::Safetensors {
+        path: shown.clone(),
+        problem: crate::error::describe_safetensors(&e),
+    };
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = host
         .iter()
         .map(|(name, data, shape)| {
             safetensors::tensor::TensorView::new(data.dtype().to_safetensors(), shape.clone(), data.bytes())
                 .map(|v| (name.clone(), v))
         })
-        .collect::<std::result::Result<_, _>>()?;
-    let path = path.as_ref();
-    safetensors::serialize_to_file(views, &None, path)?;
-    Ok(())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(problem)?;
+    let bytes = safetensors::serialize(views, &None).map_err(problem)?;
+    write_atomically(path, &bytes)
+}
+
+/// Writes `bytes` to a temporary file in `path`'s folder, syncs it and renames it over
+/// `path`: readers see the old file or the new one, never a part. The temporary file is
+/// removed if anything fails.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let io = |source| Error::Io { path: path.display().to_string(), source };
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid("path", "a file path (with a file name)", format!("{}", path.display())))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        std::fs::remove_file(&tmp).ok();
+    }
+    written.map_err(io)
 }
 
 /// Reads every tensor of a safetensors file onto `device`. Element types other than
@@ -438,13 +517,16 @@ pub fn save_safetensors<P: AsRef<Path>>(path: P, tensors: &[(&str, &Tensor)]) ->
 pub fn load_safetensors<P: AsRef<Path>>(path: P, device: &Device) -> Result<HashMap<String, Tensor>> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
+        path: path.display().to_string(),
+        problem: crate::error::describe_safetensors(&e),
+    })?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let dtype = DType::from_safetensors(view.dtype()).ok_or_else(|| Error::DTypeMismatch {
             arg: "safetensors tensor",
             expected: "F32, BF16 or F16".into(),
-            found: format!("{:?} for `{name}`", view.dtype()),
+            found: format!("{:?} for `{name}` in {}", view.dtype(), path.display()),
         })?;
         let raw = view.data();
         // safetensors data is little-endian and not necessarily aligned: copy out by value.

@@ -124,13 +124,15 @@ __device__ __forceinline__ void scan_backward(const T* __restrict__ u, const T* 
                 const int t = sub * S + r;
                 const float dt = sDt[lo.dl * RS + t];
                 const float dtu = dt * sU[lo.dl * RS + t];
-                const float keep = GENERAL ? sKeep[t] : 1.f;
+                // A reset step starts from zero: selects rather than products with 0, so
+                // nothing non-finite crosses a sequence boundary either way.
+                const bool fresh = GENERAL && sKeep[t] == 0.f;
                 float bv[SPT];
                 load_shared<SPT>(sB + t * L::BS + lo.j * SPT, bv);
 #pragma unroll
                 for (int s = 0; s < SPT; ++s) {
-                    a_r[r][s] = GENERAL ? ex2(dt * a2[s]) * keep : ex2(dt * a2[s]);
-                    q_r[r][s] = a_r[r][s] * h[s];
+                    a_r[r][s] = fresh ? 0.f : ex2(dt * a2[s]);
+                    q_r[r][s] = fresh ? 0.f : a_r[r][s] * h[s];
                     h[s] = fmaf(dtu, GENERAL ? bv[s] + bc[s] : bv[s], q_r[r][s]);
                 }
             }
@@ -145,6 +147,7 @@ __device__ __forceinline__ void scan_backward(const T* __restrict__ u, const T* 
                 float bv[SPT], cv[SPT];
                 load_shared<SPT>(sB + t * L::BS + lo.j * SPT, bv);
                 load_shared<SPT>(sC + t * L::BS + lo.j * SPT, cv);
+                const bool fresh = GENERAL && sKeep[t] == 0.f;
                 float vals[V];
                 float du_acc = 0.f, dd_acc = 0.f;
 #pragma unroll
@@ -159,7 +162,7 @@ __device__ __forceinline__ void scan_backward(const T* __restrict__ u, const T* 
                     const float gq = g * q_r[r][s];
                     dA[s] = fmaf(dt, gq, dA[s]);
                     dd_acc = fmaf(a_nat[s], gq, dd_acc);
-                    g_next[s] = a_r[r][s] * g;
+                    g_next[s] = fresh ? 0.f : a_r[r][s] * g;
                 }
                 du_p[r] = du_acc * dt;
                 dd_p[r] = fmaf(du_acc, uu, dd_acc);

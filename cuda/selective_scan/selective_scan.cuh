@@ -284,8 +284,10 @@ __device__ __forceinline__ void advance_and_emit_y(const Layout<SPT, NT, BLK>& l
 #pragma unroll
         for (int s = 0; s < SPT; ++s) {
             if (GENERAL) {
-                const float a = ex2(dt * a2[s]) * keep;
-                h[s] = fmaf(a, h[s], dtu * (bv[s] + bc[s]));
+                // A reset replaces the state (a select, not a multiply by 0), so a non-finite
+                // state of the sequence before cannot reach this one: 0 * inf is NaN.
+                const float x = dtu * (bv[s] + bc[s]);
+                h[s] = keep != 0.f ? fmaf(ex2(dt * a2[s]), h[s], x) : x;
                 acc = fmaf(cv[s] + cc[s], h[s], acc);
             } else {
                 h[s] = fmaf(ex2(dt * a2[s]), h[s], dtu * bv[s]);

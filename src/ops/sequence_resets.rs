@@ -33,7 +33,15 @@ impl SequenceResets {
 
     /// From each row's sequence start positions (unsorted is fine; each below `len`).
     pub fn from_starts(len: usize, starts: &[Vec<usize>]) -> Result<SequenceResets> {
-        let mut flags = vec![false; starts.len() * len];
+        SequenceResets::flags_from_starts("len", len, starts)
+    }
+
+    /// [`SequenceResets::from_starts`] with `len_arg` naming where `len` came from.
+    fn flags_from_starts(len_arg: &'static str, len: usize, starts: &[Vec<usize>]) -> Result<SequenceResets> {
+        let n = starts.len().checked_mul(len).ok_or_else(|| {
+            Error::invalid(len_arg, "rows x len in usize", format!("{} rows x len {len}", starts.len()))
+        })?;
+        let mut flags = crate::memory::host_vec(len_arg, n, false)?;
         for (b, row) in starts.iter().enumerate() {
             for &t in row {
                 if t >= len {
@@ -64,7 +72,7 @@ impl SequenceResets {
             ));
         }
         let starts: Vec<usize> = cu_seqlens[1..].iter().copied().filter(|&t| t > 0 && t < len).collect();
-        SequenceResets::from_starts(len, &[starts])
+        SequenceResets::flags_from_starts("cu_seqlens", len, &[starts])
     }
 
     pub fn batch(&self) -> usize {

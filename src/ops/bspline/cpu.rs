@@ -35,6 +35,21 @@ fn bases_of_order(x: f64, knots: &[f64], level: usize) -> Vec<f64> {
     n
 }
 
+/// The bases of order `order` at `x` that can be non-zero, as `(first, values)`: `values[i]`
+/// is `B_{first + i}(x)`. The same recurrence as [`basis_values`] on the knots around `x`'s
+/// interval only (the values agree bit for bit), so it costs O(order^2) after a binary search
+/// whatever the number of knots. `None` outside `[t_0, t_last)` and for NaN.
+pub fn nonzero_bases(x: f64, knots: &[f64], order: usize) -> Option<(usize, Vec<f64>)> {
+    let last = knots.len().checked_sub(1)?;
+    if last <= order || !(x >= knots[0] && x < knots[last]) {
+        return None;
+    }
+    let s = knots.partition_point(|&t| t <= x) - 1; // t_s <= x < t_{s+1}
+    let lo = s.saturating_sub(order);
+    let hi = (s + order + 1).min(last);
+    Some((lo, bases_of_order(x, &knots[lo..=hi], order)))
+}
+
 /// Writes `B_j(x)` for `j = 0..knots.len() - 1 - order` into `out`.
 pub fn basis_values(x: f64, knots: &[f64], order: usize, out: &mut [f64]) {
     debug_assert_eq!(out.len(), knots.len() - 1 - order);

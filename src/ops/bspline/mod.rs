@@ -70,11 +70,21 @@ impl KnotGrid {
         if !(lo.is_finite() && hi.is_finite() && lo < hi) {
             return Err(Error::invalid("range", "finite (lo, hi) with lo < hi", format!("({lo}, {hi})")));
         }
+        let n_knots = grid_size.checked_add(2 * order + 1).ok_or_else(|| {
+            Error::invalid("grid_size", "grid_size + 2 order + 1 knots in usize", grid_size.to_string())
+        })?;
+        let total = n_knots.checked_mul(in_features).ok_or_else(|| {
+            Error::invalid("in_features", "in_features x n_knots in usize", format!("{in_features} x {n_knots}"))
+        })?;
+        crate::memory::check_host::<f32>("grid_size", n_knots)?;
+        crate::memory::check_host::<f32>("in_features", total)?;
         let h = (hi as f64 - lo as f64) / grid_size as f64;
-        let row: Vec<f32> =
-            (-(order as i64)..=(grid_size + order) as i64).map(|i| (i as f64 * h + lo as f64) as f32).collect();
-        let n_knots = row.len();
-        let knots: Vec<f32> = row.iter().copied().cycle().take(n_knots * in_features).collect();
+        let row = crate::memory::host_collect(
+            "grid_size",
+            n_knots,
+            (0..n_knots).map(|i| ((i as f64 - order as f64) * h + lo as f64) as f32),
+        )?;
+        let knots = crate::memory::host_collect("in_features", total, row.iter().copied().cycle().take(total))?;
         KnotGrid::from_knots(&Tensor::from_vec(knots, &[in_features, n_knots], device)?, order)
     }
 
@@ -250,6 +260,10 @@ fn check_inputs(x: &Tensor, grid: &KnotGrid) -> Result<(BasisDims, Vec<usize>)> 
 
 fn evaluate(kind: BasisKind, x: &Tensor, grid: &KnotGrid) -> Result<Tensor> {
     let (dims, out_shape) = check_inputs(x, grid)?;
+    // The output is n_bases times larger than x: a few MiB of x against a fine grid can ask
+    // for terabytes.
+    let count = dims.rows.checked_mul(dims.n_bases);
+    crate::memory::check_buffers(&x.device(), &[("x", count, x.dtype().size_in_bytes())])?;
     match x.device() {
         Device::Cpu => cpu::evaluate(kind, x, grid, dims, out_shape),
         Device::Cuda(dev) => {

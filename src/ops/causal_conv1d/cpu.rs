@@ -52,6 +52,16 @@ pub struct ConvGrads64 {
 }
 
 impl Conv64 {
+    /// The batch entries to walk: none when dim is 0, however large the batch, so the loops
+    /// are bounded by the real work.
+    fn batches_with_rows(&self) -> usize {
+        if self.dim == 0 {
+            0
+        } else {
+            self.batch
+        }
+    }
+
     fn state_len(&self) -> usize {
         self.width - 1
     }
@@ -108,7 +118,7 @@ pub fn forward(p: &Conv64) -> ConvForward64 {
     let sl = p.state_len();
     let mut out = Vec::with_capacity(p.x.len());
     let mut final_state = Vec::with_capacity(p.batch * p.dim * sl);
-    for b in 0..p.batch {
+    for b in 0..p.batches_with_rows() {
         let floor = p.final_floor(b);
         for d in 0..p.dim {
             out.extend(p.pre(b, d).into_iter().map(|v| if p.silu { silu(v) } else { v }));
@@ -128,7 +138,7 @@ pub fn backward(p: &Conv64, dout: &[f64], dfinal: Option<&[f64]>) -> ConvGrads64
     let mut dweight = vec![0.0; p.dim * w_n];
     let mut dbias = vec![0.0; p.dim];
     let mut dinit = vec![0.0; p.batch * p.dim * sl];
-    for b in 0..p.batch {
+    for b in 0..p.batches_with_rows() {
         let final_floor = p.final_floor(b);
         for d in 0..p.dim {
             let row = b * p.dim + d;

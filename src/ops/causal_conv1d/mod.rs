@@ -138,6 +138,15 @@ impl ConvInputs<'_> {
         if let Some(r) = self.resets {
             r.expect_size(batch, len)?;
         }
+        // The output and the final state (which x with len 0 does not bound).
+        let rows = batch.checked_mul(dim);
+        crate::memory::check_buffers(
+            &device,
+            &[
+                ("x", rows.and_then(|r| r.checked_mul(len)), dtype.size_in_bytes()),
+                ("x", rows.and_then(|r| r.checked_mul(width - 1)), dtype.size_in_bytes()),
+            ],
+        )?;
         Ok(dims)
     }
 
@@ -244,6 +253,9 @@ fn update_dims(state: &Tensor, x: &Tensor, weight: &Tensor, bias: Option<&Tensor
     };
     state.expect_dtype("state", dtype)?;
     state.expect_device("state", &device)?;
+    // The output is x's size; the rows' product must fit (x and state may both be empty).
+    let rows = batch.checked_mul(dim);
+    crate::memory::check_buffers(&device, &[("x", rows.and_then(|r| r.checked_mul(tokens)), dtype.size_in_bytes())])?;
     Ok(UpdateDims { batch, dim, width, state_len, tokens, dtype })
 }
 

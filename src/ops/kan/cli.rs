@@ -1,6 +1,6 @@
 //! KANLinear's `run` commands.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::bspline::cli::{grid, order, ORDER};
 use crate::ops::kan::{KanLinear, KanLinearConfig};
 use crate::ops::registry::{RunArgs, RunCommand, RunOutputs};
@@ -12,6 +12,16 @@ fn layer(a: &RunArgs) -> Result<KanLinear> {
     let order = order(a)?;
     let base = a.required("base_weight")?.clone();
     let scaler = a.optional("spline_scaler").cloned();
+    if grid.n_knots() < 2 * order + 2 {
+        return Err(Error::invalid(
+            "--order",
+            format!(
+                "an order k with 2k + 2 <= {} knots per feature (a grid of G >= 1 intervals has G + 2k + 1)",
+                grid.n_knots()
+            ),
+            order.to_string(),
+        ));
+    }
     let mut cfg = KanLinearConfig::new(grid.in_features(), base.shape().first().copied().unwrap_or(0));
     cfg.spline_order = order;
     cfg.grid_size = grid.n_knots().saturating_sub(2 * order + 1);

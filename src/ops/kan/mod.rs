@@ -76,8 +76,18 @@ impl KanLinearConfig {
         }
     }
 
+    /// `grid_size + spline_order` (saturating: a config whose sum overflows fails
+    /// validation before anything uses it).
     pub fn n_bases(&self) -> usize {
-        self.grid_size + self.spline_order
+        self.grid_size.saturating_add(self.spline_order)
+    }
+
+    fn scale_by_name(&self, arg: &str) -> f64 {
+        match arg {
+            "scale_base" => self.scale_base,
+            "scale_spline" => self.scale_spline,
+            _ => self.scale_noise,
+        }
     }
 
     fn validate(&self) -> Result<()> {
@@ -107,6 +117,24 @@ impl KanLinearConfig {
         if !(0.0..=1.0).contains(&self.grid_eps) {
             return Err(Error::invalid("grid_eps", "a number in [0, 1]", self.grid_eps.to_string()));
         }
+        // Parameter counts: every size below is then safe to form without overflow, and the
+        // largest (the spline weights, or efficient-kan's noise draw at initialisation,
+        // both held in f64 on the host while a layer is built) fits in memory.
+        let n_knots = self.grid_size.checked_add(2 * self.spline_order + 1);
+        let pairs = self.out_features.checked_mul(self.in_features);
+        let too_large = |arg| {
+            Error::invalid(
+                arg,
+                "in_features x out_features x (grid_size + spline_order + 1) in usize",
+                format!(
+                    "{} x {} x ({} + {} + 1)",
+                    self.in_features, self.out_features, self.grid_size, self.spline_order
+                ),
+            )
+        };
+        let per_pair = n_knots.ok_or_else(|| too_large("grid_size"))?;
+        let params = pairs.and_then(|p| p.checked_mul(per_pair)).ok_or_else(|| too_large("out_features"))?;
+        crate::memory::check_host::<f64>("grid_size", params)?;
         Ok(())
     }
 }
@@ -114,7 +142,7 @@ impl KanLinearConfig {
 /// Which GPU pipeline [`KanLinear::forward`] runs (the backward always uses the GEMMs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KanForwardPath {
-    /// The pipeline measured fastest (docs/performance.md has the numbers):
+    /// The pipeline measured fastest (docs/performance/kan.md has the numbers):
     /// [`DirectTf32x3`](KanForwardPath::DirectTf32x3) for f32 layers without TF32 that it
     /// covers, up to 4096 rows; [`Gemm`](KanForwardPath::Gemm) otherwise.
     #[default]
@@ -196,6 +224,23 @@ impl KanLinear {
         let scaler = config
             .standalone_scale_spline
             .then(|| fit::kaiming_uniform(&mut rng, outf * inf, 5f64.sqrt() * config.scale_spline, inf));
+        // The spline weights are the noise fit times scale_spline unless a standalone scaler
+        // holds scale_spline's kaiming draw instead.
+        let spline_arg = if config.standalone_scale_spline { "scale_noise" } else { "scale_spline" };
+        for (arg, values) in
+            [("scale_base", Some(&base)), (spline_arg, Some(&spline)), ("scale_spline", scaler.as_ref())]
+        {
+            // NaN (an inf - inf inside the fit) counts as too large.
+            let largest = values
+                .map_or(0.0, |v| v.iter().fold(0.0f64, |m, x| if x.is_nan() { f64::INFINITY } else { m.max(x.abs()) }));
+            if largest > dtype.max_finite() {
+                return Err(Error::invalid(
+                    arg,
+                    format!("a scale whose initial weights fit in {dtype} (|w| <= {:e})", dtype.max_finite()),
+                    format!("{} = {:e}, making |w| up to {largest:e}", arg, config.scale_by_name(arg)),
+                ));
+            }
+        }
         let to = |v: &[f64], shape: &[usize]| {
             let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
             Tensor::from_f32(&f, shape, dtype, device)
@@ -394,6 +439,11 @@ impl KanLinear {
 
     /// efficient-kan's `regularization_loss(regularize_activation, regularize_entropy)`.
     pub fn regularization_loss(&self, activation: f64, entropy: f64) -> Result<f64> {
+        for (arg, v) in [("activation", activation), ("entropy", entropy)] {
+            if !v.is_finite() {
+                return Err(Error::invalid(arg, "a finite weight", v.to_string()));
+            }
+        }
         let w = self.spline_weight.to_f64_vec()?;
         Ok(fit::regularization_loss(&w, self.config.n_bases(), activation, entropy))
     }
@@ -414,6 +464,31 @@ impl KanLinear {
         if let Some((index, &v)) = xs.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(Error::NonFinite { arg: "x", index, value: v });
         }
+        let inf = self.config.in_features;
+        for i in 0..inf {
+            let (lo, hi) =
+                (0..rows).map(|b| xs[b * inf + i]).fold((f64::MAX, f64::MIN), |(l, h), v| (l.min(v), h.max(v)));
+            // The new grid spans [lo - margin, hi + margin] in f32: a zero width collapses
+            // every knot onto one value (the spline branch would become zero, not preserved);
+            // an infinite one makes the knots non-finite.
+            let (new_lo, new_hi) = ((lo - margin) as f32, (hi + margin) as f32);
+            if !(new_lo.is_finite() && new_hi.is_finite()) {
+                return Err(Error::invalid(
+                    "margin",
+                    "a margin keeping the new grid finite in f32",
+                    format!("{margin:e} around samples in [{lo:e}, {hi:e}] of feature {i}"),
+                ));
+            }
+            if new_hi <= new_lo {
+                return Err(Error::invalid(
+                    "margin",
+                    format!(
+                        "a margin leaving the new grid a positive width (feature {i}: samples in [{lo:e}, {hi:e}])"
+                    ),
+                    margin.to_string(),
+                ));
+            }
+        }
         let p = self.params64()?;
         let (inf, outf, nb, k) = (p.in_features, p.out_features, p.n_bases(), p.order);
         let cfg = self.config.clone();
@@ -427,13 +502,12 @@ impl KanLinear {
             let old_t = &p.knots[i * p.n_knots..(i + 1) * p.n_knots];
             // Targets: the old spline branch of feature i on every sample, for every output.
             let mut y = vec![0.0; rows * outf];
-            let mut row = vec![0.0; nb];
             for (b, &xv) in samples.iter().enumerate() {
-                crate::ops::bspline::cpu::basis_values(xv, old_t, k, &mut row);
+                let Some((first, row)) = crate::ops::bspline::cpu::nonzero_bases(xv, old_t, k) else { continue };
                 for o in 0..outf {
                     let oi = o * inf + i;
                     let s = p.spline_scaler.as_ref().map_or(1.0, |s| s[oi]);
-                    let w = &p.spline_weight[oi * nb..(oi + 1) * nb];
+                    let w = &p.spline_weight[oi * nb + first..(oi + 1) * nb];
                     y[b * outf + o] = s * row.iter().zip(w).map(|(a, c)| a * c).sum::<f64>();
                 }
             }

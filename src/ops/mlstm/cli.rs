@@ -10,9 +10,24 @@ const CHUNK: RunOption = RunOption { name: "--chunk", takes_value: true };
 /// `--constant-normalizer`: the backward holds the denominator and m constant.
 const CONSTANT_NORMALIZER: RunOption = RunOption { name: "--constant-normalizer", takes_value: false };
 
-/// The state named `c`, `n`, `m` (or `dc`, `dn`, `dm`) in the input file, if it has all three.
-fn state(a: &RunArgs, c: &str, n: &str, m: &str) -> Option<MlstmState> {
-    Some(MlstmState { c: a.optional(c)?.clone(), n: a.optional(n)?.clone(), m: a.optional(m)?.clone() })
+/// The state named `c`, `n`, `m` (or `dc`, `dn`, `dm`) in the input file: all three, or none
+/// (`Ok(None)`); a part of one is an error naming what is missing.
+fn state(a: &RunArgs, names: [&'static str; 3]) -> Result<Option<MlstmState>> {
+    let [c, n, m] = names.map(|name| a.optional(name).cloned());
+    match (c, n, m) {
+        (Some(c), Some(n), Some(m)) => Ok(Some(MlstmState { c, n, m })),
+        (None, None, None) => Ok(None),
+        (c, n, m) => {
+            let have = |t: &Option<Tensor>, name| t.as_ref().map(|_| name);
+            let given: Vec<&str> =
+                [have(&c, names[0]), have(&n, names[1]), have(&m, names[2])].into_iter().flatten().collect();
+            Err(Error::InvalidArgument {
+                arg: "state",
+                expected: format!("all of {} or none of them in {}", names.join(", "), a.input_path),
+                found: format!("only {}", given.join(", ")),
+            })
+        }
+    }
 }
 
 fn with_final_state(first: (&'static str, Tensor), s: MlstmState) -> Vec<(&'static str, Tensor)> {
@@ -20,7 +35,7 @@ fn with_final_state(first: (&'static str, Tensor), s: MlstmState) -> Vec<(&'stat
 }
 
 fn sequence(a: &RunArgs, backward: bool) -> Result<RunOutputs> {
-    let initial = state(a, "c", "n", "m");
+    let initial = state(a, ["c", "n", "m"])?;
     let inputs = MlstmInputs {
         initial: initial.as_ref(),
         chunk: a.number(CHUNK.name)?,
@@ -31,7 +46,7 @@ fn sequence(a: &RunArgs, backward: bool) -> Result<RunOutputs> {
         return Ok(with_final_state(("h", o.h), o.final_state));
     }
     let mode = if a.flag(CONSTANT_NORMALIZER.name) { NormalizerGrad::Constant } else { NormalizerGrad::Exact };
-    let dfinal = state(a, "dc", "dn", "dm");
+    let dfinal = state(a, ["dc", "dn", "dm"])?;
     let g = mlstm_backward(&inputs, a.required("dh")?, dfinal.as_ref(), mode, None)?;
     let mut v = vec![("dq", g.dq), ("dk", g.dk), ("dv", g.dv), ("di", g.di), ("df", g.df)];
     if let Some(s) = g.dinitial {
@@ -41,7 +56,7 @@ fn sequence(a: &RunArgs, backward: bool) -> Result<RunOutputs> {
 }
 
 fn step(a: &RunArgs) -> Result<RunOutputs> {
-    let mut s = state(a, "c", "n", "m").ok_or_else(|| Error::InvalidArgument {
+    let mut s = state(a, ["c", "n", "m"])?.ok_or_else(|| Error::InvalidArgument {
         arg: "c, n, m",
         expected: format!("the state in {}", a.input_path),
         found: "missing".into(),

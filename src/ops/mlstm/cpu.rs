@@ -64,10 +64,16 @@ pub enum NormalizerGrad {
     /// its eps term). A gradient into the returned m flows too.
     #[default]
     Exact,
-    /// mlstm_kernels' backward: the denominator and every `m[t]` held constant. It is the
-    /// gradient of the numerator alone divided by the forward's denominator, the usual
-    /// choice when a per-head norm follows h (which cancels h's per-step scale). The
-    /// returned state's m gets no gradient and passes none.
+    /// The denominator and every `m[t]` held constant: the gradient of the numerator alone
+    /// divided by the forward's denominator, the usual choice when a per-head norm follows h
+    /// (which cancels h's per-step scale), and in bf16 far better conditioned than `Exact`
+    /// where `|q~ . n|` is small. The returned state's m gets no gradient and passes none.
+    ///
+    /// Where it agrees with mlstm_kernels' chunkwise backward (`limit_chunk`): no initial
+    /// state and a gradient into h only. Beyond that, mlstm_kernels ignores the gradients
+    /// into the final n and m, returns zero gradients for the initial n and m, and leaves the
+    /// term `sigmoid(-f) <dC_last, C_last>` out of df; this mode differentiates its documented
+    /// function exactly, so with a final-state gradient the two differ.
     Constant,
 }
 

@@ -52,10 +52,19 @@ pub struct MlstmState {
 impl MlstmState {
     /// The state before any step (what the forward starts from without one).
     pub fn zeros(batch: usize, heads: usize, dqk: usize, dhv: usize, device: &Device) -> Result<MlstmState> {
+        let named = |e| match e {
+            Error::HostOutOfMemory { requested_bytes, available_bytes, .. } => {
+                Error::HostOutOfMemory { arg: "batch x heads x dqk x dhv", requested_bytes, available_bytes }
+            }
+            Error::InvalidArgument { expected, found, .. } => {
+                Error::InvalidArgument { arg: "batch x heads x dqk x dhv", expected, found }
+            }
+            e => e,
+        };
         Ok(MlstmState {
-            c: Tensor::full(0.0, &[batch, heads, dqk, dhv], DType::F32, device)?,
-            n: Tensor::full(0.0, &[batch, heads, dqk], DType::F32, device)?,
-            m: Tensor::full(0.0, &[batch, heads], DType::F32, device)?,
+            c: Tensor::full(0.0, &[batch, heads, dqk, dhv], DType::F32, device).map_err(named)?,
+            n: Tensor::full(0.0, &[batch, heads, dqk], DType::F32, device).map_err(named)?,
+            m: Tensor::full(0.0, &[batch, heads], DType::F32, device).map_err(named)?,
         })
     }
 
@@ -171,9 +180,11 @@ pub struct MlstmGrads {
     pub dinitial: Option<MlstmState>,
 }
 
+/// eps > 0: the guard `max(|q~ . n|, exp(-m))` is 0 for q = 0 once exp(-m) underflows, and
+/// eps = 0 would then divide 0 by 0.
 fn check_eps(eps: f32) -> Result<()> {
-    if !(eps.is_finite() && eps >= 0.0) {
-        return Err(Error::invalid("eps", "a finite value >= 0", format!("{eps}")));
+    if !(eps.is_finite() && eps > 0.0) {
+        return Err(Error::invalid("eps", "a finite value > 0", format!("{eps}")));
     }
     Ok(())
 }
@@ -218,6 +229,16 @@ impl MlstmInputs<'_> {
                 return Err(Error::invalid("chunk", format!("one of {:?}", cuda::CHUNKS), format!("{c}")));
             }
         }
+        // What a pass allocates beyond its inputs: h and the final state (the state can be
+        // far larger than q, k and v, e.g. with len 0).
+        let bh = batch.checked_mul(heads);
+        crate::memory::check_buffers(
+            &device,
+            &[
+                ("v", bh.and_then(|n| n.checked_mul(len)).and_then(|n| n.checked_mul(dhv)), dtype.size_in_bytes()),
+                ("q, v", bh.and_then(|n| n.checked_mul(dqk)).and_then(|n| n.checked_mul(dhv.checked_add(1)?)), 4),
+            ],
+        )?;
         Ok(MlstmDims { batch, heads, len, dqk, dhv, dtype })
     }
 

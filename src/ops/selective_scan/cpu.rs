@@ -130,11 +130,13 @@ impl Scan64 {
         let r = self.row(b, d);
         for t in 0..len {
             let (_, dt) = self.dt(b, d, t);
-            let keep = if self.reset(b, t) { 0.0 } else { 1.0 };
+            // A reset replaces the state rather than scaling it by 0, so that nothing of the
+            // sequence before (not even an inf, 0 * inf being NaN) reaches this one.
+            let fresh = self.reset(b, t);
             let mut y = 0.0;
             for (n, hn) in h.iter_mut().enumerate() {
-                let a = (dt * self.a[d * n_st + n]).exp() * keep;
-                *hn = a * *hn + dt * self.param(&self.b, b, d, n, t) * self.u[r + t];
+                let carried = if fresh { 0.0 } else { (dt * self.a[d * n_st + n]).exp() * *hn };
+                *hn = carried + dt * self.param(&self.b, b, d, n, t) * self.u[r + t];
                 y += self.param(&self.c, b, d, n, t) * *hn;
                 hs[t * n_st + n] = *hn;
             }
@@ -148,8 +150,11 @@ pub fn forward(p: &Scan64) -> Forward64 {
     let (bt, dm, n_st, len) = (p.batch, p.dim, p.dstate, p.len);
     let mut out = vec![0.0; bt * dm * len];
     let mut last = vec![0.0; bt * dm * n_st];
-    for b in 0..bt {
-        for d in 0..dm {
+    // One loop over the (batch, dim) rows: bounded by the real work even when dim is 0 and
+    // batch is huge.
+    for row in 0..bt * dm {
+        let (b, d) = (row / dm, row % dm);
+        {
             let (hs, ys) = p.states(b, d);
             let r = p.row(b, d);
             for t in 0..len {
@@ -191,8 +196,9 @@ pub fn backward(p: &Scan64, dout: &[f64], dlast: Option<&[f64]>) -> Grads64 {
         Param64::Variable(_) => ((b * p.groups + p.group_of(d)) * n_st + n) * len + t,
         Param64::Constant(_) => d * n_st + n,
     };
-    for b in 0..bt {
-        for d in 0..dm {
+    for row in 0..bt * dm {
+        let (b, d) = (row / dm, row % dm);
+        {
             let (hs, ys) = p.states(b, d);
             let r = p.row(b, d);
             let dskip = p.d.as_ref().map_or(0.0, |v| v[d]);
@@ -216,14 +222,21 @@ pub fn backward(p: &Scan64, dout: &[f64], dlast: Option<&[f64]>) -> Grads64 {
                 }
                 let (x, dt) = p.dt(b, d, t);
                 let u = p.u[r + t];
-                let keep = if p.reset(b, t) { 0.0 } else { 1.0 };
+                // At a reset the step starts from zero: no term through the state before it,
+                // and no gradient into it (selected, not multiplied by 0).
+                let fresh = p.reset(b, t);
                 let mut du_t = dskip * dy;
                 let mut ddt = 0.0;
                 for n in 0..n_st {
-                    let h_prev =
-                        if t > 0 { hs[(t - 1) * n_st + n] } else { p.h0.as_ref().map_or(0.0, |h0| h0[sbase + n]) };
+                    let h_prev = if fresh {
+                        0.0
+                    } else if t > 0 {
+                        hs[(t - 1) * n_st + n]
+                    } else {
+                        p.h0.as_ref().map_or(0.0, |h0| h0[sbase + n])
+                    };
                     let an = p.a[d * n_st + n];
-                    let a = (dt * an).exp() * keep;
+                    let a = if fresh { 0.0 } else { (dt * an).exp() };
                     let bv = p.param(&p.b, b, d, n, t);
                     let cv = p.param(&p.c, b, d, n, t);
                     let g = g_next[n] + cv * dy;
@@ -232,7 +245,7 @@ pub fn backward(p: &Scan64, dout: &[f64], dlast: Option<&[f64]>) -> Grads64 {
                     du_t += g * dt * bv;
                     ddt += g * (bv * u + an * a * h_prev);
                     da[d * n_st + n] += g * dt * a * h_prev;
-                    g_next[n] = a * g;
+                    g_next[n] = if fresh { 0.0 } else { a * g };
                 }
                 du[r + t] = du_t;
                 let dx = if p.delta_softplus { ddt * softplus_grad(x) } else { ddt };

@@ -285,6 +285,15 @@ impl ScanInputs<'_> {
                 ("u", Some(self.u)),
             ],
         )?;
+        // The output and the last state (which u with len 0 does not bound).
+        let rows = batch.checked_mul(dim);
+        crate::memory::check_buffers(
+            &device,
+            &[
+                ("u", rows.and_then(|r| r.checked_mul(len)), dtype.size_in_bytes()),
+                ("u", rows.and_then(|r| r.checked_mul(dstate)), 4),
+            ],
+        )?;
         Ok(ScanDims { batch, dim, dstate, len, groups, b_variable: b.is_some(), c_variable: c.is_some(), dtype })
     }
 

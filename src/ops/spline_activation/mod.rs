@@ -62,8 +62,28 @@ impl SplineActivation {
         if order > MAX_SPLINE_ORDER {
             return Err(Error::invalid("order", format!("0..={MAX_SPLINE_ORDER}"), order.to_string()));
         }
-        let grid = KnotGrid::uniform(channels, grid_size, order, range, &Device::Cpu)?;
+        if channels == 0 {
+            return Err(Error::invalid("channels", "at least 1", "0"));
+        }
+        // The SiLU fit samples 64 points per interval (two f64 vectors of them).
+        let samples = grid_size.checked_mul(64).and_then(|n| n.checked_add(1)).ok_or_else(|| {
+            Error::invalid("grid_size", "64 grid_size + 1 fit samples in usize", grid_size.to_string())
+        })?;
+        if !with_base {
+            crate::memory::check_host::<[f64; 2]>("grid_size", samples)?;
+        }
+        let grid = KnotGrid::uniform(channels, grid_size, order, range, &Device::Cpu).map_err(|e| match e {
+            Error::InvalidArgument { arg: "in_features", expected, found } => {
+                Error::InvalidArgument { arg: "channels", expected, found }
+            }
+            Error::HostOutOfMemory { arg: "in_features", requested_bytes, available_bytes } => {
+                Error::HostOutOfMemory { arg: "channels", requested_bytes, available_bytes }
+            }
+            e => e,
+        })?;
         let nb = grid.n_bases();
+        // channels * n_knots fitted in KnotGrid::uniform, so this product does too.
+        crate::memory::check_host::<f64>("channels", channels * nb)?;
         let coeff: Vec<f64> = if with_base {
             vec![0.0; channels * nb]
         } else {
@@ -73,8 +93,7 @@ impl SplineActivation {
             // basis vanishes, no spline can follow SiLU there, and fitting those points would
             // distort the interior.
             let (lo, hi) = (t[order], t[order + grid_size]);
-            let xs: Vec<f64> =
-                (0..=64 * grid_size).map(|q| lo + (hi - lo) * q as f64 / (64 * grid_size) as f64).collect();
+            let xs: Vec<f64> = (0..samples).map(|q| lo + (hi - lo) * q as f64 / (samples - 1) as f64).collect();
             let ys: Vec<f64> = xs.iter().map(|&x| crate::ops::kan::cpu::silu(x)).collect();
             let one = fit::fit_feature(&xs, &ys, 1, t, order);
             one.iter().copied().cycle().take(channels * nb).collect()
