@@ -289,3 +289,28 @@ fn packed_sequences_are_isolated_on_the_gpu() {
         packed_sequences_are_isolated_on(&device);
     }
 }
+
+/// On a device, buffers larger than its memory are `Error::OutOfMemory` before anything is
+/// allocated (no driver call is made for them).
+#[test]
+fn device_buffers_that_cannot_exist_are_errors() {
+    let Some(gpu) = common::gpu("device_buffers_that_cannot_exist_are_errors") else { return };
+    let total = gpu.as_cuda().unwrap().total_memory();
+    let on = |t: Tensor| t.to_device(&gpu).unwrap();
+    let too_large = |e: Error| matches!(e, Error::OutOfMemory { total_bytes: Some(t), requested_bytes, .. } if t == total && requested_bytes > total);
+    let (u, a, bc) = (on(empty(&[1 << 40, 1, 0])), on(t(&[-1.0], &[1, 1])), on(empty(&[1 << 40, 1, 1, 0])));
+    let scan = ScanInputs::new(&u, &u, &a, &bc, &bc);
+    assert!(selective_scan(&scan).is_err_and(too_large));
+    assert!(selective_scan_backward(&scan, &u, None, None).is_err_and(too_large));
+    let w = on(t(&[1.0, 2.0, 3.0, 4.0], &[1, 4]));
+    assert!(causal_conv1d(&ConvInputs::new(&u, &w)).is_err_and(too_large));
+    let (q, g) = (on(empty(&[1 << 20, 1 << 20, 0, 64])), on(empty(&[1 << 20, 1 << 20, 0])));
+    assert!(mlstm(&MlstmInputs::new(&q, &q, &q, &g, &g)).is_err_and(too_large));
+    let grid = KnotGrid::uniform(1, (1 << 20) - 7, 3, (-1.0, 1.0), &gpu).unwrap();
+    let x = Tensor::full(0.5, &[1 << 20, 1], DType::F32, &gpu).unwrap();
+    assert!(bspline::bspline_basis(&x, &grid).is_err_and(too_large));
+    // The device still works afterwards.
+    let small = on(t(&[0.5], &[1, 1]));
+    let g1 = KnotGrid::uniform(1, 5, 3, (-1.0, 1.0), &gpu).unwrap();
+    assert_eq!(bspline::bspline_basis(&small, &g1).unwrap().shape(), &[1, 1, 8]);
+}
