@@ -7,7 +7,7 @@
 #      TESTS (test binaries to run, default: all), SANITIZER_TOOLS (default: all four),
 #      SANITIZER_SUITES (GPU test binaries run under each tool, default: every GPU suite),
 #      SANITIZER_CASES (proptest cases under the sanitizer, default 12), BENCH_GROUP (one
-#      bench group: basis, kan, activation, scan, conv or mlstm; default: all),
+#      bench group: basis, kan, activation, scan, conv, mlstm or norm; default: all),
 #      CRITERION=1 also runs the criterion benches, JIT_TIMING=1 times the first module load
 #      without the driver JIT cache.
 set -u

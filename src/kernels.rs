@@ -52,6 +52,7 @@ kernel_modules! {
     MlstmStep => "mlstm/step",
     MlstmBackward => "mlstm/backward",
     MlstmBackwardFused => "mlstm/backward_fused",
+    RmsNorm => "rms_norm",
 }
 
 /// Asserts at compile time that the host mirror of a kernel parameter struct is `$fields`

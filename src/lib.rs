@@ -14,6 +14,7 @@
 //! - [`ops::mlstm`]: xLSTM's mLSTM cell (mlstm_kernels' mLSTMexp), a chunkwise forward on
 //!   tensor cores with exact max-state stabilisation, the decoding step, and the backward
 //!   (exact, or with the normaliser held constant), on the GPU and the CPU.
+//! - [`ops::rms_norm`]: RMSNorm, forward and backward (mamba-ssm's `rms_norm_ref`).
 //! - [`ops::spline_activation`]: a learnable per-channel B-spline activation (the
 //!   "B-spline MLP"), forward and backward.
 //!

@@ -285,6 +285,20 @@ proptest! {
     }
 
     #[test]
+    fn rms_norm_entry_points(lead in dim(), width in dim(), eps in mostly(1e-6..1e-3), dt in dtype(), fx in fill(), seed in any::<u64>()) {
+        use hybrid_kernels::ops::rms_norm::{rms_norm, rms_norm_backward};
+        let x = tensor(&[lead, width], dt, fx, seed);
+        let w = tensor(&[x.shape()[1]], DType::F32, Fill::Finite, seed ^ 1);
+        let finite = is_finite_input(fx);
+        let o = rms_norm(&x, &w, eps as f32);
+        if let Ok(o) = &o {
+            let dy = tensor(x.shape(), dt, Fill::Finite, seed ^ 2);
+            verdict("rms_norm_backward", finite, rms_norm_backward(&x, &w, &o.rstd, &dy).map(|g| vec![g.dx, g.dweight]))?;
+        }
+        verdict("rms_norm", finite, o.map(|o| vec![o.y, o.rstd]))?;
+    }
+
+    #[test]
     fn tensor_and_reset_constructors(shape in proptest::collection::vec(dim(), 0..4), len in dim(), cu in proptest::collection::vec(dim(), 0..4)) {
         // Sizes that fit in memory but are large would only make the run slow: skipped.
         let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));

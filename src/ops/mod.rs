@@ -12,6 +12,7 @@ pub mod causal_conv1d;
 pub mod kan;
 pub mod mlstm;
 pub mod registry;
+pub mod rms_norm;
 pub mod selective_scan;
 pub mod sequence_resets;
 pub mod spline_activation;
