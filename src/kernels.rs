@@ -52,7 +52,8 @@ kernel_modules! {
     MlstmStep => "mlstm/step",
     MlstmBackward => "mlstm/backward",
     MlstmBackwardFused => "mlstm/backward_fused",
-    RmsNorm => "rms_norm",
+    Norm => "norm",
+    Elementwise => "elementwise",
 }
 
 /// Asserts at compile time that the host mirror of a kernel parameter struct is `$fields`

@@ -14,7 +14,8 @@
 //! - [`ops::mlstm`]: xLSTM's mLSTM cell (mlstm_kernels' mLSTMexp), a chunkwise forward on
 //!   tensor cores with exact max-state stabilisation, the decoding step, and the backward
 //!   (exact, or with the normaliser held constant), on the GPU and the CPU.
-//! - [`ops::rms_norm`]: RMSNorm, forward and backward (mamba-ssm's `rms_norm_ref`).
+//! - [`ops::norm`]: RMSNorm, LayerNorm, group norm and the fused residual add + norm, forward
+//!   and backward (mamba-ssm's `layer_norm_fn` semantics).
 //! - [`ops::spline_activation`]: a learnable per-channel B-spline activation (the
 //!   "B-spline MLP"), forward and backward.
 //!

@@ -117,6 +117,30 @@ pub struct BenchRow {
 }
 
 impl BenchRow {
+    /// A row of a memory-bound op: `bytes` moved, no FLOP count, no target.
+    pub fn memory_bound(
+        op: String,
+        dtype: DType,
+        shape: String,
+        device: &Device,
+        timing: Timing,
+        bytes: f64,
+        copy_gbs: Option<f64>,
+    ) -> BenchRow {
+        BenchRow {
+            op,
+            dtype,
+            shape,
+            device: device.to_string(),
+            timing,
+            bytes,
+            flops: 0.0,
+            copy_gbs,
+            target_us: None,
+            peak_extra_bytes: None,
+        }
+    }
+
     pub fn gbs(&self) -> f64 {
         self.bytes / (self.timing.median_us * 1e-6) / 1e9
     }

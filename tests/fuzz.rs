@@ -285,17 +285,43 @@ proptest! {
     }
 
     #[test]
-    fn rms_norm_entry_points(lead in dim(), width in dim(), eps in mostly(1e-6..1e-3), dt in dtype(), fx in fill(), seed in any::<u64>()) {
-        use hybrid_kernels::ops::rms_norm::{rms_norm, rms_norm_backward};
+    fn norm_entry_points(lead in dim(), width in dim(), groups in 1usize..4, eps in mostly(1e-6..1e-3), dt in dtype(), fx in fill(), layer in any::<bool>(), seed in any::<u64>()) {
+        use hybrid_kernels::ops::norm::{add_norm, add_norm_backward, norm, norm_backward, Norm};
         let x = tensor(&[lead, width], dt, fx, seed);
         let w = tensor(&[x.shape()[1]], DType::F32, Fill::Finite, seed ^ 1);
+        let b = tensor(&[x.shape()[1]], DType::F32, Fill::Finite, seed ^ 3);
+        let r = tensor(x.shape(), DType::F32, Fill::Finite, seed ^ 4);
         let finite = is_finite_input(fx);
-        let o = rms_norm(&x, &w, eps as f32);
+        let spec = if layer { Norm::layer(eps as f32) } else { Norm::rms(eps as f32) }.grouped(groups);
+        let o = norm(&x, &w, Some(&b), spec);
         if let Ok(o) = &o {
             let dy = tensor(x.shape(), dt, Fill::Finite, seed ^ 2);
-            verdict("rms_norm_backward", finite, rms_norm_backward(&x, &w, &o.rstd, &dy).map(|g| vec![g.dx, g.dweight]))?;
+            verdict("norm_backward", finite, norm_backward(&x, &w, Some(&b), &o.stats, &dy).map(|g| vec![g.dx, g.dweight]))?;
         }
-        verdict("rms_norm", finite, o.map(|o| vec![o.y, o.rstd]))?;
+        verdict("norm", finite, o.map(|o| vec![o.y, o.stats.rstd]))?;
+        let o = add_norm(&x, Some(&r), &w, None, spec);
+        if let Ok(o) = &o {
+            let dy = tensor(x.shape(), dt, Fill::Finite, seed ^ 2);
+            verdict("add_norm_backward", finite, add_norm_backward(&o.residual, &w, None, &o.stats, &dy, Some(&r)).map(|g| vec![g.dx, g.dweight]))?;
+        }
+        verdict("add_norm", finite, o.map(|o| vec![o.y, o.residual]))?;
+    }
+
+    #[test]
+    fn elementwise_entry_points(lead in dim(), width in dim(), dt in dtype(), dt2 in dtype(), fx in fill(), act in 0usize..3, seed in any::<u64>()) {
+        use hybrid_kernels::ops::elementwise::{activation, activation_backward, add_into, gated, gated_backward, Activation};
+        let act = Activation::ALL[act];
+        let x = tensor(&[lead, width], dt, fx, seed);
+        let up = tensor(x.shape(), dt, Fill::Finite, seed ^ 1);
+        let finite = is_finite_input(fx);
+        verdict("activation", finite, activation(&x, act).map(|y| vec![y]))?;
+        verdict("activation_backward", finite, activation_backward(&x, &up, act).map(|y| vec![y]))?;
+        verdict("gated", finite, gated(&x, &up, act).map(|y| vec![y]))?;
+        verdict("gated_backward", finite, gated_backward(&x, &up, &up, act).map(|g| vec![g.dgate, g.dup]))?;
+        let mut dst = tensor(x.shape(), dt2, Fill::Finite, seed ^ 2);
+        // Finite sums can overflow a 16-bit dst: only the error kind is checked for those.
+        let fits = dt2 == DType::F32 && finite;
+        verdict("add_into", fits, add_into(&mut dst, &x).map(|()| vec![dst.clone()]))?;
     }
 
     #[test]

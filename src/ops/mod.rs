@@ -9,10 +9,11 @@
 
 pub mod bspline;
 pub mod causal_conv1d;
+pub mod elementwise;
 pub mod kan;
 pub mod mlstm;
+pub mod norm;
 pub mod registry;
-pub mod rms_norm;
 pub mod selective_scan;
 pub mod sequence_resets;
 pub mod spline_activation;
@@ -28,6 +29,21 @@ pub(crate) fn push_opt<'a, T: crate::tensor::CudaElement>(
     use cudarc::driver::PushKernelArg;
     match t {
         Some(t) => args.arg(t.cuda_slice::<T>(arg)?),
+        None => args.arg(null),
+    };
+    Ok(())
+}
+
+/// [`push_opt`] for an optional output.
+pub(crate) fn push_opt_mut<'a, T: crate::tensor::CudaElement>(
+    args: &mut cudarc::driver::LaunchArgs<'a>,
+    t: Option<&'a mut crate::tensor::Tensor>,
+    arg: &'static str,
+    null: &'a u64,
+) -> crate::error::Result<()> {
+    use cudarc::driver::PushKernelArg;
+    match t {
+        Some(t) => args.arg(t.cuda_slice_mut::<T>(arg)?),
         None => args.arg(null),
     };
     Ok(())

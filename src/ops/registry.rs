@@ -33,7 +33,8 @@ pub const OPS: &[OpEntry] = &[
     super::selective_scan::ENTRY,
     super::causal_conv1d::ENTRY,
     super::mlstm::ENTRY,
-    super::rms_norm::ENTRY,
+    super::norm::ENTRY,
+    super::elementwise::ENTRY,
 ];
 
 /// What a run command returns: its outputs, by the names they are written under.
