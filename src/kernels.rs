@@ -54,6 +54,7 @@ kernel_modules! {
     MlstmBackwardFused => "mlstm/backward_fused",
     Norm => "norm",
     Elementwise => "elementwise",
+    CrossEntropy => "cross_entropy",
 }
 
 /// Asserts at compile time that the host mirror of a kernel parameter struct is `$fields`

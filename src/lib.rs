@@ -63,8 +63,10 @@ pub mod ops;
 pub mod rng;
 pub mod tensor;
 pub mod timing;
+pub mod tokens;
 
 pub use device::{CudaDevice, Device};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use tensor::{load_safetensors, save_safetensors, Tensor};
+pub use tokens::TokenIds;

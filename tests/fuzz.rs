@@ -325,6 +325,30 @@ proptest! {
     }
 
     #[test]
+    fn cross_entropy_entry_points(lead in dim(), vocab in dim(), dt in dtype(), fx in fill(), cap in proptest::option::of(mostly(0.5..50.0)), ids in proptest::collection::vec(-200i32..300, 0..40), seed in any::<u64>()) {
+        use hybrid_kernels::ops::cross_entropy::{cross_entropy, cross_entropy_fused, CrossEntropyOptions};
+        use hybrid_kernels::TokenIds;
+        let logits = tensor(&[lead, vocab], dt, fx, seed);
+        let rows = logits.shape()[0];
+        if rows > 4096 {
+            // A zero vocabulary beside a huge row count: the ids cannot be built (they are real).
+            return Ok(());
+        }
+        let ids: Vec<i32> = (0..rows).map(|r| ids.get(r).copied().unwrap_or(0)).collect();
+        let Ok(targets) = TokenIds::new(&ids, &[rows], &CPU) else { return Ok(()) };
+        let opts = CrossEntropyOptions { softcap: cap.map(|c| c as f32), ..Default::default() };
+        let finite = is_finite_input(fx);
+        verdict("cross_entropy", finite, cross_entropy(&logits, &targets, opts).map(|o| vec![o.losses, o.totals]))?;
+        let mut g = logits.clone();
+        let r = cross_entropy_fused(&mut g, &targets, opts).map(|o| vec![o.losses, o.totals]);
+        let ok = r.is_ok();
+        verdict("cross_entropy_fused", finite, r)?;
+        if ok {
+            verdict("cross_entropy_fused dlogits", finite, Ok(vec![g]))?;
+        }
+    }
+
+    #[test]
     fn tensor_and_reset_constructors(shape in proptest::collection::vec(dim(), 0..4), len in dim(), cu in proptest::collection::vec(dim(), 0..4)) {
         // Sizes that fit in memory but are large would only make the run slow: skipped.
         let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));

@@ -9,6 +9,7 @@
 
 pub mod bspline;
 pub mod causal_conv1d;
+pub mod cross_entropy;
 pub mod elementwise;
 pub mod kan;
 pub mod mlstm;

@@ -35,6 +35,7 @@ pub const OPS: &[OpEntry] = &[
     super::mlstm::ENTRY,
     super::norm::ENTRY,
     super::elementwise::ENTRY,
+    super::cross_entropy::ENTRY,
 ];
 
 /// What a run command returns: its outputs, by the names they are written under.
