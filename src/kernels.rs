@@ -55,6 +55,7 @@ kernel_modules! {
     Norm => "norm",
     Elementwise => "elementwise",
     CrossEntropy => "cross_entropy",
+    Embedding => "embedding",
 }
 
 /// Asserts at compile time that the host mirror of a kernel parameter struct is `$fields`

@@ -349,6 +349,21 @@ proptest! {
     }
 
     #[test]
+    fn embedding_entry_points(vocab in dim(), width in dim(), dt in dtype(), fx in fill(), ids in proptest::collection::vec(-3i32..40, 0..40), seed in any::<u64>()) {
+        use hybrid_kernels::ops::embedding::{embedding, embedding_backward};
+        use hybrid_kernels::TokenIds;
+        let table = tensor(&[vocab, width], dt, fx, seed);
+        let ids = TokenIds::new(&ids, &[ids.len()], &CPU).unwrap();
+        let finite = is_finite_input(fx);
+        verdict("embedding", finite, embedding(&table, &ids).map(|o| vec![o]))?;
+        let dout = tensor(&[ids.len(), table.shape()[1]], dt, Fill::Finite, seed ^ 1);
+        if let Ok(mut dtable) = Tensor::full(0.0, table.shape(), DType::F32, &CPU) {
+            let r = embedding_backward(&mut dtable, &ids, &dout).map(|()| vec![dtable.clone()]);
+            verdict("embedding_backward", true, r)?;
+        }
+    }
+
+    #[test]
     fn tensor_and_reset_constructors(shape in proptest::collection::vec(dim(), 0..4), len in dim(), cu in proptest::collection::vec(dim(), 0..4)) {
         // Sizes that fit in memory but are large would only make the run slow: skipped.
         let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));

@@ -11,6 +11,7 @@ pub mod bspline;
 pub mod causal_conv1d;
 pub mod cross_entropy;
 pub mod elementwise;
+pub mod embedding;
 pub mod kan;
 pub mod mlstm;
 pub mod norm;

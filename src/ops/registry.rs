@@ -35,6 +35,7 @@ pub const OPS: &[OpEntry] = &[
     super::mlstm::ENTRY,
     super::norm::ENTRY,
     super::elementwise::ENTRY,
+    super::embedding::ENTRY,
     super::cross_entropy::ENTRY,
 ];
 

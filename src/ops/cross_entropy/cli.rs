@@ -4,7 +4,6 @@ use super::{cross_entropy, cross_entropy_fused, CrossEntropyOptions};
 use crate::error::{Error, Result};
 use crate::ops::registry::{RunArgs, RunCommand, RunOption};
 use crate::tensor::Tensor;
-use crate::tokens::TokenIds;
 
 /// `--softcap C`: cap the logits at C (C tanh(x / C)) first.
 const SOFTCAP: RunOption = RunOption { name: "--softcap", takes_value: true };
@@ -13,21 +12,7 @@ const GRAD: RunOption = RunOption { name: "--grad", takes_value: false };
 
 fn run(a: &RunArgs) -> Result<Vec<(&'static str, Tensor)>> {
     let logits = a.required("logits")?;
-    // Targets are stored as a float tensor in the file (safetensors of this CLI hold f32,
-    // bf16 and f16); each must be an integer: exact in f32 below 2^24.
-    let t = a.required("targets")?;
-    let ids = t
-        .to_f64_vec()?
-        .iter()
-        .map(|&v| {
-            if v.fract() == 0.0 && v.abs() < 16_777_216.0 {
-                Ok(v as i32)
-            } else {
-                Err(Error::invalid("targets", "integer ids below 2^24 in magnitude", v.to_string()))
-            }
-        })
-        .collect::<Result<Vec<i32>>>()?;
-    let targets = TokenIds::new(&ids, t.shape(), a.device)?;
+    let targets = crate::ops::embedding::cli::ids_from(a, "targets")?;
     let softcap = a
         .options
         .get(SOFTCAP.name)
