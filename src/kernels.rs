@@ -56,6 +56,7 @@ kernel_modules! {
     Elementwise => "elementwise",
     CrossEntropy => "cross_entropy",
     Embedding => "embedding",
+    Adamw => "adamw",
 }
 
 /// Asserts at compile time that the host mirror of a kernel parameter struct is `$fields`

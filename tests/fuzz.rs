@@ -364,6 +364,21 @@ proptest! {
     }
 
     #[test]
+    fn adamw_entry_points(n in dim(), fx in fill(), lr in mostly(0.0..0.1), wd in mostly(0.0..0.2), b2 in mostly(0.9..0.999), clip in proptest::option::of(mostly(0.1..10.0)), step in 0u64..4, seed in any::<u64>()) {
+        use hybrid_kernels::ops::adamw::{adamw_step, AdamWConfig, AdamWParam, ParamGroup};
+        let mut p = tensor(&[n], DType::F32, Fill::Finite, seed);
+        let mut g = tensor(p.shape(), DType::F32, fx, seed ^ 1);
+        let mut m = tensor(p.shape(), DType::F32, Fill::Finite, seed ^ 2);
+        let mut v = tensor(p.shape(), DType::F32, Fill::Finite, seed ^ 3).to_f32_vec().map(|v| v.iter().map(|x| x.abs()).collect::<Vec<_>>()).map(|v| Tensor::from_f32(&v, p.shape(), DType::F32, &CPU).unwrap()).unwrap();
+        let mut copy = Tensor::full(0.0, p.shape(), DType::BF16, &CPU).unwrap();
+        let groups = [ParamGroup { lr: lr as f32, weight_decay: wd as f32 }];
+        let c = AdamWConfig { beta2: b2 as f32, max_grad_norm: clip.map(|c| c as f32), ..Default::default() };
+        let mut params = [AdamWParam { param: &mut p, grad: &mut g, m: &mut m, v: &mut v, copy: Some(&mut copy), group: 0 }];
+        let r = adamw_step(&c, step, &groups, &mut params).map(|_| vec![]);
+        verdict("adamw_step", is_finite_input(fx), r)?;
+    }
+
+    #[test]
     fn tensor_and_reset_constructors(shape in proptest::collection::vec(dim(), 0..4), len in dim(), cu in proptest::collection::vec(dim(), 0..4)) {
         // Sizes that fit in memory but are large would only make the run slow: skipped.
         let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));

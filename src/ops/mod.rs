@@ -7,6 +7,7 @@
 //! in [`registry::OPS`]. Nothing here imports [`crate::check`] or [`crate::bench`], which drive
 //! the CLI over the registry.
 
+pub mod adamw;
 pub mod bspline;
 pub mod causal_conv1d;
 pub mod cross_entropy;

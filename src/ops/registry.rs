@@ -37,6 +37,7 @@ pub const OPS: &[OpEntry] = &[
     super::elementwise::ENTRY,
     super::embedding::ENTRY,
     super::cross_entropy::ENTRY,
+    super::adamw::ENTRY,
 ];
 
 /// What a run command returns: its outputs, by the names they are written under.
