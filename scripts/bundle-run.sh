@@ -6,8 +6,9 @@
 # Env: OUT (log folder, default ./out), STAGES (default: tests sanitizer check bench),
 #      TESTS (test binaries to run, default: all), SANITIZER_TOOLS (default: all four),
 #      SANITIZER_SUITES (GPU test binaries run under each tool, default: every GPU suite),
-#      SANITIZER_CASES (proptest cases under the sanitizer, default 12), BENCH_GROUP (one
-#      bench group: basis, kan, activation, scan, conv, mlstm or norm; default: all),
+#      SANITIZER_CASES (proptest cases under the sanitizer, default 12), BENCH_GROUP (the
+#      bench groups, e.g. "norm elementwise"; default: all), BENCH_JSON=0 skips the JSON
+#      bench run, TORCH_OPS (groups of scripts/torch-ops-bench.py to time in PyTorch beside),
 #      CRITERION=1 also runs the criterion benches, JIT_TIMING=1 times the first module load
 #      without the driver JIT cache.
 set -u
@@ -51,7 +52,7 @@ done
 
 for tool in ${SANITIZER_TOOLS:-memcheck racecheck initcheck synccheck}; do
   stage sanitizer || break
-  for name in ${SANITIZER_SUITES:-bspline_gpu kan_gpu spline_activation selective_scan_gpu causal_conv1d_gpu mlstm_gpu tensor}; do
+  for name in ${SANITIZER_SUITES:-bspline_gpu kan_gpu spline_activation selective_scan_gpu causal_conv1d_gpu mlstm_gpu tensor norm elementwise embedding cross_entropy adamw}; do
     log="$out/sanitizer-$tool-$name.log"
     PROPTEST_CASES=${SANITIZER_CASES:-12} "$san" --tool "$tool" --error-exitcode 99 --print-limit 100 \
       "tests/$name" --test-threads=1 >"$log" 2>&1
@@ -87,13 +88,33 @@ if stage check; then
   cat "$out/check.log"
 fi
 if stage bench; then
-  # Without the NaN fills of the test stages: they would be timed with every op.
-  HYBRID_KERNELS_POISON=0 bin/hybrid-kernels bench ${BENCH_GROUP:-} --json >"$out/bench.json" 2>"$out/bench-json.err" || failed=1
-  HYBRID_KERNELS_POISON=0 bin/hybrid-kernels bench ${BENCH_GROUP:-} >"$out/bench.log" 2>&1 || failed=1
+  # Without the NaN fills of the test stages: they would be timed with every op. BENCH_GROUP
+  # may name several groups; BENCH_JSON=0 skips the JSON run (the text table only).
+  for g in ${BENCH_GROUP:-""}; do
+    if [ "${BENCH_JSON:-1}" = 1 ]; then
+      HYBRID_KERNELS_POISON=0 bin/hybrid-kernels bench $g --json >"$out/bench${g:+-$g}.json" 2>>"$out/bench-json.err" || failed=1
+    fi
+    HYBRID_KERNELS_POISON=0 bin/hybrid-kernels bench $g >>"$out/bench.log" 2>&1 || failed=1
+  done
   if [ "${CRITERION:-0}" = 1 ]; then
     for b in benches/*; do "$b" --bench >"$out/criterion-$(basename "$b").log" 2>&1 || failed=1; done
   fi
   cat "$out/bench.log"
+fi
+if [ -n "${TORCH_OPS:-}" ]; then
+  # PyTorch (eager, torch.compile) at the same shapes, with the ratios against the JSON rows of
+  # this run (TORCH_OPS: the groups, e.g. "norm elementwise").
+  python3 - "$out" <<'PY' >"$out/bench-ours.json"
+import glob, json, sys
+rows = []
+for f in sorted(glob.glob(sys.argv[1] + "/bench*.json")):
+    try: rows += json.load(open(f))["rows"]
+    except Exception: pass
+print(json.dumps({"rows": rows}))
+PY
+  python3 ../scripts/torch-ops-bench.py $TORCH_OPS --ours "$out/bench-ours.json" --json "$out/torch-ops.json" \
+    >"$out/torch-ops.log" 2>&1 || failed=1
+  cat "$out/torch-ops.log"
 fi
 
 echo "== summary"

@@ -73,7 +73,7 @@ fn the_cpu_path_passes_its_own_check_cases() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::proptest_cases(32), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn cross_entropy_gpu_matches_cpu_reference(

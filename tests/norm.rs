@@ -146,7 +146,7 @@ fn the_cpu_path_passes_its_own_check_cases() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::proptest_cases(48), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn norm_gpu_matches_cpu_reference(

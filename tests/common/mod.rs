@@ -32,3 +32,9 @@ pub fn gpu(test: &str) -> Option<Device> {
         }
     }
 }
+
+/// Proptest cases for a GPU property: `PROPTEST_CASES` when set (the sanitizer runs use few),
+/// else `default`.
+pub fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}

@@ -112,7 +112,7 @@ pub fn check_rows(device: &Device, rng: &mut Rng) -> Result<Vec<CheckRow>> {
             worst = worst.max(case.run(rng.next_u64(), device)?);
         }
         rows.push(CheckRow {
-            kernel: "adamw step (clip, zero, copy)",
+            kernel: "adamw clip+step+copy",
             dtype: copy,
             cases: cases.len(),
             worst,

@@ -80,7 +80,7 @@ pub fn check_rows(device: &Device, rng: &mut Rng) -> Result<Vec<CheckRow>> {
             worst = worst.max(add_case(n, DType::F32, dtype, rng.next_u64(), device)?);
         }
         rows.push(CheckRow {
-            kernel: "add_into (same type, and into f32)",
+            kernel: "add_into (same, into f32)",
             dtype,
             cases: 2 * lengths.len(),
             worst,
