@@ -17,8 +17,8 @@
 //   dw[c] = sum over rows of dy xh,  db[c] = sum over rows of dy.
 // dw and db are summed without float atomics: a one-wave grid of blocks, each adding its rows
 // into registers (or, past the cached columns, into its own row of an f32 partial buffer),
-// then norm_reduce_partials sums the blocks' rows in a fixed order: repeated calls on the same
-// device agree bit for bit.
+// then norm_reduce_partials sums the blocks' rows in a fixed order (segments of rows in
+// parallel, then the segments): repeated calls on the same device agree bit for bit.
 #include "common.cuh"
 
 namespace hk_norm {
@@ -356,19 +356,23 @@ HK_NORM_BWD(norm_bwd_f16_v8_p2_zf32, __half, float, 8, 2)
 HK_NORM_BWD(norm_bwd_f16_v1_p1_zf32, __half, float, 1, 1)
 HK_NORM_BWD(norm_bwd_f16_v1_p4_zf32, __half, float, 1, 4)
 
-// out_w[c] (c < cols) and out_b[c] (the second half, when out_b is given) = the sum over the
-// `blocks` partial rows of `2 * cols` or `cols` floats, in block order per warp row and the 8
-// warp rows in order: a fixed order, independent of timing. Block (32, 8), grid ceil(cols/32)
-// x (1 or 2).
+// Column sums of row segments, in a fixed order: for half h (blockIdx.z: 0 the weight's rows,
+// 1 the bias's) and segment s (blockIdx.y) of `seg_len` rows of `in` (halves x rows x cols),
+// (h == 0 ? out_w : out_b)[s * cols + c] = sum of its rows, each warp row (threadIdx.y) adding
+// every 8th row in order, then the 8 warp rows in order. Two launches reduce the backward's
+// partial rows: segments of rows into `segments` rows, then those into dweight and dbias. Block
+// (32, 8), grid (ceil(cols / 32), segments, halves).
 extern "C" __global__ void __launch_bounds__(256)
-    norm_reduce_partials(const float* __restrict__ partial, float* __restrict__ out_w, float* __restrict__ out_b,
-                         uint32_t cols, uint32_t blocks) {
+    norm_reduce_partials(const float* __restrict__ in, float* __restrict__ out_w, float* __restrict__ out_b,
+                         uint32_t cols, uint32_t rows, uint32_t seg_len) {
     __shared__ float sums[8][33];
     const uint32_t c = blockIdx.x * 32 + threadIdx.x;
-    const size_t half = size_t(blockIdx.y) * blocks * size_t(cols);
+    const size_t base = size_t(blockIdx.z) * rows * size_t(cols);
+    const uint32_t first = blockIdx.y * seg_len;
+    const uint32_t last = first + seg_len < rows ? first + seg_len : rows;
     float s = 0.f;
     if (c < cols) {
-        for (uint32_t b = threadIdx.y; b < blocks; b += 8) s += partial[half + size_t(b) * cols + c];
+        for (uint32_t b = first + threadIdx.y; b < last; b += 8) s += in[base + size_t(b) * cols + c];
     }
     sums[threadIdx.y][threadIdx.x] = s;
     __syncthreads();
@@ -376,6 +380,6 @@ extern "C" __global__ void __launch_bounds__(256)
         float total = 0.f;
 #pragma unroll
         for (int k = 0; k < 8; ++k) total += sums[k][threadIdx.x];
-        (blockIdx.y == 0 ? out_w : out_b)[c] = total;
+        (blockIdx.z == 0 ? out_w : out_b)[size_t(blockIdx.y) * cols + c] = total;
     }
 }

@@ -34,6 +34,9 @@ const RESIDUAL_OUT: u32 = 8;
 
 /// `hk_norm::MAX_THREADS`, the kernels' launch bound.
 const MAX_THREADS: usize = 512;
+/// Partial rows per segment of the first reduction pass: 64 (8 per warp row) keeps a thread's
+/// chain of dependent loads short while the segments spread over the GPU.
+const SEGMENT: usize = 64;
 
 /// One instantiation of the kernels: `vec` elements per 16-byte access (1 when dim is not a
 /// multiple of it), `vpt` vectors per thread kept in registers, `threads` per block.
@@ -230,22 +233,48 @@ fn backward_typed<T: CudaElement, Z: CudaElement>(
     // threads a multiple of 32, at most MAX_THREADS.
     unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching norm_bwd", e))?;
 
+    // Two passes over the partial rows: `segments` segments of up to SEGMENT rows each, in
+    // parallel, then the segments' sums.
+    let rows = blocks as usize;
+    let segments = rows.div_ceil(SEGMENT);
+    // SAFETY (allocation): the first pass writes every (half, segment, column).
+    let mut segment_sums = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[halves * segments, width])? };
     let name = "norm_reduce_partials";
     let f = dev.function(KernelModule::Norm, name)?;
-    let cfg = LaunchConfig {
-        grid_dim: (width.div_ceil(32) as u32, halves as u32, 1),
+    let cfg = |segments: usize| LaunchConfig {
+        grid_dim: (width.div_ceil(32) as u32, segments as u32, halves as u32),
         block_dim: (32, 8, 1),
         shared_mem_bytes: 0,
     };
-    let (cols, nblocks) = (width as u32, blocks);
+    let (cols, nrows, seg_len) = (width as u32, rows as u32, SEGMENT as u32);
+    {
+        let sums = segment_sums.cuda_slice_mut::<f32>("partial")?;
+        let (mut first, mut second) = sums
+            .try_split_at_mut(segments * width)
+            .ok_or_else(|| Error::invalid("x", "a partial-sum buffer of two halves", "a shorter one"))?;
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(partial.cuda_slice::<f32>("partial")?).arg(&mut first);
+        if a.want_dbias {
+            args.arg(&mut second);
+        } else {
+            args.arg(&null);
+        }
+        args.arg(&cols).arg(&nrows).arg(&seg_len);
+        // SAFETY: norm_reduce_partials(const float* in, float* out_w, float* out_b, u32 cols, u32
+        // rows, u32 seg_len): in holds halves * rows * cols floats (the partial rows), out_w and
+        // out_b (the latter only when grid.z is 2, else null and unwritten) segments * cols each,
+        // the halves of segment_sums; segments * seg_len covers the rows; block (32, 8).
+        unsafe { args.launch(cfg(segments)) }.map_err(|e| dev.map_err("launching norm_reduce_partials", e))?;
+    }
+    let (nsegments, all) = (segments as u32, segments as u32);
     let mut args = dev.stream().launch_builder(&f);
-    args.arg(partial.cuda_slice::<f32>("partial")?).arg(dweight.cuda_slice_mut::<f32>("dweight")?);
+    args.arg(segment_sums.cuda_slice::<f32>("partial")?).arg(dweight.cuda_slice_mut::<f32>("dweight")?);
     push_opt_mut::<f32>(&mut args, dbias.as_mut(), "dbias", &null)?;
-    args.arg(&cols).arg(&nblocks);
-    // SAFETY: norm_reduce_partials(const float* partial, float* out_w, float* out_b, u32 cols,
-    // u32 blocks): partial holds grid.y * blocks * cols floats, out_w cols, out_b cols when
-    // grid.y is 2 (null, and unwritten, when it is 1); block (32, 8) as its sums need.
-    unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching norm_reduce_partials", e))?;
+    args.arg(&cols).arg(&nsegments).arg(&all);
+    // SAFETY: as above with in = segment_sums (halves * segments * cols floats, written by the
+    // first pass), one segment of all its rows, out_w = dweight and out_b = dbias (cols each;
+    // dbias null exactly when grid.z is 1).
+    unsafe { args.launch(cfg(1)) }.map_err(|e| dev.map_err("launching norm_reduce_partials", e))?;
     Ok(NormGrads { dx, dresidual: dz, dweight, dbias })
 }
 
