@@ -7,9 +7,10 @@
 // A row holds `groups` groups (xLSTM's multi-head norm: a group per head) and the weight spans
 // the row, so group g of every row uses w[g dim .. (g + 1) dim].
 //
-// Forward: a block per group-row (grid-stride), the block's threads each holding up to VPT
-// vectors of VEC elements in registers (16-byte loads and stores), so z is read once; longer
-// rows stream their remainder through L1/L2 a second time. Statistics are two-pass about the
+// Forward: a block per group-row (grid-stride), the block's threads each holding up to VPT = 4
+// vectors of VEC elements in registers (16-byte loads and stores), so z is read once and each
+// thread has four loads in flight (one per thread left a 768-wide bf16 row at half the copy
+// bandwidth); rows past 512 x 4 vectors stream their remainder through L1/L2 a second time. Statistics are two-pass about the
 // mean (not E[z^2] - mean^2), so a large mean does not cancel the variance.
 //
 // Backward, with xh = (z - mean) rstd and g = dy w:
@@ -226,18 +227,30 @@ __device__ __forceinline__ void backward(const Z* __restrict__ z, const float* _
         const size_t base = size_t(r) * p.dim;
         const size_t wbase = size_t(r % p.groups) * p.dim;
         const float mean = rms ? 0.f : mean_in[r], rstd = rstd_in[r];
-        float xh[VPT][VEC], gw[VPT][VEC];
+        // The cached vectors stay as loaded (16-bit values packed: half the registers of
+        // f32), and xh, g are recomputed from them for dx.
+        Pack<Z, VEC> zc[VPT];
+        Pack<T, VEC> dc[VPT];
         float2 acc = make_float2(0.f, 0.f);  // (sum g xh, sum g)
-        // xh, g = dy w for vector i; adds dy xh and dy into the column sums.
-        auto terms = [&](uint32_t i, float (&xv)[VEC], float (&gv)[VEC], bool cached, int k) {
-            float dv[VEC], wv[VEC];
-            load<VEC>(z + base + size_t(i) * VEC, xv);
-            load<VEC>(dy + base + size_t(i) * VEC, dv);
+        // xh and g = dy w of vector i from its raw z and dy.
+        auto prepare = [&](uint32_t i, const Pack<Z, VEC>& zp, const Pack<T, VEC>& dp, float (&xv)[VEC],
+                           float (&gv)[VEC], float (&dv)[VEC]) {
+            float wv[VEC];
             load<VEC>(w + wbase + size_t(i) * VEC, wv);
 #pragma unroll
             for (int e = 0; e < VEC; ++e) {
-                xv[e] = (xv[e] - mean) * rstd;
+                xv[e] = (hk::to_f32(zp.v[e]) - mean) * rstd;
+                dv[e] = hk::to_f32(dp.v[e]);
                 gv[e] = dv[e] * wv[e];
+            }
+        };
+        // Adds vector i's terms to the row sums and to the column sums (registers for cached
+        // vector k, else the block's partial row).
+        auto terms = [&](uint32_t i, const Pack<Z, VEC>& zp, const Pack<T, VEC>& dp, bool cached, int k) {
+            float xv[VEC], gv[VEC], dv[VEC];
+            prepare(i, zp, dp, xv, gv, dv);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
                 acc.x = fmaf(gv[e], xv[e], acc.x);
                 acc.y += gv[e];
             }
@@ -262,17 +275,29 @@ __device__ __forceinline__ void backward(const Z* __restrict__ z, const float* _
                 }
             }
         };
+        auto raw = [&](uint32_t i, Pack<Z, VEC>& zp, Pack<T, VEC>& dp) {
+            zp = *reinterpret_cast<const Pack<Z, VEC>*>(z + base + size_t(i) * VEC);
+            dp = *reinterpret_cast<const Pack<T, VEC>*>(dy + base + size_t(i) * VEC);
+        };
 #pragma unroll
         for (int k = 0; k < VPT; ++k) {
-            if (t + k * stride < nvec) terms(t + k * stride, xh[k], gw[k], true, k);
+            if (t + k * stride < nvec) raw(t + k * stride, zc[k], dc[k]);
+        }
+#pragma unroll
+        for (int k = 0; k < VPT; ++k) {
+            if (t + k * stride < nvec) terms(t + k * stride, zc[k], dc[k], true, k);
         }
         for (uint32_t i = t + VPT * stride; i < nvec; i += stride) {
-            float xv[VEC], gv[VEC];
-            terms(i, xv, gv, false, 0);
+            Pack<Z, VEC> zp;
+            Pack<T, VEC> dp;
+            raw(i, zp, dp);
+            terms(i, zp, dp, false, 0);
         }
         const float2 s = block_sum(acc, scratch);
         const float mean_gxh = s.x * inv_dim, mean_g = rms ? 0.f : s.y * inv_dim;
-        auto emit = [&](uint32_t i, const float (&xv)[VEC], const float (&gv)[VEC]) {
+        auto emit = [&](uint32_t i, const Pack<Z, VEC>& zp, const Pack<T, VEC>& dp) {
+            float xv[VEC], gv[VEC], dv[VEC];
+            prepare(i, zp, dp, xv, gv, dv);
             const size_t at = base + size_t(i) * VEC;
             float d[VEC], dr[VEC];
             if (has_dres) load<VEC>(dresidual + at, dr);
@@ -283,20 +308,14 @@ __device__ __forceinline__ void backward(const Z* __restrict__ z, const float* _
         };
 #pragma unroll
         for (int k = 0; k < VPT; ++k) {
-            if (t + k * stride < nvec) emit(t + k * stride, xh[k], gw[k]);
+            if (t + k * stride < nvec) emit(t + k * stride, zc[k], dc[k]);
         }
         for (uint32_t i = t + VPT * stride; i < nvec; i += stride) {
-            // Recomputed from memory (these columns were not kept); the sums are not added twice.
-            float xv[VEC], dv[VEC], wv[VEC], gv[VEC];
-            load<VEC>(z + base + size_t(i) * VEC, xv);
-            load<VEC>(dy + base + size_t(i) * VEC, dv);
-            load<VEC>(w + wbase + size_t(i) * VEC, wv);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) {
-                xv[e] = (xv[e] - mean) * rstd;
-                gv[e] = dv[e] * wv[e];
-            }
-            emit(i, xv, gv);
+            // Read again (these columns were not kept); the sums are not added twice.
+            Pack<Z, VEC> zp;
+            Pack<T, VEC> dp;
+            raw(i, zp, dp);
+            emit(i, zp, dp);
         }
     }
     if (cache_sums) {
@@ -332,28 +351,19 @@ __device__ __forceinline__ void backward(const Z* __restrict__ z, const float* _
         hk_norm::backward<T, Z, VEC, VPT>(z, w, mean_in, rstd_in, dy, dresidual, dx, dz_out, partial, p);        \
     }
 
-#define HK_NORM_TYPE(SUFFIX, T, VEC)                                                   \
-    HK_NORM_FWD(SUFFIX, T, VEC, 1)                                                     \
-    HK_NORM_FWD(SUFFIX, T, VEC, 2)                                                     \
-    HK_NORM_FWD(SUFFIX, T, VEC, 4)                                                     \
-    HK_NORM_FWD(SUFFIX, T, 1, 1)                                                       \
-    HK_NORM_FWD(SUFFIX, T, 1, 4)                                                       \
-    HK_NORM_BWD(norm_bwd_##SUFFIX##_v##VEC##_p1, T, T, VEC, 1)                         \
-    HK_NORM_BWD(norm_bwd_##SUFFIX##_v##VEC##_p2, T, T, VEC, 2)                         \
-    HK_NORM_BWD(norm_bwd_##SUFFIX##_v1_p1, T, T, 1, 1)                                 \
+#define HK_NORM_TYPE(SUFFIX, T, VEC)                           \
+    HK_NORM_FWD(SUFFIX, T, VEC, 4)                             \
+    HK_NORM_FWD(SUFFIX, T, 1, 4)                               \
+    HK_NORM_BWD(norm_bwd_##SUFFIX##_v##VEC##_p2, T, T, VEC, 2) \
     HK_NORM_BWD(norm_bwd_##SUFFIX##_v1_p4, T, T, 1, 4)
 
 HK_NORM_TYPE(f32, float, 4)
 HK_NORM_TYPE(bf16, __nv_bfloat16, 8)
 HK_NORM_TYPE(f16, __half, 8)
 // The backward of the fused residual add: z is the f32 sum, dy and dx in the model's type.
-HK_NORM_BWD(norm_bwd_bf16_v8_p1_zf32, __nv_bfloat16, float, 8, 1)
 HK_NORM_BWD(norm_bwd_bf16_v8_p2_zf32, __nv_bfloat16, float, 8, 2)
-HK_NORM_BWD(norm_bwd_bf16_v1_p1_zf32, __nv_bfloat16, float, 1, 1)
 HK_NORM_BWD(norm_bwd_bf16_v1_p4_zf32, __nv_bfloat16, float, 1, 4)
-HK_NORM_BWD(norm_bwd_f16_v8_p1_zf32, __half, float, 8, 1)
 HK_NORM_BWD(norm_bwd_f16_v8_p2_zf32, __half, float, 8, 2)
-HK_NORM_BWD(norm_bwd_f16_v1_p1_zf32, __half, float, 1, 1)
 HK_NORM_BWD(norm_bwd_f16_v1_p4_zf32, __half, float, 1, 4)
 
 // Column sums of row segments, in a fixed order: for half h (blockIdx.z: 0 the weight's rows,

@@ -7,8 +7,8 @@
 #      TESTS (test binaries to run, default: all), SANITIZER_TOOLS (default: all four),
 #      SANITIZER_SUITES (GPU test binaries run under each tool, default: every GPU suite),
 #      SANITIZER_CASES (proptest cases under the sanitizer, default 12), BENCH_GROUP (the
-#      bench groups, e.g. "norm elementwise"; default: all), BENCH_JSON=0 skips the JSON
-#      bench run, TORCH_OPS (groups of scripts/torch-ops-bench.py to time in PyTorch beside),
+#      bench groups, e.g. "norm elementwise"; default: all), BENCH_JSON=0 / BENCH_TEXT=0
+#      skip the JSON / text bench run, TORCH_OPS (groups of scripts/torch-ops-bench.py to time in PyTorch beside),
 #      CRITERION=1 also runs the criterion benches, JIT_TIMING=1 times the first module load
 #      without the driver JIT cache.
 set -u
@@ -94,12 +94,14 @@ if stage bench; then
     if [ "${BENCH_JSON:-1}" = 1 ]; then
       HYBRID_KERNELS_POISON=0 bin/hybrid-kernels bench $g --json >"$out/bench${g:+-$g}.json" 2>>"$out/bench-json.err" || failed=1
     fi
-    HYBRID_KERNELS_POISON=0 bin/hybrid-kernels bench $g >>"$out/bench.log" 2>&1 || failed=1
+    if [ "${BENCH_TEXT:-1}" = 1 ]; then
+      HYBRID_KERNELS_POISON=0 bin/hybrid-kernels bench $g >>"$out/bench.log" 2>&1 || failed=1
+    fi
   done
   if [ "${CRITERION:-0}" = 1 ]; then
     for b in benches/*; do "$b" --bench >"$out/criterion-$(basename "$b").log" 2>&1 || failed=1; done
   fi
-  cat "$out/bench.log"
+  cat "$out/bench.log" 2>/dev/null
 fi
 if [ -n "${TORCH_OPS:-}" ]; then
   # PyTorch (eager, torch.compile) at the same shapes, with the ratios against the JSON rows of

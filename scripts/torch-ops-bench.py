@@ -131,7 +131,7 @@ def embedding_group():
         dout = torch.randn(16384, d, device=dev, dtype=BF16)
         record("embedding forward", "bf16", shape, "eager", lambda: F.embedding(ids, table))
         # The weight gradient alone (what the library's backward computes), deterministic or not.
-        record("embedding backward (grouping on the host included)", "bf16", shape, "eager",
+        record("embedding backward", "bf16", shape, "eager",
                lambda: torch.ops.aten.embedding_dense_backward(dout, ids, vocab, -1, False))
 
 

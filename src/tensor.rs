@@ -116,6 +116,14 @@ impl Tensor {
     /// A tensor with every element equal to `value` (NaN poisons outputs in tests).
     pub fn full(value: f32, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let n = elem_count("shape", shape)?;
+        if let Device::Cuda(dev) = device {
+            // Filled on the device: no host buffer, no copy.
+            crate::memory::check_buffers(device, &[("shape", Some(n), dtype.size_in_bytes())])?;
+            // SAFETY (allocation): fill_value writes every element before anything reads it.
+            let t = unsafe { Tensor::cuda_uninit(dev, dtype, shape)? };
+            t.fill_value(value)?;
+            return Ok(t);
+        }
         let host = match dtype {
             DType::F32 => HostData::F32(host_vec("shape", n, value)?),
             DType::BF16 => HostData::BF16(host_vec("shape", n, bf16::from_f32(value))?),
@@ -401,6 +409,33 @@ impl Tensor {
             t.fill_bytes(0xFF)?;
         }
         Ok(t)
+    }
+
+    /// Sets every element of a CUDA tensor to `value` (rounded to its type) on its stream.
+    fn fill_value(&self, value: f32) -> Result<()> {
+        let Storage::Cuda(dev, data) = &self.storage else { return Ok(()) };
+        let s = dev.stream();
+        let n = self.elem_count();
+        if n == 0 {
+            return Ok(());
+        }
+        // SAFETY (each arm): ptr is the start of this tensor's allocation of n elements of the
+        // arm's type, valid on `s`, where the memset is queued in order with every other use.
+        let r = match data {
+            CudaData::F32(v) => {
+                let (ptr, _record) = v.device_ptr(s);
+                unsafe { cudarc::driver::sys::cuMemsetD32Async(ptr, value.to_bits(), n, s.cu_stream()) }
+            }
+            CudaData::BF16(v) => {
+                let (ptr, _record) = v.device_ptr(s);
+                unsafe { cudarc::driver::sys::cuMemsetD16Async(ptr, bf16::from_f32(value).to_bits(), n, s.cu_stream()) }
+            }
+            CudaData::F16(v) => {
+                let (ptr, _record) = v.device_ptr(s);
+                unsafe { cudarc::driver::sys::cuMemsetD16Async(ptr, f16::from_f32(value).to_bits(), n, s.cu_stream()) }
+            }
+        };
+        r.result().map_err(|e| dev.map_err("filling a tensor", e))
     }
 
     /// Sets every byte of a CUDA tensor (0xFF: NaN in f32, bf16 and f16).

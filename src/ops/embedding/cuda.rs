@@ -1,12 +1,11 @@
 //! Launches of `cuda/embedding.cu`.
 
-use super::cpu::Groups;
 use crate::device::CudaDevice;
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels::{kernel_name, KernelModule};
 use crate::tensor::{CudaElement, Tensor};
-use crate::tokens::TokenIds;
+use crate::tokens::{GroupsCache, TokenIds};
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
 
@@ -73,7 +72,7 @@ fn forward_typed<T: CudaElement>(
 pub(super) fn backward(
     dev: &CudaDevice,
     dtable: &mut Tensor,
-    groups: &Groups,
+    groups: &GroupsCache,
     dout: &Tensor,
     dim: usize,
 ) -> Result<()> {
@@ -87,34 +86,28 @@ pub(super) fn backward(
 fn backward_typed<T: CudaElement>(
     dev: &CudaDevice,
     dtable: &mut Tensor,
-    groups: &Groups,
+    groups: &GroupsCache,
     dout: &Tensor,
     dim: usize,
 ) -> Result<()> {
-    let distinct = groups.ids.len();
+    let distinct = groups.groups.ids.len();
     if distinct == 0 || dim == 0 {
         return Ok(());
     }
-    // [distinct ids | offsets | rows], one upload.
-    let mut packed = Vec::with_capacity(2 * distinct + 1 + groups.rows.len());
-    packed.extend_from_slice(&groups.ids);
-    packed.extend_from_slice(&groups.offsets);
-    packed.extend_from_slice(&groups.rows);
-    let s = dev.stream();
-    let bytes = packed.len() * 4;
-    let packed = s.clone_htod(&packed).map_err(|e| dev.map_err_bytes("copying the embedding groups", e, bytes))?;
-    // The f32 gradient is read and written in vectors of the dout type's width.
+    let Some(packed) = &groups.packed else {
+        return Err(Error::DeviceMismatch { arg: "ids", expected: "a CUDA device".into(), found: "cpu".into() });
+    };
     let (vec, cfg) = config(T::DTYPE, dim, distinct);
     let name = kernel_name("embedding", "bwd", T::DTYPE, &format!("_v{vec}"));
     let f = dev.function(KernelModule::Embedding, &name)?;
     let p = EmbParams { rows: distinct as u32, dim: dim as u32 };
     let mut args = dev.stream().launch_builder(&f);
-    args.arg(dout.cuda_slice::<T>("dout")?).arg(&packed).arg(dtable.cuda_slice_mut::<f32>("dtable")?).arg(&p);
+    args.arg(dout.cuda_slice::<T>("dout")?).arg(packed).arg(dtable.cuda_slice_mut::<f32>("dtable")?).arg(&p);
     // SAFETY: embedding_bwd_<T>_v<vec>(const T* dout, const int* groups, float* dtable,
-    // EmbParams): groups holds `rows` distinct ids (each in 0..vocab), rows + 1 offsets into the
-    // token list and the token list (indices below dout's rows), as `group_by_id` built them;
-    // dout holds tokens * dim elements, dtable vocab * dim floats; each (id, vector) is written
-    // by one thread only (distinct ids), so there are no races.
+    // EmbParams): packed holds `rows` distinct ids (each in 0..vocab, checked before), rows + 1
+    // offsets into the token list and the token list (indices below dout's rows), as
+    // `group_by_id` built them; dout holds tokens * dim elements, dtable vocab * dim floats;
+    // each (id, vector) is written by one thread only (distinct ids), so there are no races.
     unsafe { args.launch(cfg) }.map_err(|e| dev.map_err("launching embedding_bwd", e))?;
     Ok(())
 }

@@ -86,11 +86,11 @@ pub fn embedding_backward(dtable: &mut Tensor, ids: &TokenIds, dout: &Tensor) ->
     check_ids(ids, vocab, &device)?;
     dout.expect_shape("dout", &out_shape(ids, dim))?;
     dout.expect_device("dout", &device)?;
-    let groups = cpu::group_by_id(ids.as_slice());
+    let groups = ids.groups()?;
     match device {
         Device::Cpu => {
             let mut acc = dtable.to_f64_vec()?;
-            cpu::backward(&mut acc, &groups, &dout.to_f64_vec()?, dim);
+            cpu::backward(&mut acc, &groups.groups, &dout.to_f64_vec()?, dim);
             *dtable = Tensor::from_f64_rounded(&acc, dtable.shape(), DType::F32)?;
             Ok(())
         }

@@ -77,7 +77,11 @@ impl NormCase {
         let b64 = self.bias.then(|| bt.to_f64_vec()).transpose()?;
         let (r64, dr64) = if self.residual { (Some(rt.to_f64_vec()?), Some(drt.to_f64_vec()?)) } else { (None, None) };
         let eps = f64::from(super::DEFAULT_EPS);
-        let f = cpu::forward(&x64, r64.as_deref(), &w64, b64.as_deref(), &d, self.kind, eps);
+        let z64 = match &r64 {
+            Some(r) => cpu::residual_sum(&x64, r),
+            None => x64.clone(),
+        };
+        let f = cpu::forward(&z64, &w64, b64.as_deref(), &d, self.kind, eps);
         let mean_ref = (self.kind == NormKind::Layer).then_some(&f.mean[..]);
         let g_ref = cpu::backward(&f.z, &w64, mean_ref, &f.rstd, &dy64, dr64.as_deref(), &d);
         let mag = cpu::magnitudes(&f.z, &w64, mean_ref, &f.rstd, &dy64, dr64.as_deref(), &d);

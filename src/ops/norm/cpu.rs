@@ -12,21 +12,16 @@ pub struct Forward {
     pub rstd: Vec<f64>,
 }
 
-/// The forward over `d.rows` rows of `d.groups` groups of `d.dim` elements; `w` and `b` span a
-/// row (`groups * dim`).
-pub fn forward(
-    x: &[f64],
-    residual: Option<&[f64]>,
-    w: &[f64],
-    b: Option<&[f64]>,
-    d: &NormDims,
-    kind: NormKind,
-    eps: f64,
-) -> Forward {
-    let z: Vec<f64> = match residual {
-        Some(r) => x.iter().zip(r).map(|(a, b)| a + b).collect(),
-        None => x.to_vec(),
-    };
+/// `x + residual` as the residual stream holds it: each sum rounded once to f32, as on the
+/// GPU (everything after it starts from that rounding).
+pub fn residual_sum(x: &[f64], residual: &[f64]) -> Vec<f64> {
+    x.iter().zip(residual).map(|(a, b)| (a + b) as f32 as f64).collect()
+}
+
+/// The forward of the normalised input `z` (x, or [`residual_sum`]) over `d.rows` rows of
+/// `d.groups` groups of `d.dim` elements; `w` and `b` span a row (`groups * dim`).
+pub fn forward(z: &[f64], w: &[f64], b: Option<&[f64]>, d: &NormDims, kind: NormKind, eps: f64) -> Forward {
+    let z = z.to_vec();
     let (groups, dim) = (d.groups, d.dim);
     let mut y = Vec::with_capacity(z.len());
     let mut mean = Vec::with_capacity(d.group_rows());
@@ -140,14 +135,19 @@ mod tests {
             for groups in [1, 2, 3] {
                 for with_residual in [false, true] {
                     let d = NormDims { rows: 2, groups, dim: 6 / groups, dtype: DType::F32 };
+                    // z = x + residual (the rounding to f32 aside, which the op adds): the
+                    // derivative in x is the derivative in z.
                     let r = with_residual.then_some(&res[..]);
                     let dr = with_residual.then_some(&dres[..]);
+                    let sum = |x: &[f64]| -> Vec<f64> {
+                        r.map_or_else(|| x.to_vec(), |r| x.iter().zip(r).map(|(a, b)| a + b).collect())
+                    };
                     let loss = |x: &[f64], w: &[f64], b: &[f64]| {
-                        let f = forward(x, r, w, Some(b), &d, kind, 1e-5);
+                        let f = forward(&sum(x), w, Some(b), &d, kind, 1e-5);
                         let zterm = dr.map_or(0.0, |dr| f.z.iter().zip(dr).map(|(a, b)| a * b).sum::<f64>());
                         f.y.iter().zip(&dy).map(|(a, b)| a * b).sum::<f64>() + zterm
                     };
-                    let f = forward(&x, r, &w, Some(&b), &d, kind, 1e-5);
+                    let f = forward(&sum(&x), &w, Some(&b), &d, kind, 1e-5);
                     let mean = (kind == NormKind::Layer).then_some(&f.mean[..]);
                     let g = backward(&f.z, &w, mean, &f.rstd, &dy, dr, &d);
                     let h = 1e-6;

@@ -47,21 +47,15 @@ struct Variant {
     threads: u32,
 }
 
-/// The instantiation for groups of `dim` elements of `dtype`: the fewest cached vectors per
-/// thread that cover a group with at most 256 threads, else the most cached vectors with up to
-/// 512 threads (longer groups stream their remainder a second time).
+/// The instantiation for groups of `dim` elements of `dtype`: four cached vectors per thread in
+/// the forward, two in the backward (four when scalar), and the threads that cover the group
+/// with them (at most 512; longer groups stream their remainder a second time).
 fn variant(dtype: DType, dim: usize, backward: bool) -> Variant {
     let full = 16 / dtype.size_in_bytes();
     let vec = if dim % full == 0 { full } else { 1 };
     // The instantiations of cuda/norm.cu (HK_NORM_TYPE).
-    let options: &[usize] = match (vec > 1, backward) {
-        (true, false) => &[1, 2, 4],
-        (true, true) => &[1, 2],
-        (false, _) => &[1, 4],
-    };
-    let nvec = dim / vec;
-    let vpt = options.iter().copied().find(|&p| nvec <= 256 * p).unwrap_or(options[options.len() - 1]);
-    let threads = nvec.div_ceil(vpt).next_multiple_of(32).clamp(32, MAX_THREADS) as u32;
+    let vpt = if backward && vec > 1 { 2 } else { 4 };
+    let threads = (dim / vec).div_ceil(vpt).next_multiple_of(32).clamp(32, MAX_THREADS) as u32;
     Variant { vec, vpt, threads }
 }
 
@@ -304,7 +298,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(variant(DType::BF16, 768, false), Variant { vec: 8, vpt: 1, threads: 96 });
-        assert_eq!(variant(DType::BF16, 4096, false), Variant { vec: 8, vpt: 2, threads: 256 });
+        assert_eq!(variant(DType::BF16, 768, false), Variant { vec: 8, vpt: 4, threads: 32 });
+        assert_eq!(variant(DType::BF16, 4096, true), Variant { vec: 8, vpt: 2, threads: 256 });
     }
 }

@@ -234,10 +234,12 @@ fn forward(
     let stats_shape = d.stats_shape(x.shape());
     match x.device() {
         Device::Cpu => {
-            let res = residual.map(|r| r.to_f64_vec()).transpose()?;
+            let z = match residual {
+                Some(r) => cpu::residual_sum(&x.to_f64_vec()?, &r.to_f64_vec()?),
+                None => x.to_f64_vec()?,
+            };
             let f = cpu::forward(
-                &x.to_f64_vec()?,
-                res.as_deref(),
+                &z,
                 &weight.to_f64_vec()?,
                 bias.map(|b| b.to_f64_vec()).transpose()?.as_deref(),
                 d,
