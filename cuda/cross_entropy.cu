@@ -5,16 +5,18 @@
 // dv/dx = 1 - (v / cap)^2, scale = the caller's gradient scale / valid tokens (the mean).
 // With GRAD the logits are overwritten by dx: no probability tensor exists. Rows whose target
 // is the ignore index have loss 0 and dx 0 and count neither as valid nor correct.
-// A block per row (grid-stride). The row is read once: each thread keeps VPT 16-byte vectors
-// of it in registers as loaded (bf16 stays packed), past them it streams from memory again.
-// Max and argmax of the raw logits (the first index of the maximum, as torch.argmax), then
-// the sum of exponentials, then dx. cross_entropy_reduce sums the per-row losses and hits in a fixed
+// A block per row (grid-stride), 16-byte vectors: one pass for the argmax of the raw logits
+// (the first index of the maximum, as torch.argmax) and the online max and sum of
+// exponentials, then (fused) a second pass over the row, which a block read a moment before
+// and so comes from L2, writing dx. Keeping the row in registers instead (a first version)
+// left one 512-thread block per SM and nothing to overlap its loads with: 37% of the copy
+// bandwidth at 16384 x 50304 bf16. cross_entropy_reduce sums the per-row losses and hits in a fixed
 // order (deterministic).
 #include "common.cuh"
 
 namespace hk_ce {
 
-constexpr int MAX_THREADS = 512;
+constexpr int MAX_THREADS = 512;  // the block (fewer for short rows)
 constexpr uint32_t SOFTCAP = 2, IGNORE = 4;  // flags (bit 0 unused: the kernel name says whether dx is written)
 
 struct CeParams {
@@ -74,21 +76,46 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return v;
 }
 
-template <typename T, int VEC, int VPT, bool WRITE_GRAD>
+// A running (max, sum of exp(v - max)) pair, and the pair of two parts combined.
+struct Online {
+    float m, s;
+};
+
+__device__ __forceinline__ Online combine(Online a, Online b) {
+    const float m = fmaxf(a.m, b.m);
+    if (m == -INFINITY) return Online{m, 0.f};
+    return Online{m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
+}
+
+__device__ __forceinline__ Online block_online(Online x, Online* scratch) {
+#pragma unroll
+    for (int k = 16; k > 0; k >>= 1)
+        x = combine(x, Online{__shfl_xor_sync(0xffffffffu, x.m, k), __shfl_xor_sync(0xffffffffu, x.s, k)});
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = x;
+    __syncthreads();
+    x = lane < int(blockDim.x / 32) ? scratch[lane] : Online{-INFINITY, 0.f};
+#pragma unroll
+    for (int k = 16; k > 0; k >>= 1)
+        x = combine(x, Online{__shfl_xor_sync(0xffffffffu, x.m, k), __shfl_xor_sync(0xffffffffu, x.s, k)});
+    return x;
+}
+
+template <typename T, int VEC, bool WRITE_GRAD>
 __device__ __forceinline__ void fused(T* __restrict__ logits, const int32_t* __restrict__ targets,
                                       float* __restrict__ losses, float* __restrict__ correct, const CeParams p) {
     using P = Pack<T, VEC>;
     __shared__ MaxArg max_scratch[32];
-    __shared__ float sum_scratch[32];
+    __shared__ Online sum_scratch[32];
     const uint32_t nvec = p.vocab / VEC, t = threadIdx.x, stride = blockDim.x;
     const bool capped = p.flags & SOFTCAP;
     const float cap = p.softcap, inv_cap = capped ? 1.f / p.softcap : 0.f;
     // The capped logit. tanh through one exponential (tanh y = 1 - 2 / (e^2y + 1), saturating
     // to +-1 without NaN): the accurate tanhf would make the capped pass compute-bound.
-    auto capped_value = [&](float x) { return cap * (1.f - __fdividef(2.f, __expf(2.f * x * inv_cap) + 1.f)); };
     auto value = [&](T raw) {
         const float x = hk::to_f32(raw);
-        return capped ? capped_value(x) : x;
+        return capped ? cap * (1.f - __fdividef(2.f, __expf(2.f * x * inv_cap) + 1.f)) : x;
     };
     for (uint32_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
         T* row = logits + size_t(r) * p.vocab;
@@ -96,43 +123,36 @@ __device__ __forceinline__ void fused(T* __restrict__ logits, const int32_t* __r
         const bool valid = !((p.flags & IGNORE) && target == p.ignore_index);
         // Read before any thread overwrites the row (the reductions below synchronise).
         const float target_value = valid ? value(row[target]) : 0.f;
-        P cache[VPT];
+        // One pass: the online max and sum of exponentials of the capped logits, and the
+        // argmax of the raw ones (the cap is increasing: the same but where its f32
+        // saturation ties).
         MaxArg best{-INFINITY, 0xffffffffu};
-#pragma unroll
-        for (int k = 0; k < VPT; ++k) {
-            const uint32_t i = t + k * stride;
-            if (i < nvec) {
-                cache[k] = reinterpret_cast<const P*>(row)[i];
-#pragma unroll
-                for (int e = 0; e < VEC; ++e) best = better(best, MaxArg{hk::to_f32(cache[k].v[e]), i * VEC + e});
-            }
-        }
-        for (uint32_t i = t + VPT * stride; i < nvec; i += stride) {
+        Online acc{-INFINITY, 0.f};
+        for (uint32_t i = t; i < nvec; i += stride) {
             const P v = reinterpret_cast<const P*>(row)[i];
+            float z[VEC];
+            float vm = -INFINITY;
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) best = better(best, MaxArg{hk::to_f32(v.v[e]), i * VEC + e});
+            for (int e = 0; e < VEC; ++e) {
+                best = better(best, MaxArg{hk::to_f32(v.v[e]), i * VEC + e});
+                z[e] = value(v.v[e]);
+                vm = fmaxf(vm, z[e]);
+            }
+            // The vector's own max first: one rescale of the running sum per vector.
+            const float m = fmaxf(acc.m, vm);
+            float s = acc.m == -INFINITY ? 0.f : acc.s * __expf(acc.m - m);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) s += __expf(z[e] - m);
+            acc = m == -INFINITY ? Online{m, 0.f} : Online{m, s};
         }
-        // The cap is increasing: the capped maximum is the cap of the raw maximum, and the
-        // argmax is that of the raw logits (the same but where the cap's f32 saturation ties).
         best = block_max(best, max_scratch);
-        const float m = capped ? capped_value(best.v) : best.v;
-        float s = 0.f;
-#pragma unroll
-        for (int k = 0; k < VPT; ++k) {
-            if (t + k * stride < nvec) {
-#pragma unroll
-                for (int e = 0; e < VEC; ++e) s += __expf(value(cache[k].v[e]) - m);
-            }
-        }
-        for (uint32_t i = t + VPT * stride; i < nvec; i += stride) {
-            const P v = reinterpret_cast<const P*>(row)[i];
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) s += __expf(value(v.v[e]) - m);
-        }
-        s = block_sum(s, sum_scratch);
+        acc = block_online(acc, sum_scratch);
+        const float m = acc.m, sum = acc.s;
         if (WRITE_GRAD) {
-            const float inv_s = 1.f / s, scale = valid ? p.grad_scale : 0.f;
-            auto grad = [&](P& v, uint32_t i) {
+            // The row again, from L2 (a block's row was read a moment ago): dx over it.
+            const float inv_s = 1.f / sum, scale = valid ? p.grad_scale : 0.f;
+            for (uint32_t i = t; i < nvec; i += stride) {
+                P v = reinterpret_cast<const P*>(row)[i];
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) {
                     const float z = value(v.v[e]);
@@ -141,18 +161,10 @@ __device__ __forceinline__ void fused(T* __restrict__ logits, const int32_t* __r
                     v.v[e] = hk::from_f32<T>(g * scale);
                 }
                 reinterpret_cast<P*>(row)[i] = v;
-            };
-#pragma unroll
-            for (int k = 0; k < VPT; ++k) {
-                if (t + k * stride < nvec) grad(cache[k], t + k * stride);
-            }
-            for (uint32_t i = t + VPT * stride; i < nvec; i += stride) {
-                P v = reinterpret_cast<const P*>(row)[i];
-                grad(v, i);
             }
         }
         if (t == 0) {
-            losses[r] = valid ? __logf(s) + m - target_value : 0.f;
+            losses[r] = valid ? __logf(sum) + m - target_value : 0.f;
             correct[r] = valid && best.i == uint32_t(target) ? 1.f : 0.f;
         }
     }
@@ -160,28 +172,20 @@ __device__ __forceinline__ void fused(T* __restrict__ logits, const int32_t* __r
 
 }  // namespace hk_ce
 
-// cross_entropy_{fwd,fused}_<T>_v<VEC>_p<VPT>: fwd leaves the logits alone (evaluation),
-// fused overwrites them with dlogits. At most 12 cached vectors: the compiler holds them
-// converted to f32, and 16 spill under the 512-thread bound (ptxas -v); 512 x 12 x 8 bf16
-// covers 49152 of a 50304 vocabulary, the rest is read twice.
-#define HK_CE_KERNEL(KIND, GRAD_FLAG, SUFFIX, T, VEC, VPT)                                                       \
-    extern "C" __global__ void __launch_bounds__(hk_ce::MAX_THREADS) cross_entropy_##KIND##_##SUFFIX##_v##VEC##_p##VPT( \
+// cross_entropy_{fwd,fused}_<T>_v<VEC>: fwd leaves the logits alone (evaluation), fused
+// overwrites them with dlogits.
+#define HK_CE_KERNEL(KIND, GRAD_FLAG, SUFFIX, T, VEC)                                                           \
+    extern "C" __global__ void __launch_bounds__(hk_ce::MAX_THREADS) cross_entropy_##KIND##_##SUFFIX##_v##VEC( \
         T* __restrict__ logits, const int32_t* __restrict__ targets, float* __restrict__ losses,               \
         float* __restrict__ correct, hk_ce::CeParams p) {                                                       \
-        hk_ce::fused<T, VEC, VPT, GRAD_FLAG>(logits, targets, losses, correct, p);                             \
+        hk_ce::fused<T, VEC, GRAD_FLAG>(logits, targets, losses, correct, p);                                  \
     }
 
-#define HK_CE_TYPE(SUFFIX, T, VEC)                  \
-    HK_CE_KERNEL(fwd, false, SUFFIX, T, VEC, 1)     \
-    HK_CE_KERNEL(fwd, false, SUFFIX, T, VEC, 4)     \
-    HK_CE_KERNEL(fwd, false, SUFFIX, T, VEC, 12)    \
-    HK_CE_KERNEL(fused, true, SUFFIX, T, VEC, 1)    \
-    HK_CE_KERNEL(fused, true, SUFFIX, T, VEC, 4)    \
-    HK_CE_KERNEL(fused, true, SUFFIX, T, VEC, 12)   \
-    HK_CE_KERNEL(fwd, false, SUFFIX, T, 1, 1)       \
-    HK_CE_KERNEL(fwd, false, SUFFIX, T, 1, 16)      \
-    HK_CE_KERNEL(fused, true, SUFFIX, T, 1, 1)      \
-    HK_CE_KERNEL(fused, true, SUFFIX, T, 1, 16)
+#define HK_CE_TYPE(SUFFIX, T, VEC)             \
+    HK_CE_KERNEL(fwd, false, SUFFIX, T, VEC)   \
+    HK_CE_KERNEL(fused, true, SUFFIX, T, VEC)  \
+    HK_CE_KERNEL(fwd, false, SUFFIX, T, 1)     \
+    HK_CE_KERNEL(fused, true, SUFFIX, T, 1)
 
 HK_CE_TYPE(f32, float, 4)
 HK_CE_TYPE(bf16, __nv_bfloat16, 8)

@@ -38,16 +38,12 @@ pub(super) enum Logits<'a> {
 }
 
 /// The instantiation for a vocabulary of `vocab` elements of `dtype`: (elements per 16-byte
-/// vector or 1, cached vectors per thread, threads).
-fn variant(dtype: DType, vocab: usize) -> (usize, usize, u32) {
+/// vector or 1, threads: one per vector up to 512).
+fn variant(dtype: DType, vocab: usize) -> (usize, u32) {
     let full = 16 / dtype.size_in_bytes();
     let vec = if vocab % full == 0 { full } else { 1 };
-    // The instantiations of cuda/cross_entropy.cu (HK_CE_TYPE).
-    let options: &[usize] = if vec > 1 { &[1, 4, 12] } else { &[1, 16] };
-    let nvec = vocab / vec;
-    let vpt = options.iter().copied().find(|&p| nvec <= MAX_THREADS * p).unwrap_or(options[options.len() - 1]);
-    let threads = nvec.div_ceil(vpt).next_multiple_of(32).clamp(32, MAX_THREADS) as u32;
-    (vec, vpt, threads)
+    let threads = (vocab / vec).next_multiple_of(32).clamp(32, MAX_THREADS) as u32;
+    (vec, threads)
 }
 
 pub(super) fn run(
@@ -79,9 +75,9 @@ fn run_typed<T: CudaElement>(
     let mut totals = unsafe { Tensor::cuda_uninit(dev, DType::F32, &[2])? };
     let write_grad = matches!(logits, Logits::Overwrite(_));
     if d.rows > 0 {
-        let (vec, vpt, threads) = variant(d.dtype, d.vocab);
+        let (vec, threads) = variant(d.dtype, d.vocab);
         let kind = if write_grad { "fused" } else { "fwd" };
-        let name = kernel_name("cross_entropy", kind, T::DTYPE, &format!("_v{vec}_p{vpt}"));
+        let name = kernel_name("cross_entropy", kind, T::DTYPE, &format!("_v{vec}"));
         let f = dev.function(KernelModule::CrossEntropy, &name)?;
         let cfg = dev.grid_stride_config(KernelModule::CrossEntropy, &name, threads, d.rows, 1)?;
         let mut flags = if opts.softcap.is_some() { SOFTCAP } else { 0 };
@@ -103,7 +99,7 @@ fn run_typed<T: CudaElement>(
             .arg(losses.cuda_slice_mut::<f32>("losses")?)
             .arg(hits.cuda_slice_mut::<f32>("hits")?)
             .arg(&p);
-        // SAFETY: cross_entropy_<kind>_<T>_v<vec>_p<vpt>(T* logits, const int* targets, float*
+        // SAFETY: cross_entropy_<kind>_<T>_v<vec>(T* logits, const int* targets, float*
         // losses, float* correct, CeParams): logits hold rows * vocab elements (vocab a multiple
         // of vec, 256-byte aligned), targets, losses and correct rows; every target is in
         // 0..vocab or the ignore index with IGNORE set (checked on the host in `dims`), so the
@@ -137,10 +133,10 @@ mod tests {
         let ptx = KernelModule::CrossEntropy.ptx();
         for dtype in DType::ALL {
             for vocab in [1, 7, 8, 1000, 32000, 50257, 50304, 151936, 256000] {
-                let (vec, vpt, threads) = variant(dtype, vocab);
+                let (vec, threads) = variant(dtype, vocab);
                 assert!(threads % 32 == 0 && (32..=512).contains(&threads));
                 for kind in ["fwd", "fused"] {
-                    let name = kernel_name("cross_entropy", kind, dtype, &format!("_v{vec}_p{vpt}"));
+                    let name = kernel_name("cross_entropy", kind, dtype, &format!("_v{vec}"));
                     assert!(ptx.contains(&format!(".entry {name}(")), "{name} is not in the module");
                 }
             }
