@@ -52,21 +52,18 @@ pub fn bench_conv(
         ConvPass::Forward => 2.0 * n as f64 * es,
         ConvPass::Backward => 3.0 * n as f64 * es,
     };
-    Ok(BenchRow {
-        op: match pass {
+    Ok(BenchRow::memory_bound(
+        match pass {
             ConvPass::Forward => "causal_conv1d forward".into(),
             ConvPass::Backward => "causal_conv1d backward".into(),
         },
         dtype,
-        shape: format!("B{batch} D{dim} L{len} W4"),
-        device: device.to_string(),
+        format!("B{batch} D{dim} L{len} W4"),
+        device,
         timing,
         bytes,
-        flops: 0.0,
         copy_gbs,
-        target_us: None,
-        peak_extra_bytes: None,
-    })
+    ))
 }
 
 /// Benchmarks one decoding update (`causal_conv1d_update`, one token, width 4, bias, SiLU) at
@@ -99,18 +96,15 @@ pub fn bench_conv_step(
         Device::Cpu => time_host(Repeats { warmup: 0, iters: reps.iters.min(3) }, &mut step)?,
     };
     let bytes = 2.0 * state_bytes as f64 + 2.0 * (batch * dim * es) as f64 + (dim * (width + 1) * 4) as f64;
-    Ok(BenchRow {
-        op: "causal_conv1d_update".into(),
+    Ok(BenchRow::memory_bound(
+        "causal_conv1d_update".into(),
         dtype,
-        shape: format!("B{batch} D{dim} W{width}"),
-        device: device.to_string(),
+        format!("B{batch} D{dim} W{width}"),
+        device,
         timing,
         bytes,
-        flops: 0.0,
         copy_gbs,
-        target_us: None,
-        peak_extra_bytes: None,
-    })
+    ))
 }
 
 /// `bench conv`: forward and backward at the scan's shape (Mamba's conv runs on the same

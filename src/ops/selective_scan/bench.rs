@@ -193,18 +193,15 @@ pub fn bench_scan_step(
         + 4.0 * (batch * dim) as f64 * es
         + 2.0 * (batch * n) as f64 * es
         + (dim * n * 4) as f64;
-    Ok(BenchRow {
-        op: "selective_state_update".into(),
+    Ok(BenchRow::memory_bound(
+        "selective_state_update".into(),
         dtype,
-        shape: format!("B{batch} D{dim} N{n}"),
-        device: device.to_string(),
+        format!("B{batch} D{dim} N{n}"),
+        device,
         timing,
         bytes,
-        flops: 0.0,
         copy_gbs,
-        target_us: None,
-        peak_extra_bytes: None,
-    })
+    ))
 }
 
 /// `bench scan`: forward, training forward and backward at the shape in every dtype,

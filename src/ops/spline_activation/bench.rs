@@ -49,18 +49,15 @@ pub fn bench_activation(
     let n = (rows * channels) as f64;
     // forward: read x, write y; backward adds read x, dy, write dx (parameters are small).
     let bytes = if backward { 5.0 * n * es } else { 2.0 * n * es };
-    Ok(BenchRow {
-        op: if backward { "spline_activation fwd+bwd".into() } else { "spline_activation forward".into() },
+    Ok(BenchRow::memory_bound(
+        if backward { "spline_activation fwd+bwd".into() } else { "spline_activation forward".into() },
         dtype,
-        shape: format!("{rows}x{channels} G={grid_size} k={order}"),
-        device: device.to_string(),
+        format!("{rows}x{channels} G={grid_size} k={order}"),
+        device,
         timing,
         bytes,
-        flops: 0.0,
         copy_gbs,
-        target_us: None,
-        peak_extra_bytes: None,
-    })
+    ))
 }
 
 /// `bench activation`: forward and forward+backward, bf16 and f32, on 4096 rows x 1024
